@@ -341,10 +341,10 @@ def pytest_script(pytest_args: list[str], repo: Path = REPO_ROOT) -> str:
 
 
 def _names_tests(arg: str, repo: Path) -> bool:
-    # A positional that names a test path; option values like `-k expr` do not exist.
+    # A positional that names a test path; option values like `-k expr` look like neither.
     if arg.startswith("-"):
         return False
-    return "::" in arg or (repo / arg).exists() or Path(arg).exists()
+    return ("::" in arg or arg.endswith(".py") or "/" in arg or (repo / arg).exists())
 
 
 def _split_pytest_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
