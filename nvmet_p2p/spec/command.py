@@ -12,6 +12,7 @@ from enum import IntEnum
 
 SQE_SIZE = 64
 CQE_SIZE = 16
+SGL_SIZE = 16
 CONNECT_DATA_SIZE = 1024
 NQN_MAX_LEN = 223  # NVMe base spec: NQNs are at most 223 bytes of UTF-8
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
@@ -79,6 +80,8 @@ class Sgl:
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> Sgl:
+        if len(b) < SGL_SIZE:
+            raise ValueError(f"SGL descriptor needs {SGL_SIZE} bytes, got {len(b)}")
         t = b[15]
         addr = int.from_bytes(b[0:8], "little")
         if (t >> 4) == 0x4:
