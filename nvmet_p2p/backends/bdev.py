@@ -1,0 +1,133 @@
+"""The block device backend: a namespace on a whole disk, partition or loop device.
+
+Owns what differs from a file: an exclusive O_DIRECT open, geometry from the
+BLKSSZGET / BLKGETSIZE64 ioctls, zeroing with BLKZEROOUT, deallocation that the
+kernel guarantees to read back as zeroes, the volatile-write-cache flag from sysfs,
+and the PCI function behind the device (``p2p_client``) for P2P topology.
+I/O itself (worker threads, bounce buffers, status mapping) is the file backend's.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+
+from ..errors import BackendError
+from .file import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, CompletionLoop, FileBackend,
+                   fallocate, open_fd)
+
+log = logging.getLogger("nvmet_p2p.backend")
+
+BLKSSZGET = 0x1268  # _IO(0x12, 104): logical block size, int
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): capacity in bytes
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero {start, len} in bytes, unmapping if it can
+
+_BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_NVME_CTRL = re.compile(r"^nvme\d+$")
+
+
+def sysfs_block_dir(rdev: int, sysfs: str = "/sys") -> str:
+    """The device's directory under /sys/devices, whatever /dev name it was opened by."""
+    return os.path.realpath(f"{sysfs}/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+
+
+def pci_function_of(block_dir: str) -> str | None:
+    """PCI BDF of the function a block device sits under, or None (loop, ram, virtual).
+
+    The deepest BDF in the sysfs path is the endpoint function itself.  An NVMe
+    multipath head lives under ``virtual/nvme-subsystem``; its controllers, linked
+    from the subsystem directory, lead to the PCI function (the first one is taken).
+    """
+    parts = block_dir.split(os.sep)
+    for part in reversed(parts):
+        if _BDF.match(part):
+            return part
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].startswith("nvme-subsys"):
+            subsys = os.sep.join(parts[:i + 1])
+            for entry in sorted(os.listdir(subsys)):
+                if _NVME_CTRL.match(entry):
+                    ctrl = os.path.realpath(os.path.join(subsys, entry))
+                    for part in reversed(ctrl.split(os.sep)):
+                        if _BDF.match(part):
+                            return part
+            break
+    return None
+
+
+def volatile_write_cache(block_dir: str) -> bool:
+    """True unless sysfs says the device writes through; partitions use the disk's queue."""
+    for d in (block_dir, os.path.dirname(block_dir)):
+        try:
+            with open(os.path.join(d, "queue", "write_cache")) as f:
+                return f.read().strip() != "write through"
+        except OSError:
+            continue
+    return True  # unknown: claim a cache, so hosts send Flush and we fdatasync
+
+
+class BdevBackend(FileBackend):
+    kind = "bdev"
+
+    def __init__(self, path: str, fd: int, *, block_size: int, nblocks: int,
+                 loop: CompletionLoop, o_direct: bool, fallback_reason: str | None,
+                 vwc: bool, p2p_client: str | None, logical_block_size: int) -> None:
+        super().__init__(path, fd, block_size=block_size, nblocks=nblocks, loop=loop,
+                         o_direct=o_direct, fallback_reason=fallback_reason)
+        self.vwc = vwc
+        self.p2p_client = p2p_client
+        self.logical_block_size = logical_block_size
+
+    def describe(self) -> dict:
+        return {**super().describe(), "logical_block_size": self.logical_block_size}
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        # the kernel zeroes with Write Zeroes / unmap where the device can, else writes
+        fcntl.ioctl(self._fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+
+    def _deallocate(self, ranges: list[tuple[int, int]]) -> None:
+        # Not BLKDISCARD: a discarded range may read back as anything, and the
+        # backend contract says zeroes.  Punching a hole in a block device unmaps
+        # only where the device guarantees zeroes after unmap, else EOPNOTSUPP.
+        for offset, length in ranges:
+            if self._punch_hole_ok:
+                try:
+                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              offset, length)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._punch_hole_ok = False
+            self._zero_range(offset, length)
+
+
+def open_bdev(path: str, rdev: int, *, block_size: int, buffered_io: bool,
+              loop: CompletionLoop, sysfs: str = "/sys") -> BdevBackend:
+    """Open a block device exclusively (O_EXCL: refused while mounted) as a namespace."""
+    fd, o_direct, reason = open_fd(path, os.O_EXCL, buffered_io)
+    try:
+        lbs = struct.unpack("=i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+        nbytes = struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        if lbs > block_size:
+            raise BackendError(f"{path} has a logical block size of {lbs} bytes, larger than "
+                               f"block_size {block_size}; set block_size to {lbs}")
+        nblocks = nbytes // block_size
+        if nblocks == 0:
+            raise BackendError(f"{path} has no capacity ({nbytes} bytes); is it a loop "
+                               f"device with no backing file?")
+        block_dir = sysfs_block_dir(rdev, sysfs)
+        vwc = volatile_write_cache(block_dir)
+        p2p_client = pci_function_of(block_dir)
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise BackendError(f"cannot read the geometry of {path}: {e.strerror}") from e
+        raise
+    return BdevBackend(path, fd, block_size=block_size, nblocks=nblocks, loop=loop,
+                       o_direct=o_direct, fallback_reason=reason, vwc=vwc,
+                       p2p_client=p2p_client, logical_block_size=lbs)

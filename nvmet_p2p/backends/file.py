@@ -1,0 +1,408 @@
+"""The file backend: a namespace stored in a regular file, I/O on worker threads.
+
+Owns opening (and, on request, sparse creation of) the file, the O_DIRECT decision
+and its fallback to buffered I/O, the worker pool, bounce copies for unaligned
+buffers, and mapping OS errors to NVMe status the way the kernel target's
+``errno_to_nvme_status()`` does.  Blocking syscalls run on worker threads and every
+completion is posted to the reactor with ``loop.call_soon_threadsafe``, so a
+completion never runs inside ``submit_*`` and never on a worker thread.
+
+The block device backend (`bdev.py`) reuses all of this and changes only how the
+device is opened and how ranges are zeroed or deallocated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from ..errors import BackendError
+from ..spec.status import DNR, Status
+from .aligned import AlignedPool, is_aligned
+from .base import Backend, Completion
+
+log = logging.getLogger("nvmet_p2p.backend")
+
+WORKERS = 4  # overlaps a few blocking syscalls per namespace without swamping 2 cores
+ZERO_CHUNK = 1024 * 1024  # largest single write when zeroes must be written out
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+LBA_RANGE = Status.LBA_RANGE | DNR  # the kernel adds DNR: the same LBAs stay out of range
+DATA_LEN = Status.SGL_INVALID_DATA | DNR  # buffer length is not nlb * block_size
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class CompletionLoop(Protocol):
+    """What a backend needs of the reactor: asyncio's loop fits."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> object: ...
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode, which os.posix_fallocate cannot pass."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def errno_to_status(err: int | None) -> int:
+    """NVMe status for a failed backend syscall, as the kernel target maps errno."""
+    if err == errno.ENOSPC:
+        return Status.CAP_EXCEEDED | DNR
+    if err == errno.EREMOTEIO:
+        return Status.LBA_RANGE | DNR
+    if err == errno.EOPNOTSUPP:
+        return Status.INVALID_OPCODE | DNR
+    # EIO and everything else, including a short transfer: the kernel's default case
+    return Status.INTERNAL | DNR
+
+
+def open_error(path: str, e: OSError) -> BackendError:
+    """A BackendError that tells the operator what to fix for a failed open()."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        text = f"permission denied opening {path} read-write"
+    elif e.errno == errno.EROFS:
+        text = f"{path} is on a read-only filesystem"
+    elif e.errno == errno.EBUSY:
+        text = f"{path} is in use (mounted, or held open exclusively by another user)"
+    elif e.errno == errno.ENOENT:
+        text = f"{path} does not exist"
+    else:
+        text = f"cannot open {path}: {e.strerror}"
+    return BackendError(text)
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
+    done, n = 0, buf.nbytes
+    while done < n:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, f"short read: end of file at offset {offset + done}")
+        done += got
+
+
+def _pwrite_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
+    done, n = 0, buf.nbytes
+    while done < n:
+        put = os.pwritev(fd, [buf[done:]], offset + done, flags)
+        if put == 0:
+            raise OSError(errno.EIO, f"short write at offset {offset + done}")
+        done += put
+
+
+def open_fd(path: str, flags: int, buffered_io: bool) -> tuple[int, bool, str | None]:
+    """Open read-write, with O_DIRECT unless asked not to or the filesystem refuses.
+
+    Returns (fd, o_direct, fallback_reason).
+    """
+    flags |= os.O_RDWR | os.O_CLOEXEC
+    if buffered_io:
+        reason = "buffered_io requested"
+    else:
+        try:
+            return os.open(path, flags | os.O_DIRECT), True, None
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise open_error(path, e) from e
+            reason = "the filesystem refused O_DIRECT on open (EINVAL)"
+    try:
+        return os.open(path, flags), False, reason
+    except OSError as e:
+        raise open_error(path, e) from e
+
+
+class FileBackend(Backend):
+    """Blocking-syscall backend on an open fd; subclasses change zeroing and opening."""
+
+    kind = "file"
+    vwc = True  # the page cache or the device's cache can hold data until a flush
+
+    def __init__(self, path: str, fd: int, *, block_size: int, nblocks: int,
+                 loop: CompletionLoop, o_direct: bool, fallback_reason: str | None,
+                 workers: int = WORKERS) -> None:
+        self.path = path
+        self.block_size = block_size
+        self.nblocks = nblocks
+        self.o_direct = o_direct
+        self.fallback_reason = fallback_reason
+        self._fd = fd
+        self._loop = loop
+        self._closed = False
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"nvmet-{self.kind}")
+        self._bounce = AlignedPool(keep=workers)
+        self._zeroes: mmap.mmap | None = None
+        self._rwf_dsync = True  # pwritev(RWF_DSYNC) works until the kernel says otherwise
+        self._zero_range_ok = True  # fallocate(ZERO_RANGE) works until EOPNOTSUPP
+        self._punch_hole_ok = True  # fallocate(PUNCH_HOLE) works until EOPNOTSUPP
+        if fallback_reason:
+            self._log_fallback(fallback_reason)
+
+    # ---- submission (reactor thread) ---------------------------------------------
+
+    def submit_read(self, slba: int, nlb: int, buf: memoryview, cb: Completion) -> None:
+        status = self._check(slba, nlb, buf)
+        if status:
+            self._post(cb, status)
+        else:
+            self._submit(self._read, cb, slba * self.block_size, buf)
+
+    def submit_write(self, slba: int, nlb: int, buf: memoryview, fua: bool,
+                     cb: Completion) -> None:
+        status = self._check(slba, nlb, buf)
+        if status:
+            self._post(cb, status)
+        else:
+            self._submit(self._write, cb, slba * self.block_size, buf, fua)
+
+    def submit_flush(self, cb: Completion) -> None:
+        self._submit(os.fdatasync, cb, self._fd)
+
+    def submit_write_zeroes(self, slba: int, nlb: int, cb: Completion) -> None:
+        if slba < 0 or nlb < 0 or slba + nlb > self.nblocks:
+            self._post(cb, LBA_RANGE)
+        else:
+            self._submit(self._zero_range, cb, slba * self.block_size, nlb * self.block_size)
+
+    def submit_discard(self, ranges: list[tuple[int, int]], cb: Completion) -> None:
+        if any(s < 0 or n < 0 or s + n > self.nblocks for s, n in ranges):
+            self._post(cb, LBA_RANGE)
+        else:
+            bs = self.block_size
+            self._submit(self._deallocate, cb, [(s * bs, n * bs) for s, n in ranges if n])
+
+    def close(self) -> None:
+        """Wait for I/O in flight, drop queued I/O, close the fd; idempotent.
+
+        Call it on the reactor thread: completions already posted check the closed
+        flag there, which is how none arrives afterwards.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # wait: the fd must not be closed (and its number reused) under a running syscall
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        os.close(self._fd)
+        self._bounce.close()
+        if self._zeroes is not None:
+            self._zeroes.close()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "block_size": self.block_size,
+                "nblocks": self.nblocks, "o_direct": self.o_direct,
+                "o_direct_fallback": self.fallback_reason, "vwc": self.vwc,
+                "p2p_client": self.p2p_client}
+
+    def _check(self, slba: int, nlb: int, buf: memoryview) -> int:
+        if slba < 0 or nlb < 0 or slba + nlb > self.nblocks:
+            return LBA_RANGE
+        if buf.nbytes != nlb * self.block_size:
+            return DATA_LEN
+        return 0
+
+    def _submit(self, op: Callable[..., object], cb: Completion, *args: object) -> None:
+        if self._closed:
+            raise BackendError(f"{self.path}: I/O submitted after the backend was closed")
+        self._pool.submit(self._run, op, args, cb)
+
+    def _post(self, cb: Completion, status: int) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._complete, cb, status)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to receive the completion
+
+    def _complete(self, cb: Completion, status: int) -> None:
+        if not self._closed:
+            cb(status)
+
+    # ---- execution (worker threads) ----------------------------------------------
+
+    def _run(self, op: Callable[..., object], args: tuple, cb: Completion) -> None:
+        try:
+            op(*args)
+            status = 0
+        except OSError as e:
+            status = errno_to_status(e.errno)
+            log.warning("%s: %s failed: %s", self.path, getattr(op, "__name__", op), e)
+        except Exception:  # a bug must become a status, not kill a worker silently
+            status = Status.INTERNAL | DNR
+            log.exception("%s: %s raised", self.path, getattr(op, "__name__", op))
+        self._post(cb, status)
+
+    def _read(self, offset: int, buf: memoryview) -> None:
+        direct = self.o_direct
+        try:
+            self._read_once(offset, buf, direct)
+        except OSError as e:
+            if not self._direct_refused(e, direct, "read", offset, buf.nbytes):
+                raise
+            self._read_once(offset, buf, False)
+
+    def _write(self, offset: int, buf: memoryview, fua: bool) -> None:
+        direct = self.o_direct
+        try:
+            self._write_once(offset, buf, fua, direct)
+        except OSError as e:
+            if not self._direct_refused(e, direct, "write", offset, buf.nbytes):
+                raise
+            self._write_once(offset, buf, fua, False)
+
+    def _read_once(self, offset: int, buf: memoryview, direct: bool) -> None:
+        if not direct or is_aligned(buf):
+            _pread_full(self._fd, buf, offset)
+            return
+        n = buf.nbytes
+        bounce = self._bounce.get(n)
+        view = memoryview(bounce)[:n]
+        try:
+            _pread_full(self._fd, view, offset)
+            buf[:] = view
+        finally:
+            view.release()
+            self._bounce.put(bounce)
+
+    def _write_once(self, offset: int, buf: memoryview, fua: bool, direct: bool) -> None:
+        if not direct or is_aligned(buf):
+            self._pwrite(buf, offset, fua)
+            return
+        n = buf.nbytes
+        bounce = self._bounce.get(n)
+        view = memoryview(bounce)[:n]
+        try:
+            view[:] = buf
+            self._pwrite(view, offset, fua)
+        finally:
+            view.release()
+            self._bounce.put(bounce)
+
+    def _pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        if fua and self._rwf_dsync:
+            try:
+                _pwrite_full(self._fd, buf, offset, os.RWF_DSYNC)
+                return
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._rwf_dsync = False  # kernel without per-write flags: write, then sync
+        _pwrite_full(self._fd, buf, offset)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _direct_refused(self, e: OSError, direct: bool, what: str, offset: int,
+                        nbytes: int) -> bool:
+        """True when an O_DIRECT I/O failed for alignment and the fd is now buffered.
+
+        Our buffers and offsets are page/block aligned, so EINVAL on an O_DIRECT
+        transfer means the filesystem wants more (e.g. a 4096-byte-sector disk under
+        a 512-byte namespace); buffered I/O has no such rule.
+        """
+        if e.errno != errno.EINVAL or not direct:
+            return False
+        with self._lock:
+            if self.o_direct:
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self.o_direct = False
+                self.fallback_reason = (
+                    f"the filesystem refused an aligned O_DIRECT {what} of {nbytes} bytes "
+                    f"at offset {offset} (EINVAL)")
+                self._log_fallback(self.fallback_reason)
+        return True
+
+    def _log_fallback(self, reason: str) -> None:
+        log.warning("%s: using buffered I/O instead of O_DIRECT: %s", self.path, reason)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        """Write Zeroes: keep the blocks allocated if possible, as the kernel does."""
+        if self._zero_range_ok:
+            try:
+                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._zero_range_ok = False
+        self._deallocate([(offset, length)])
+
+    def _deallocate(self, ranges: list[tuple[int, int]]) -> None:
+        """Discard: punch holes (reads return zeroes), else write zeroes."""
+        for offset, length in ranges:
+            if self._punch_hole_ok:
+                try:
+                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              offset, length)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._punch_hole_ok = False
+            self._write_zeroes(offset, length)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        with self._lock:
+            if self._zeroes is None:
+                # read-only anonymous memory is the shared zero page: costs no RAM
+                self._zeroes = mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ)
+        zeroes = memoryview(self._zeroes)
+        try:
+            end = offset + length
+            while offset < end:
+                n = min(ZERO_CHUNK, end - offset)
+                _pwrite_full(self._fd, zeroes[:n], offset)
+                offset += n
+        finally:
+            zeroes.release()
+
+
+def open_file(path: str, *, block_size: int, size: int | None, create: bool,
+              buffered_io: bool, loop: CompletionLoop) -> FileBackend:
+    """Open (or with create, make a sparse) regular file as a namespace."""
+    flags = 0
+    if create:
+        if size is None:
+            raise BackendError(f"{path} does not exist and create needs a size "
+                               f"(set device.size)")
+        if size <= 0 or size % block_size:
+            raise BackendError(f"size {size} must be a positive multiple of "
+                               f"block_size {block_size}")
+        flags = os.O_CREAT | os.O_EXCL
+    fd, o_direct, reason = open_fd(path, flags, buffered_io)
+    try:
+        if create:
+            os.ftruncate(fd, size)  # sparse: blocks are allocated on first write
+            log.info("%s: created sparse file of %d bytes", path, size)
+        file_size = os.fstat(fd).st_size
+        if size is not None and not create and size != file_size:
+            log.warning("%s: exists with %d bytes; using that, not the configured size %d",
+                        path, file_size, size)
+        nblocks = file_size // block_size
+        if nblocks == 0:
+            raise BackendError(f"{path} is {file_size} bytes, smaller than one "
+                               f"{block_size}-byte block")
+        if file_size % block_size:
+            log.info("%s: size %d is not a multiple of %d; the last %d bytes are unused",
+                     path, file_size, block_size, file_size % block_size)
+    except BaseException as e:
+        os.close(fd)
+        if create:
+            os.unlink(path)  # do not leave a half-made file behind a failed create
+        if isinstance(e, OSError):
+            raise BackendError(f"cannot size {path}: {e.strerror}") from e
+        raise
+    return FileBackend(path, fd, block_size=block_size, nblocks=nblocks, loop=loop,
+                       o_direct=o_direct, fallback_reason=reason)
