@@ -568,9 +568,14 @@ class Topology:
                 f"their traffic goes through the host bridge"
             )
         if self.cpu.supports_p2pdma:
+            reasons.append(f"crossing the host bridge is allowed: the CPU ({self.cpu}) is AMD "
+                           "Zen or newer")
             return ClientResult(client, MAP_THRU_HOST_BRIDGE, distance, path, redirect, tuple(reasons))
         refusal = self._host_bridge_refusal(top_a, top_b)
         if refusal is None:
+            hbs = dict.fromkeys(self._host_bridge_name(d.root_bus) for d in (top_a, top_b))
+            reasons.append("crossing the host bridge is allowed: the P2PDMA whitelist has "
+                           + " and ".join(hbs))
             return ClientResult(client, MAP_THRU_HOST_BRIDGE, distance, path, redirect, tuple(reasons))
         reasons.append(
             f"{refusal}, and the CPU ({self.cpu}) is not AMD Zen or newer: {client.name} "
@@ -587,6 +592,10 @@ class Topology:
             if refusal is not None:
                 return refusal
         return None
+
+    def _host_bridge_name(self, root_bus: Path) -> str:
+        hb = self.host_bridge(root_bus)
+        return f"host bridge {hb.ids} ({hb.bdf})" if hb else f"root bus {root_bus.name}"
 
     def _whitelist_refusal(self, root_bus: Path, same_host_bridge: bool) -> str | None:
         hb = self.host_bridge(root_bus)
