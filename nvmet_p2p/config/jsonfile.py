@@ -1,0 +1,319 @@
+"""nvmetcli-compatible JSON for the configuration tree: dump, restore, atomic save, read.
+
+The shape is what upstream nvmetcli's `save` writes against Linux 6.12 (top level
+"hosts", "ports", "subsystems"; attribute groups as dicts of the strings the configfs
+files read back; "nsid", "portid", "enable" and "ana_grpid" as integers; every port
+carrying its default ANA group 1), so a file nvmetcli wrote loads unchanged.
+
+nvmet-p2p's own keys are written only when their value differs from the default, so
+that `to_dict()` of a tree loaded from an nvmetcli file equals the file:
+  * namespace "device": "backend", "size", "block_size", "create";
+  * namespace top level: "p2pmem" (kernel file, but nvmetcli does not save it) and
+    "buffered_io" (likewise);
+  * port "attr": {"allow_p2pmem": "1"} (the whole group is left out at its default).
+
+Read but never written: a namespace "resv" group and "param.mdts" / "attr.tbkas" from
+newer kernels, accepted only at the kernel default (the features are not supported);
+a subsystem "passthru" entry, accepted only when disabled.
+
+Restore runs in dependency order (hosts, subsystems with their attributes, allowed
+hosts and namespaces, then ports with attributes, referrals and finally links) and
+reports every problem with the file, the JSON path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from nvmet_p2p.errors import ConfigError
+
+# Attributes of newer kernels that nvmet-p2p does not implement, accepted at these values.
+_TOLERATED = {("param", "mdts"): "-1", ("attr", "tbkas"): "0", ("resv", "enable"): "0"}
+_DEFAULT_ANA_GROUPS = [{"ana": {"state": "optimized"}, "grpid": 1}]
+_ROOT_KEYS = ("hosts", "ports", "subsystems")
+_HOST_KEYS = ("nqn",)
+_SUBSYS_KEYS = ("nqn", "attr", "allowed_hosts", "namespaces", "passthru")
+_NS_KEYS = ("nsid", "device", "ana", "ana_grpid", "resv", "buffered_io", "p2pmem", "enable")
+_PORT_KEYS = ("portid", "addr", "param", "attr", "ana_groups", "referrals", "subsystems")
+_REFERRAL_KEYS = ("name", "addr", "enable")
+
+
+# -- dump -----------------------------------------------------------------------------
+
+def _group(obj: Any, group: str) -> dict[str, str]:
+    out = {}
+    for spec in obj.ATTRS:
+        if spec.group != group:
+            continue
+        value = obj._get(spec)
+        if spec.extension and value == spec.make_default():
+            continue
+        out[spec.name] = spec.show(value)
+    return out
+
+
+def _dump_namespace(ns: Any) -> dict:
+    d = {"ana": _group(ns, "ana"), "ana_grpid": ns.ana_grpid, "device": _group(ns, "device"),
+         "enable": int(ns.enable), "nsid": ns.nsid}
+    if ns.buffered_io:
+        d["buffered_io"] = 1
+    if ns.p2pmem != "1":
+        d["p2pmem"] = ns.p2pmem
+    return d
+
+
+def _dump_subsystem(subsys: Any) -> dict:
+    return {"allowed_hosts": subsys.allowed_hosts, "attr": _group(subsys, "attr"),
+            "namespaces": [_dump_namespace(ns) for ns in subsys.namespaces.values()],
+            "nqn": subsys.nqn}
+
+
+def _dump_port(port: Any) -> dict:
+    d = {"addr": _group(port, "addr"), "ana_groups": [dict(g) for g in _DEFAULT_ANA_GROUPS],
+         "param": _group(port, "param"), "portid": port.portid,
+         "referrals": [{"addr": _group(r, "addr"), "enable": int(r.enable), "name": r.name}
+                       for r in port.referrals.values()],
+         "subsystems": port.subsystems}
+    attr = _group(port, "attr")
+    if attr:
+        d["attr"] = attr
+    return d
+
+
+def dump_root(root: Any) -> dict:
+    return {"hosts": [{"nqn": h.nqn} for h in root.hosts.values()],
+            "ports": [_dump_port(p) for p in root.ports.values()],
+            "subsystems": [_dump_subsystem(s) for s in root.subsystems.values()]}
+
+
+# -- restore --------------------------------------------------------------------------
+
+class _Restorer:
+    def __init__(self, root: Any, source: str, on_error: Callable[[str], None] | None):
+        self.root, self.source, self.on_error = root, source, on_error
+        self.errors: list[str] = []
+
+    def err(self, path: str, problem: str) -> None:
+        msg = f"{self.source}: {path}: {problem}"
+        self.errors.append(msg)
+        if self.on_error is not None:
+            self.on_error(msg)
+
+    def obj(self, value: Any, path: str, keys: tuple[str, ...]) -> bool:
+        """Check that `value` is a JSON object with only known keys (reporting the rest)."""
+        if not isinstance(value, dict):
+            self.err(path, f"expected an object, found {type(value).__name__}")
+            return False
+        for key in value:
+            if key not in keys:
+                self.err(f"{path}.{key}", f"unknown key {key!r}; valid: {', '.join(keys)}")
+        return True
+
+    def items(self, doc: dict, key: str, path: str) -> list[tuple[str, Any]]:
+        value = doc.get(key, [])
+        if not isinstance(value, list):
+            self.err(f"{path}{key}", f"expected a list, found {type(value).__name__}")
+            return []
+        return [(f"{path}{key}[{i}]", v) for i, v in enumerate(value)]
+
+    def attempt(self, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            self.err(path, str(e))
+            return None
+
+    def ident(self, doc: dict, key: str, path: str, kind: type) -> Any:
+        if key not in doc:
+            self.err(path, f"{key!r} is missing")
+            return None
+        value = doc[key]
+        if kind is int and isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            self.err(f"{path}.{key}", f"expected {'an integer' if kind is int else 'a string'}, "
+                                      f"found {value!r}")
+            return None
+        return value
+
+    def group(self, obj: Any, doc: dict, group: str, path: str,
+              key: str | None = None, first: tuple[str, ...] = (),
+              last: tuple[str, ...] = ()) -> None:
+        key = key or group
+        if key not in doc:
+            return
+        values = doc[key]
+        if not isinstance(values, dict):
+            self.err(f"{path}.{key}", "expected an object of attribute: value")
+            return
+        names = sorted(values, key=lambda n: (0 if n in first else 2 if n in last else 1))
+        for name in names:
+            where = f"{path}.{key}.{name}"
+            tolerated = _TOLERATED.get((group, name))
+            if tolerated is not None:
+                if str(values[name]) != tolerated:
+                    self.err(where, f"{group}_{name} is not supported by nvmet-p2p; set it "
+                                    f"to {tolerated} or remove it")
+                continue
+            spec = self.attempt(where, obj.spec, group, name)
+            if spec is not None:
+                self.attempt(where, obj._set, spec, values[name])
+
+    def plain(self, obj: Any, doc: dict, name: str, path: str) -> None:
+        if name in doc:
+            self.attempt(f"{path}.{name}", obj._set, obj.spec("", name), doc[name])
+
+    def run(self, doc: Any) -> list[str]:
+        if not self.obj(doc, "(top)", _ROOT_KEYS):
+            return self.errors
+        for path, h in self.items(doc, "hosts", ""):
+            if self.obj(h, path, _HOST_KEYS):
+                nqn = self.ident(h, "nqn", path, str)
+                if nqn is not None:
+                    self.attempt(f"{path}.nqn", self.root.create_host, nqn)
+        for path, s in self.items(doc, "subsystems", ""):
+            self.subsystem(s, path)
+        for path, p in self.items(doc, "ports", ""):
+            self.port(p, path)
+        return self.errors
+
+    def subsystem(self, doc: Any, path: str) -> None:
+        if not self.obj(doc, path, _SUBSYS_KEYS):
+            return
+        nqn = self.ident(doc, "nqn", path, str)
+        subsys = None if nqn is None else self.attempt(f"{path}.nqn",
+                                                       self.root.create_subsystem, nqn)
+        if not subsys:
+            return
+        self.group(subsys, doc, "attr", path)
+        for hpath, host in self.items(doc, "allowed_hosts", f"{path}."):
+            if not isinstance(host, str):
+                self.err(hpath, f"expected a host NQN string, found {host!r}")
+            else:
+                self.attempt(hpath, subsys.add_allowed_host, host)
+        for npath, ns in self.items(doc, "namespaces", f"{path}."):
+            self.namespace(subsys, ns, npath)
+        for ppath, pt in self.items(doc, "passthru", f"{path}."):
+            if not isinstance(pt, dict) or pt.get("enable", 0) not in (0, "0", False):
+                self.err(ppath, "passthru subsystems are not supported by nvmet-p2p; remove "
+                                "the passthru entry or set its enable to 0")
+
+    def namespace(self, subsys: Any, doc: Any, path: str) -> None:
+        if not self.obj(doc, path, _NS_KEYS):
+            return
+        nsid = self.ident(doc, "nsid", path, int)
+        ns = nsid is not None and self.attempt(f"{path}.nsid", subsys.create_namespace, nsid)
+        if not ns:
+            return
+        self.group(ns, doc, "device", path, first=("backend", "block_size"))
+        self.group(ns, doc, "ana", path)
+        if "ana_grpid" in doc:
+            grp = doc.get("ana", {}).get("grpid") if isinstance(doc.get("ana"), dict) else None
+            if grp is not None and str(grp) != str(doc["ana_grpid"]):
+                self.err(f"{path}.ana_grpid", f"ana_grpid {doc['ana_grpid']} disagrees with "
+                                              f"ana.grpid {grp}; make them equal")
+            else:
+                self.attempt(f"{path}.ana_grpid", ns._set, ns.spec("ana", "grpid"),
+                             doc["ana_grpid"])
+        self.group(ns, doc, "resv", path)
+        self.plain(ns, doc, "buffered_io", path)
+        self.plain(ns, doc, "p2pmem", path)
+        self.plain(ns, doc, "enable", path)  # last: the hooks see the final attributes
+
+    def port(self, doc: Any, path: str) -> None:
+        if not self.obj(doc, path, _PORT_KEYS):
+            return
+        portid = self.ident(doc, "portid", path, int)
+        port = portid is not None and self.attempt(f"{path}.portid", self.root.create_port,
+                                                   portid)
+        if not port:
+            return
+        # trtype first: tsas and the trsvcid default depend on it.
+        self.group(port, doc, "addr", path, first=("trtype",), last=("tsas",))
+        self.group(port, doc, "param", path)
+        self.group(port, doc, "attr", path)
+        for gpath, grp in self.items(doc, "ana_groups", f"{path}."):
+            if grp != _DEFAULT_ANA_GROUPS[0]:
+                self.err(gpath, "only the default ANA group 1 in state optimized is "
+                                "supported; remove other ANA groups")
+        for rpath, ref in self.items(doc, "referrals", f"{path}."):
+            self.referral(port, ref, rpath)
+        for spath, nqn in self.items(doc, "subsystems", f"{path}."):
+            if not isinstance(nqn, str):
+                self.err(spath, f"expected a subsystem NQN string, found {nqn!r}")
+            else:
+                self.attempt(spath, port.link_subsystem, nqn)
+
+    def referral(self, port: Any, doc: Any, path: str) -> None:
+        if not self.obj(doc, path, _REFERRAL_KEYS):
+            return
+        name = self.ident(doc, "name", path, str)
+        ref = name is not None and self.attempt(f"{path}.name", port.create_referral, name)
+        if not ref:
+            return
+        self.group(ref, doc, "addr", path, first=("trtype",))
+        self.plain(ref, doc, "enable", path)
+
+
+def restore_root(root: Any, doc: Any, *, source: str,
+                 on_error: Callable[[str], None] | None) -> list[str]:
+    if not root.is_empty():
+        raise ConfigError(f"cannot restore {source} over an existing configuration; "
+                          "clear() it first")
+    errors = _Restorer(root, source, on_error).run(doc)
+    if errors and on_error is None:
+        raise ConfigError(f"{len(errors)} error(s) in {source}:\n" + "\n".join(errors))
+    return errors
+
+
+# -- files ----------------------------------------------------------------------------
+
+def read_doc(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text at byte {e.start}; is this a JSON file?") \
+            from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON: "
+                          f"{e.msg}") from e
+
+
+def save_doc(path: str | os.PathLike, doc: dict) -> None:
+    """Write `doc` as nvmetcli does (sorted keys, indent 2), atomically and durably."""
+    path = os.fspath(path)
+    text = json.dumps(doc, sort_keys=True, indent=2) + "\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # nvmetcli's mode: the file may name hosts
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)  # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot save the configuration: {e}") from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

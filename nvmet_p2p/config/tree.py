@@ -1,0 +1,682 @@
+"""The nvmet configfs tree as objects: hosts, subsystems, namespaces, ports, referrals.
+
+One class per configfs directory, attribute names as the kernel spells them, and the
+kernel's refusal rules (writes refused while a namespace is enabled or a port has
+subsystems linked, allow_any_host versus explicit hosts, duplicate links, the
+discovery NQN).  Changes that alter live state go through TreeHooks, which the core
+implements: a hook that raises ConfigError vetoes the change and the tree stays as it
+was.  Where the kernel would leave a dangling link (deleting a host that a subsystem
+still allows, or a subsystem a port still exports) the tree refuses instead and says
+what to remove first; deleting a subsystem or a port removes its own children
+(namespaces, allowed-host links, port links, referrals) as nvmetcli's delete does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import uuid as uuidlib
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import nvmet_p2p
+from nvmet_p2p.errors import ConfigError
+
+from . import jsonfile
+from .attrs import AttrSpec, Node
+from .values import (
+    NVME_DISC_SUBSYS_NAME,
+    ascii_text,
+    check_nqn,
+    choice,
+    int_choice,
+    int_range,
+    parse_bool,
+    parse_ieee_oui,
+    parse_nguid,
+    parse_p2pmem,
+    parse_path,
+    parse_size,
+    parse_uuid,
+    parse_version,
+    show_bool,
+    show_ieee_oui,
+    show_int,
+    show_size,
+    token,
+)
+
+# Limits from drivers/nvme/target/nvmet.h and include/linux/nvme.h.
+NVME_CNTLID_MAX = 0xFFEF  # 0xFFF0..0xFFFF are reserved; 0xFFFF requests dynamic allocation
+NVMET_NR_QUEUES = 128  # most I/O queues a controller may have (attr_qid_max bound)
+NVMET_SN_MAX_SIZE = 20  # Identify Controller SN field
+NVMET_MN_MAX_SIZE = 40  # Identify Controller MN field
+NVMET_FR_MAX_SIZE = 8  # Identify Controller FR field
+NVMET_MAX_ANAGRPS = 128
+NVME_NSID_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is the broadcast NSID
+NVMF_TRADDR_SIZE = 256
+NVMF_TRSVCID_SIZE = 32
+NVMET_MIN_QUEUE_SIZE = 16
+NVMET_MAX_QUEUE_SIZE = 1024
+# RDMA in-capsule data is at most 16 KiB (NVMET_RDMA_MAX_INLINE_DATA_SIZE at 4 KiB pages).
+MAX_INLINE_DATA_SIZE = 16384
+DEFAULT_INLINE_DATA_SIZE = 4096
+DEFAULT_MAX_QUEUE_SIZE = 128  # NVME_RDMA_DEFAULT_QUEUE_SIZE
+NVMF_DEFAULT_PORT = "4420"  # IANA port for NVMe over Fabrics (RDMA and TCP)
+TRANSPORT_DEFAULT = -1  # param value meaning "let the transport choose", as in the kernel
+
+FIRMWARE = getattr(nvmet_p2p, "__version__", "0.1.0")[:NVMET_FR_MAX_SIZE]
+BOOL_CHOICES = ("0", "1")
+TRTYPES = ("rdma", "tcp", "loop")
+ADRFAMS = ("ipv4", "ipv6", "ib", "fc", "loop")
+TREQS = ("not specified", "required", "not required")
+BACKENDS = ("auto", "file", "bdev", "memory", "vfio-nvme")
+# tsas is derived from trtype: nvmet-p2p supports RDMA connected QPs and plain TCP only.
+_TSAS_FOR = {"rdma": "connected", "tcp": "none", "loop": "", "": ""}
+
+
+def _bool(group: str, name: str, default: bool = False, *, refuse_true: str = "",
+          extension: bool = False) -> AttrSpec:
+    parse = parse_bool
+    if refuse_true:
+        def parse(value: Any) -> bool:
+            if parse_bool(value):
+                raise ConfigError(refuse_true)
+            return False
+    return AttrSpec(group, name, parse, show_bool, default, BOOL_CHOICES, extension)
+
+
+class TreeHooks:
+    """What the core implements to follow the tree; every default does nothing.
+
+    Hooks named for an action that can fail (ns_enable, port_add_subsys) may raise
+    ConfigError to veto it; the tree commits the change only after they return.
+    """
+
+    def ns_enable(self, subsys: Subsystem, ns: Namespace) -> None: ...
+    def ns_disable(self, subsys: Subsystem, ns: Namespace) -> None: ...
+    def port_add_subsys(self, port: Port, subsys: Subsystem) -> None: ...
+    def port_remove_subsys(self, port: Port, subsys: Subsystem) -> None: ...
+    def subsys_hosts_changed(self, subsys: Subsystem) -> None: ...
+    def port_changed(self, port: Port) -> None: ...
+    def discovery_changed(self) -> None: ...
+
+
+class Host(Node):
+    KIND = "host"
+    ATTRS = ()  # DH-HMAC-CHAP keys (dhchap_*) are not supported
+
+    def __init__(self, root: Root, nqn: str) -> None:
+        super().__init__(root)
+        self._nqn = nqn
+
+    @property
+    def nqn(self) -> str:
+        return self._nqn
+
+    def describe(self) -> str:
+        return f"host {self._nqn}"
+
+
+class Namespace(Node):
+    KIND = "namespace"
+    ATTRS = (
+        AttrSpec("device", "path", parse_path, str, ""),
+        AttrSpec("device", "uuid", parse_uuid, str, lambda: str(uuidlib.uuid4())),
+        AttrSpec("device", "nguid", parse_nguid, str, str(uuidlib.UUID(int=0))),
+        AttrSpec("device", "backend", choice(BACKENDS), str, "auto", BACKENDS, True),
+        AttrSpec("device", "size", parse_size, show_size, None, None, True),
+        AttrSpec("device", "block_size", int_choice((512, 4096)), show_int, 512,
+                 ("512", "4096"), True),
+        _bool("device", "create", extension=True),
+        AttrSpec("ana", "grpid", int_range(1, NVMET_MAX_ANAGRPS), show_int, 1),
+        _bool("", "enable"),
+        _bool("", "buffered_io"),
+        AttrSpec("", "p2pmem", parse_p2pmem, str, "1", ("0", "1")),
+    )
+
+    def __init__(self, root: Root, subsys: Subsystem, nsid: int) -> None:
+        super().__init__(root)
+        self._subsys = subsys
+        self._nsid = nsid
+
+    @property
+    def nsid(self) -> int:
+        return self._nsid
+
+    @property
+    def subsys(self) -> Subsystem:
+        return self._subsys
+
+    def describe(self) -> str:
+        return f"namespace {self._nsid} of {self._subsys.nqn}"
+
+    def _check_writable(self, spec: AttrSpec) -> None:
+        # The kernel answers EBUSY (EINVAL for buffered_io) while the namespace is enabled.
+        if spec.name != "enable" and self._values["enable"]:
+            raise ConfigError(f"{self.describe()} is enabled, so {spec.pyname} cannot change; "
+                              "disable the namespace first (enable 0)")
+
+    def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
+        if spec.name != "enable":
+            self._values[spec.pyname] = new
+            return
+        hooks = self._root.hooks
+        if new:
+            self._check_enable()
+            hooks.ns_enable(self._subsys, self)  # may veto by raising
+            self._values["enable"] = True
+        else:
+            self._values["enable"] = False
+            hooks.ns_disable(self._subsys, self)
+
+    def _check_enable(self) -> None:
+        v = self._values
+        if v["device_backend"] != "memory" and not v["device_path"]:
+            raise ConfigError(f"cannot enable {self.describe()}: device_path is empty; set "
+                              "device_path to a file or block device first")
+        needs_size = v["device_backend"] == "memory" or v["device_create"]
+        if needs_size and v["device_size"] is None:
+            why = "device_create" if v["device_create"] else "a memory backend"
+            raise ConfigError(f"cannot enable {self.describe()}: {why} needs device_size; "
+                              "set device_size (e.g. 64M) first")
+        size, bs = v["device_size"], v["device_block_size"]
+        if size is not None and size % bs:
+            raise ConfigError(f"cannot enable {self.describe()}: device_size {size} is not a "
+                              f"multiple of device_block_size {bs}; round it")
+
+
+class Subsystem(Node):
+    KIND = "subsystem"
+    ATTRS = (
+        _bool("attr", "allow_any_host"),
+        AttrSpec("attr", "cntlid_max", int_range(1, NVME_CNTLID_MAX), show_int,
+                 NVME_CNTLID_MAX),
+        AttrSpec("attr", "cntlid_min", int_range(1, NVME_CNTLID_MAX), show_int, 1),
+        AttrSpec("attr", "firmware", ascii_text(NVMET_FR_MAX_SIZE, what="firmware revision"),
+                 str, FIRMWARE),
+        AttrSpec("attr", "ieee_oui", parse_ieee_oui, show_ieee_oui, 0),
+        AttrSpec("attr", "model", ascii_text(NVMET_MN_MAX_SIZE, what="model number"), str,
+                 "nvmet-p2p"),
+        _bool("attr", "pi_enable", refuse_true="protection information is not supported "
+              "by nvmet-p2p; set pi_enable to 0"),
+        AttrSpec("attr", "qid_max", int_range(1, NVMET_NR_QUEUES), show_int, NVMET_NR_QUEUES),
+        # The kernel's default serial is a random 64-bit number in hex; saving keeps it.
+        AttrSpec("attr", "serial", ascii_text(NVMET_SN_MAX_SIZE, what="serial number"), str,
+                 lambda: secrets.token_hex(8)),
+        AttrSpec("attr", "version", parse_version, str, "1.3"),
+    )
+
+    def __init__(self, root: Root, nqn: str) -> None:
+        super().__init__(root)
+        self._nqn = nqn
+        self._namespaces: dict[int, Namespace] = {}
+        self._allowed_hosts: list[str] = []
+
+    @property
+    def nqn(self) -> str:
+        return self._nqn
+
+    @property
+    def namespaces(self) -> Mapping[int, Namespace]:
+        return MappingProxyType(self._namespaces)
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return list(self._allowed_hosts)
+
+    def describe(self) -> str:
+        return f"subsystem {self._nqn}"
+
+    def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
+        v = self._values
+        if spec.name == "cntlid_min" and new > v["attr_cntlid_max"]:
+            raise ConfigError(f"{self.describe()}: cntlid_min {new} is above cntlid_max "
+                              f"{v['attr_cntlid_max']}; raise cntlid_max first")
+        if spec.name == "cntlid_max" and new < v["attr_cntlid_min"]:
+            raise ConfigError(f"{self.describe()}: cntlid_max {new} is below cntlid_min "
+                              f"{v['attr_cntlid_min']}; lower cntlid_min first")
+        if spec.name == "allow_any_host" and new and self._allowed_hosts:
+            raise ConfigError(f"{self.describe()}: cannot set allow_any_host while explicit "
+                              f"hosts are allowed ({', '.join(self._allowed_hosts)}); remove "
+                              "them from allowed_hosts first")
+        v[spec.pyname] = new
+        if spec.name == "allow_any_host":
+            self._root.hooks.subsys_hosts_changed(self)
+            self._root.hooks.discovery_changed()
+
+    def create_namespace(self, nsid: int) -> Namespace:
+        self._check_live()
+        if isinstance(nsid, bool) or not isinstance(nsid, int):
+            raise ConfigError(f"NSID must be an integer 1..{NVME_NSID_MAX}, not {nsid!r}")
+        if not 1 <= nsid <= NVME_NSID_MAX:
+            raise ConfigError(f"NSID {nsid} is invalid: use 1..{NVME_NSID_MAX} (0 and "
+                              "0xffffffff are reserved)")
+        if nsid in self._namespaces:
+            raise ConfigError(f"{self.describe()} already has namespace {nsid}; pick another "
+                              "NSID or delete the existing one")
+        ns = Namespace(self._root, self, nsid)
+        self._namespaces[nsid] = ns
+        return ns
+
+    def delete_namespace(self, nsid: int) -> None:
+        self._check_live()
+        ns = self._namespaces.get(nsid)
+        if ns is None:
+            raise ConfigError(f"{self.describe()} has no namespace {nsid}; existing: "
+                              f"{_listing(self._namespaces)}")
+        if ns.enable:
+            ns.enable = False  # configfs rmdir disables the namespace first
+        del self._namespaces[nsid]
+        ns._deleted = True
+
+    def add_allowed_host(self, nqn: str) -> None:
+        self._check_live()
+        if nqn not in self._root._hosts:
+            raise ConfigError(f"no host {nqn} exists; create it under /hosts first, then add "
+                              f"it to {self.describe()}")
+        if self._values["attr_allow_any_host"]:
+            raise ConfigError(f"{self.describe()} allows any host; set allow_any_host to 0 "
+                              "before listing hosts")
+        if nqn in self._allowed_hosts:
+            raise ConfigError(f"host {nqn} is already allowed by {self.describe()}")
+        self._allowed_hosts.append(nqn)
+        self._root.hooks.subsys_hosts_changed(self)
+        self._root.hooks.discovery_changed()
+
+    def remove_allowed_host(self, nqn: str) -> None:
+        self._check_live()
+        if nqn not in self._allowed_hosts:
+            raise ConfigError(f"host {nqn} is not in the allowed_hosts of {self.describe()}; "
+                              f"allowed: {', '.join(self._allowed_hosts) or '(none)'}")
+        self._allowed_hosts.remove(nqn)
+        self._root.hooks.subsys_hosts_changed(self)
+        self._root.hooks.discovery_changed()
+
+    def allows_host(self, hostnqn: str) -> bool:
+        return bool(self._values["attr_allow_any_host"]) or hostnqn in self._allowed_hosts
+
+
+class _Address(Node):
+    """The addr_* group shared by ports and referrals (nvmet_port in the kernel)."""
+
+    def _get(self, spec: AttrSpec) -> Any:
+        trtype = self._values["addr_trtype"]
+        if spec.pyname == "addr_tsas":
+            return _TSAS_FOR.get(trtype, "")
+        return self._values[spec.pyname]
+
+    def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
+        if spec.pyname == "addr_tsas":
+            trtype = self._values["addr_trtype"]
+            want = _TSAS_FOR.get(trtype, "")
+            if new != want:
+                raise ConfigError(f"{self.describe()}: tsas {new!r} is not supported with "
+                                  f"trtype {trtype!r}; nvmet-p2p offers only {want!r}")
+            return
+        self._values[spec.pyname] = new
+
+
+def _addr_specs(trtypes: tuple[str, ...]) -> tuple[AttrSpec, ...]:
+    refused = {t: "is not a transport nvmet-p2p serves; use rdma, tcp or loop"
+               for t in ("fc", "pci") if t not in trtypes}
+    return (
+        AttrSpec("addr", "adrfam", choice(("",) + ADRFAMS), str, "", ADRFAMS),
+        AttrSpec("addr", "traddr", token(NVMF_TRADDR_SIZE - 1, what="traddr"), str, ""),
+        AttrSpec("addr", "treq", choice(TREQS), str, "not specified", TREQS),
+        AttrSpec("addr", "trsvcid", token(NVMF_TRSVCID_SIZE - 1, what="trsvcid"), str, ""),
+        AttrSpec("addr", "trtype", choice(("",) + trtypes, refused), str, "", trtypes),
+    )
+
+
+class Referral(_Address):
+    KIND = "referral"
+    ATTRS = (
+        *_addr_specs(TRTYPES + ("fc",)),  # a referral may point at any fabric
+        AttrSpec("addr", "portid", int_range(0, 0xFFFF), show_int, 0),
+        _bool("", "enable"),
+    )
+
+    def __init__(self, root: Root, port: Port, name: str) -> None:
+        super().__init__(root)
+        self._port = port
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def port(self) -> Port:
+        return self._port
+
+    @property
+    def portid(self) -> int:
+        return self._values["addr_portid"]
+
+    @portid.setter
+    def portid(self, value: Any) -> None:
+        self.addr_portid = value
+
+    def describe(self) -> str:
+        return f"referral {self._name} of port {self._port.portid}"
+
+    def _check_writable(self, spec: AttrSpec) -> None:
+        if spec.name != "enable" and self._values["enable"]:
+            raise ConfigError(f"{self.describe()} is enabled, so {spec.pyname} cannot change; "
+                              "disable the referral first (enable 0)")
+
+    def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
+        super()._apply(spec, old, new)
+        if spec.name == "enable":
+            self._root.hooks.discovery_changed()
+
+
+class Port(_Address):
+    KIND = "port"
+    ATTRS = (
+        *_addr_specs(TRTYPES),
+        AttrSpec("addr", "tsas", choice(("", "connected", "none"),
+                                        {"tls1.3": "is not supported by nvmet-p2p (no TLS); "
+                                                   "use none",
+                                         "datagram": "is not supported; use connected"}),
+                 str, "", ("connected", "none")),
+        AttrSpec("param", "inline_data_size",
+                 int_range(0, MAX_INLINE_DATA_SIZE, also=(TRANSPORT_DEFAULT,),
+                           why=" (-1: transport default)"), show_int, DEFAULT_INLINE_DATA_SIZE),
+        AttrSpec("param", "max_queue_size",
+                 int_range(NVMET_MIN_QUEUE_SIZE, NVMET_MAX_QUEUE_SIZE,
+                           also=(TRANSPORT_DEFAULT,), why=" (-1: transport default)"),
+                 show_int, DEFAULT_MAX_QUEUE_SIZE),
+        _bool("param", "pi_enable", refuse_true="protection information is not supported by "
+              "nvmet-p2p; set pi_enable to 0"),
+        # The 2018 P2P series' per-port gate; see DESIGN.md "P2P knobs".
+        _bool("attr", "allow_p2pmem", extension=True),
+    )
+
+    def __init__(self, root: Root, portid: int) -> None:
+        super().__init__(root)
+        self._portid = portid
+        self._subsystems: list[str] = []
+        self._referrals: dict[str, Referral] = {}
+
+    @property
+    def portid(self) -> int:
+        return self._portid
+
+    @property
+    def subsystems(self) -> list[str]:
+        return list(self._subsystems)
+
+    @property
+    def referrals(self) -> Mapping[str, Referral]:
+        return MappingProxyType(self._referrals)
+
+    def describe(self) -> str:
+        return f"port {self._portid}"
+
+    def _get(self, spec: AttrSpec) -> Any:
+        value = super()._get(spec)
+        # The kernel leaves trsvcid empty; the NVMe-oF port is the only sensible default.
+        if spec.pyname == "addr_trsvcid" and not value and \
+                self._values["addr_trtype"] in ("rdma", "tcp"):
+            return NVMF_DEFAULT_PORT
+        return value
+
+    def resolved_inline_data_size(self) -> int:
+        """param_inline_data_size with -1 ("transport default") resolved."""
+        size = self._values["param_inline_data_size"]
+        return DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
+
+    def resolved_max_queue_size(self) -> int:
+        """param_max_queue_size with -1 ("transport default") resolved."""
+        size = self._values["param_max_queue_size"]
+        return DEFAULT_MAX_QUEUE_SIZE if size == TRANSPORT_DEFAULT else size
+
+    def _check_writable(self, spec: AttrSpec) -> None:
+        # A port with linked subsystems is enabled: the kernel answers EACCES.
+        # allow_p2pmem only affects controllers created later, so it stays writable.
+        if spec.group in ("addr", "param") and self._subsystems:
+            raise ConfigError(f"{self.describe()} is enabled (subsystems linked: "
+                              f"{', '.join(self._subsystems)}), so {spec.pyname} cannot "
+                              "change; unlink its subsystems first")
+
+    def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
+        super()._apply(spec, old, new)
+        self._root.hooks.port_changed(self)
+
+    def _check_enable(self) -> None:
+        """What nvmet_enable_port() would reject, checked before the first link."""
+        v = self._values
+        trtype = v["addr_trtype"]
+        if not trtype:
+            raise ConfigError(f"cannot enable {self.describe()}: addr_trtype is not set; set "
+                              "it to rdma, tcp or loop first")
+        if trtype == "loop":
+            return
+        adrfam, traddr = v["addr_adrfam"], v["addr_traddr"]
+        allowed = ("ipv4", "ipv6", "ib") if trtype == "rdma" else ("ipv4", "ipv6")
+        if adrfam not in allowed:
+            raise ConfigError(f"cannot enable {self.describe()}: addr_adrfam {adrfam!r} does not "
+                              f"suit {trtype}; set it to {' or '.join(allowed)}")
+        if adrfam in ("ipv4", "ipv6"):
+            try:
+                ip = ipaddress.ip_address(traddr)
+            except ValueError:
+                raise ConfigError(f"cannot enable {self.describe()}: addr_traddr {traddr!r} is "
+                                  f"not an {adrfam} address; set it (0.0.0.0 or :: listens on "
+                                  "all)") from None
+            if ip.version != (4 if adrfam == "ipv4" else 6):
+                raise ConfigError(f"cannot enable {self.describe()}: addr_traddr {traddr} is "
+                                  f"not {adrfam}; fix addr_adrfam or addr_traddr")
+        svc = self.addr_trsvcid
+        if not svc.isdigit() or not 1 <= int(svc) <= 0xFFFF:
+            raise ConfigError(f"cannot enable {self.describe()}: addr_trsvcid {svc!r} is not "
+                              "a port number; set it, e.g. 4420")
+
+    def link_subsystem(self, nqn: str) -> None:
+        self._check_live()
+        subsys = self._root._subsystems.get(nqn)
+        if subsys is None:
+            raise ConfigError(f"no subsystem {nqn} exists; create it before linking it to "
+                              f"{self.describe()}")
+        if nqn in self._subsystems:
+            raise ConfigError(f"subsystem {nqn} is already linked to {self.describe()}")
+        if not self._subsystems:
+            self._check_enable()
+        self._root.hooks.port_add_subsys(self, subsys)  # may veto by raising
+        self._subsystems.append(nqn)
+        self._root.hooks.discovery_changed()
+
+    def unlink_subsystem(self, nqn: str) -> None:
+        self._check_live()
+        if nqn not in self._subsystems:
+            raise ConfigError(f"subsystem {nqn} is not linked to {self.describe()}; linked: "
+                              f"{', '.join(self._subsystems) or '(none)'}")
+        self._subsystems.remove(nqn)
+        self._root.hooks.port_remove_subsys(self, self._root._subsystems[nqn])
+        self._root.hooks.discovery_changed()
+
+    def create_referral(self, name: str) -> Referral:
+        self._check_live()
+        if not isinstance(name, str) or not name or "/" in name or \
+                any(c.isspace() for c in name) or len(name) > 255:
+            raise ConfigError(f"referral name {name!r} is invalid: use a non-empty word "
+                              "without '/' or spaces")
+        if name in self._referrals:
+            raise ConfigError(f"{self.describe()} already has a referral {name}; pick another "
+                              "name or delete it")
+        ref = Referral(self._root, self, name)
+        self._referrals[name] = ref
+        return ref
+
+    def delete_referral(self, name: str) -> None:
+        self._check_live()
+        ref = self._referrals.get(name)
+        if ref is None:
+            raise ConfigError(f"{self.describe()} has no referral {name}; existing: "
+                              f"{_listing(self._referrals)}")
+        if ref.enable:
+            ref.enable = False  # the kernel's disconnect_notify disables it first
+        del self._referrals[name]
+        ref._deleted = True
+
+
+class Root:
+    """The whole tree: /sys/kernel/config/nvmet as objects."""
+
+    def __init__(self, hooks: TreeHooks | None = None) -> None:
+        self.hooks: TreeHooks = hooks if hooks is not None else TreeHooks()
+        self._hosts: dict[str, Host] = {}
+        self._subsystems: dict[str, Subsystem] = {}
+        self._ports: dict[int, Port] = {}
+
+    @property
+    def hosts(self) -> Mapping[str, Host]:
+        return MappingProxyType(self._hosts)
+
+    @property
+    def subsystems(self) -> Mapping[str, Subsystem]:
+        return MappingProxyType(self._subsystems)
+
+    @property
+    def ports(self) -> Mapping[int, Port]:
+        return MappingProxyType(self._ports)
+
+    def is_empty(self) -> bool:
+        return not (self._hosts or self._subsystems or self._ports)
+
+    def create_host(self, nqn: str) -> Host:
+        check_nqn(nqn, "host NQN")
+        if nqn in self._hosts:
+            raise ConfigError(f"host {nqn} already exists")
+        host = Host(self, nqn)
+        self._hosts[nqn] = host
+        return host
+
+    def delete_host(self, nqn: str) -> None:
+        if nqn not in self._hosts:
+            raise ConfigError(f"no host {nqn}; existing: {_listing(self._hosts)}")
+        users = [s.nqn for s in self._subsystems.values() if nqn in s._allowed_hosts]
+        if users:
+            raise ConfigError(f"host {nqn} is still allowed by {', '.join(users)}; remove it "
+                              "from their allowed_hosts first")
+        self._hosts.pop(nqn)._deleted = True
+
+    def create_subsystem(self, nqn: str) -> Subsystem:
+        if nqn == NVME_DISC_SUBSYS_NAME:
+            raise ConfigError(f"{nqn} is the discovery subsystem, which always exists and "
+                              "cannot be created; pick another NQN")
+        check_nqn(nqn, "subsystem NQN")
+        if nqn in self._subsystems:
+            raise ConfigError(f"subsystem {nqn} already exists")
+        subsys = Subsystem(self, nqn)
+        self._subsystems[nqn] = subsys
+        return subsys
+
+    def delete_subsystem(self, nqn: str) -> None:
+        subsys = self._subsystems.get(nqn)
+        if subsys is None:
+            raise ConfigError(f"no subsystem {nqn}; existing: {_listing(self._subsystems)}")
+        ports = [str(p.portid) for p in self._ports.values() if nqn in p._subsystems]
+        if ports:
+            raise ConfigError(f"subsystem {nqn} is linked to port {', '.join(ports)}; unlink it "
+                              "from those ports first")
+        for nsid in list(subsys._namespaces):
+            subsys.delete_namespace(nsid)
+        for host in list(subsys._allowed_hosts):
+            subsys.remove_allowed_host(host)
+        del self._subsystems[nqn]
+        subsys._deleted = True
+
+    def create_port(self, portid: int) -> Port:
+        if isinstance(portid, bool) or not isinstance(portid, int) or \
+                not 0 <= portid <= 0xFFFF:
+            raise ConfigError(f"port id {portid!r} is invalid: use an integer 0..65535")
+        if portid in self._ports:
+            raise ConfigError(f"port {portid} already exists; pick another port id")
+        port = Port(self, portid)
+        self._ports[portid] = port
+        return port
+
+    def delete_port(self, portid: int) -> None:
+        port = self._ports.get(portid)
+        if port is None:
+            raise ConfigError(f"no port {portid}; existing: {_listing(self._ports)}")
+        for nqn in list(port._subsystems):
+            port.unlink_subsystem(nqn)
+        for name in list(port._referrals):
+            port.delete_referral(name)
+        del self._ports[portid]
+        port._deleted = True
+
+    def clear(self) -> None:
+        """Tear everything down in reverse dependency order, calling the hooks."""
+        for portid in list(self._ports):
+            self.delete_port(portid)
+        for nqn in list(self._subsystems):
+            self.delete_subsystem(nqn)
+        for nqn in list(self._hosts):
+            self.delete_host(nqn)
+
+    # -- JSON ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return jsonfile.dump_root(self)
+
+    def restore(self, doc: dict, *, source: str = "<dict>",
+                on_error: Callable[[str], None] | None = None) -> list[str]:
+        return jsonfile.restore_root(self, doc, source=source, on_error=on_error)
+
+    def save(self, path: str) -> None:
+        jsonfile.save_doc(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str, hooks: TreeHooks | None = None) -> Root:
+        root = cls(hooks)
+        doc = jsonfile.read_doc(path)
+        try:
+            root.restore(doc, source=str(path))
+        except ConfigError:
+            root.clear()  # nothing half-configured stays live
+            raise
+        return root
+
+
+def lookup(root: Root, path: str) -> Any:
+    """Resolve a configfs-style path such as /subsystems/<nqn>/namespaces/1.
+
+    Directories of objects (/hosts, /subsystems/<nqn>/namespaces, ...) resolve to a
+    read-only mapping of their children; everything else to the tree object.
+    """
+    node: Any = root
+    walked = ""
+    for part in (p for p in path.split("/") if p):
+        children = _children(node)
+        if children is None or part not in children:
+            there = ", ".join(children) if children else "(nothing)"
+            raise ConfigError(f"{path} does not exist: no {part!r} under {walked or '/'}; "
+                              f"there: {there}")
+        node = children[part]
+        walked += "/" + part
+    return node
+
+
+def _children(node: Any) -> dict[str, Any] | None:
+    if isinstance(node, Root):
+        return {"hosts": node.hosts, "subsystems": node.subsystems, "ports": node.ports}
+    if isinstance(node, Subsystem):
+        hosts = node._root._hosts
+        return {"namespaces": node.namespaces,
+                "allowed_hosts": MappingProxyType({h: hosts[h] for h in node._allowed_hosts})}
+    if isinstance(node, Port):
+        subsystems = node._root._subsystems
+        return {"subsystems": MappingProxyType({n: subsystems[n] for n in node._subsystems}),
+                "referrals": node.referrals}
+    if isinstance(node, Mapping):
+        return {str(k): v for k, v in node.items()}
+    return None
+
+
+def _listing(d: Mapping[Any, Any]) -> str:
+    return ", ".join(str(k) for k in d) or "(none)"
