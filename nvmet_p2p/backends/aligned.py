@@ -57,7 +57,10 @@ class AlignedPool:
             if not self._closed and len(self._free) < self._keep:
                 self._free.append(m)
                 return
-        m.close()
+        try:
+            m.close()
+        except BufferError:
+            pass  # a view of it is still alive somewhere; unmapped when that goes
 
     def close(self) -> None:
         """Unmap every idle buffer; idempotent.  Buffers out on loan are unmapped on put()."""
@@ -65,4 +68,7 @@ class AlignedPool:
             self._closed = True
             free, self._free = self._free, []
         for m in free:
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view of it is still alive somewhere; unmapped when that goes

@@ -238,7 +238,8 @@ class FileBackend(Backend):
             status = 0
         except OSError as e:
             status = errno_to_status(e.errno)
-            log.warning("%s: %s failed: %s", self.path, getattr(op, "__name__", op), e)
+            # str(e), not e: a kept log record must not pin the traceback's buffers
+            log.warning("%s: %s failed: %s", self.path, getattr(op, "__name__", op), str(e))
         except Exception:  # a bug must become a status, not kill a worker silently
             status = Status.INTERNAL | DNR
             log.exception("%s: %s raised", self.path, getattr(op, "__name__", op))

@@ -29,7 +29,9 @@ class MemoryBackend(Backend):
         self.path = label
         self.block_size = block_size
         self.nblocks = size // block_size
-        self._map = mmap.mmap(-1, size)  # page aligned; pages are allocated on first touch
+        # private anonymous: page aligned, pages allocated on first touch, and
+        # MADV_DONTNEED really gives them back (a shared mapping would keep the data)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self._mv: memoryview | None = memoryview(self._map)
 
     def submit_read(self, slba: int, nlb: int, buf: memoryview, cb: Completion) -> None:
