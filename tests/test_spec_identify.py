@@ -384,3 +384,16 @@ def test_dataclass_fields_match_layouts() -> None:
     import dataclasses
     assert [f.name for f in dataclasses.fields(IdCtrl)] == [*ID_CTRL_LAYOUT.names, "psd"]
     assert [f.name for f in dataclasses.fields(IdNs)] == [*ID_NS_LAYOUT.names, "lbaf"]
+
+
+def test_lists_reassigned_after_construction() -> None:
+    ctrl = IdCtrl()
+    ctrl.psd = [PowerState(max_power=1)]  # what a caller filling fields one by one does
+    assert IdCtrl.decode(ctrl.encode()).psd[0].max_power == 1
+    ctrl.psd = [PowerState()] * 33
+    with pytest.raises(ValueError):
+        ctrl.encode()
+    ns = IdNs()
+    ns.lbaf = [Lbaf()] * 65
+    with pytest.raises(ValueError):
+        ns.encode()

@@ -505,3 +505,16 @@ def test_disc_log_roundtrip(genctr: int, entries: list[DiscEntry]) -> None:
     raw = disc_log(genctr, entries)
     assert len(raw) == 1024 * (1 + len(entries))
     assert decode_disc_log(raw) == DiscLog(genctr, len(entries), 0, entries)
+
+
+def test_lists_reassigned_after_construction() -> None:
+    s = SmartLog()
+    s.temp_sensor = [300]
+    assert SmartLog.decode(s.encode()).temp_sensor == [300] + [0] * 7
+    fw = FwSlotLog()
+    fw.frs = ["a"] * 8
+    with pytest.raises(ValueError):
+        fw.encode()
+    eff = CmdEffectsLog()
+    eff.acs = [1]
+    assert CmdEffectsLog.decode(eff.encode()).acs[:2] == [1, 0]

@@ -296,7 +296,8 @@ class IdCtrl:
 
     def encode(self) -> bytes:
         buf = bytearray(ID_CTRL_LAYOUT.pack(self))
-        for i, ps in enumerate(self.psd):
+        # re-checked here: `psd` may have been reassigned after construction
+        for i, ps in enumerate(pad_list(self.psd, PSD_COUNT, PowerState, "psd")):
             _POWER_STATE.pack_into(buf, _PSD_OFFSET + 32 * i, ps)
         return bytes(buf)
 
@@ -415,7 +416,7 @@ class IdNs:
 
     def encode(self) -> bytes:
         buf = bytearray(ID_NS_LAYOUT.pack(self))
-        for i, lbaf in enumerate(self.lbaf):
+        for i, lbaf in enumerate(pad_list(self.lbaf, LBAF_COUNT, Lbaf, "lbaf")):
             _LBAF.pack_into(buf, _LBAF_OFFSET + 4 * i, lbaf)
         return bytes(buf)
 

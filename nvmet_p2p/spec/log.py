@@ -215,7 +215,8 @@ class SmartLog:
     def encode(self) -> bytes:
         buf = bytearray(_SMART.pack(self))
         try:
-            struct.pack_into(f"<{TEMP_SENSORS}H", buf, _TEMP_SENSOR_OFFSET, *self.temp_sensor)
+            struct.pack_into(f"<{TEMP_SENSORS}H", buf, _TEMP_SENSOR_OFFSET,
+                             *pad_list(self.temp_sensor, TEMP_SENSORS, int, "temp_sensor"))
         except struct.error as e:
             raise ValueError(f"temp_sensor {self.temp_sensor}: {e}") from e
         return bytes(buf)
@@ -247,7 +248,7 @@ class FwSlotLog:
     def encode(self) -> bytes:
         out = bytearray(FW_SLOT_LOG_SIZE)
         out[0] = self.afi
-        for i, rev in enumerate(self.frs):
+        for i, rev in enumerate(pad_list(self.frs, FW_SLOTS, str, "frs")):
             raw = rev.encode("ascii")
             if len(raw) > 8:
                 raise ValueError(f"firmware revision {rev!r} is longer than 8 bytes")
@@ -313,8 +314,8 @@ class CmdEffectsLog:
 
     def encode(self) -> bytes:
         try:
-            return struct.pack("<256I256I", *self.acs, *self.iocs).ljust(CMD_EFFECTS_LOG_SIZE,
-                                                                         b"\0")
+            words = pad_list(self.acs, 256, int, "acs") + pad_list(self.iocs, 256, int, "iocs")
+            return struct.pack("<512I", *words).ljust(CMD_EFFECTS_LOG_SIZE, b"\0")
         except struct.error as e:
             raise ValueError(f"command effects must be 32-bit: {e}") from e
 
