@@ -24,7 +24,7 @@ import random
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nvmet_p2p.errors import P2PError
@@ -498,16 +498,22 @@ class Topology:
             reasons.append("no clients: the kernel refuses a provider with an empty client list")
         for client in resolved:
             if client.bdf is None:
-                result = ClientResult(client, MAP_NOT_SUPPORTED, None, reasons=(client.reason or "",))
+                result = ClientResult(
+                    client, MAP_NOT_SUPPORTED, None, reasons=(client.reason or "",)
+                )
             else:
                 result = self._pair(provider, client)
             results.append(result)
             reasons.extend(r for r in result.reasons if r not in reasons)
-        worst = max((r.map_type for r in results), key=_MAP_RANK.__getitem__, default=MAP_NOT_SUPPORTED)
+        worst = max(
+            (r.map_type for r in results), key=_MAP_RANK.__getitem__, default=MAP_NOT_SUPPORTED
+        )
         total = None
         if worst != MAP_NOT_SUPPORTED:
             total = sum(r.distance or 0 for r in results)
-        return Decision(provider, worst, total, tuple(results), tuple(reasons), self._warnings(results))
+        return Decision(
+            provider, worst, total, tuple(results), tuple(reasons), self._warnings(results)
+        )
 
     def _warnings(self, results: Iterable[ClientResult]) -> tuple[str, ...]:
         seen: list[str] = []
@@ -532,7 +538,9 @@ class Topology:
         chain_a = self.upstream_chain(provider)
         chain_b = self.upstream_chain(client.bdf)
         b_index = {d.bdf: j for j, d in enumerate(chain_b)}
-        common = next(((i, b_index[d.bdf]) for i, d in enumerate(chain_a) if d.bdf in b_index), None)
+        common = next(
+            ((i, b_index[d.bdf]) for i, d in enumerate(chain_a) if d.bdf in b_index), None
+        )
         if common is None:
             # No shared upstream bridge: the kernel's distance is the length of both chains.
             hb_a, hb_b = chain_a[-1].root_bus, chain_b[-1].root_bus
@@ -567,16 +575,17 @@ class Topology:
                 f"{client.name} and provider {provider} share no upstream bridge; "
                 f"their traffic goes through the host bridge"
             )
-        if self.cpu.supports_p2pdma:
-            reasons.append(f"crossing the host bridge is allowed: the CPU ({self.cpu}) is AMD "
-                           "Zen or newer")
-            return ClientResult(client, MAP_THRU_HOST_BRIDGE, distance, path, redirect, tuple(reasons))
-        refusal = self._host_bridge_refusal(top_a, top_b)
+        refusal = None if self.cpu.supports_p2pdma else self._host_bridge_refusal(top_a, top_b)
         if refusal is None:
-            hbs = dict.fromkeys(self._host_bridge_name(d.root_bus) for d in (top_a, top_b))
-            reasons.append("crossing the host bridge is allowed: the P2PDMA whitelist has "
-                           + " and ".join(hbs))
-            return ClientResult(client, MAP_THRU_HOST_BRIDGE, distance, path, redirect, tuple(reasons))
+            if self.cpu.supports_p2pdma:
+                why = f"the CPU ({self.cpu}) is AMD Zen or newer"
+            else:
+                hbs = dict.fromkeys(self._host_bridge_name(d.root_bus) for d in (top_a, top_b))
+                why = "the P2PDMA whitelist has " + " and ".join(hbs)
+            reasons.append(f"crossing the host bridge is allowed: {why}")
+            return ClientResult(
+                client, MAP_THRU_HOST_BRIDGE, distance, path, redirect, tuple(reasons)
+            )
         reasons.append(
             f"{refusal}, and the CPU ({self.cpu}) is not AMD Zen or newer: {client.name} "
             f"{NOT_PCI_PHRASE} as the client and provider ({provider}) do not share an "

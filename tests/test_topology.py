@@ -197,7 +197,7 @@ def two_root_ports(tmp_path: Path, hb_device: int):
 
 
 def test_two_root_ports_on_a_whitelisted_intel_host_bridge(tmp_path: Path):
-    t, nvme, card = two_root_ports(tmp_path, 0x2020)
+    t, nvme, _card = two_root_ports(tmp_path, 0x2020)
     dec = Topology(t.root, cpu=INTEL_CPU).distance(nvme.bdf, ["mlx5_0"])
     # nothing in common: provider chain [nvme, rp1] = 2, client chain [nic, dsp, usp, rp2] = 4
     assert (dec.map_type, dec.distance) == (MAP_THRU_HOST_BRIDGE, 6)
@@ -343,7 +343,7 @@ def test_block_and_net_resolution(switch_tree):
 
 
 def test_unknown_names_raise(switch_tree):
-    t, d = switch_tree()
+    t, _d = switch_tree()
     topo = Topology(t.root)
     with pytest.raises(UnknownDeviceError, match="no PCI device 0000:09:00.0"):
         topo.resolve_client("09:00.0")
@@ -354,7 +354,7 @@ def test_unknown_names_raise(switch_tree):
 
 
 def test_several_clients_sum_and_any_unsupported_spoils_all(tmp_path: Path):
-    t, nvme, card = two_root_ports(tmp_path, 0x29C0)
+    t, _nvme, card = two_root_ports(tmp_path, 0x29C0)
     _, (dsp0, dsp1) = t.switch(t.root_port(t.root_bus(), 3), 2)
     near_a, near_b = t.endpoint(dsp0), nic(t, dsp1)
     topo = Topology(t.root, cpu=INTEL_CPU)
@@ -397,8 +397,8 @@ def test_unreadable_config_space_warns(tmp_path: Path):
     dec = Topology(t.root, cpu=INTEL_CPU).distance(a.bdf, [b.bdf])
     assert (dec.map_type, dec.distance) == (MAP_BUS_ADDR, 2)
     assert dec.warnings == (
-        f"{rp.bdf}: config space beyond the 64-byte header is not readable (run as root); "
-        "its ACS redirect bits were assumed clear",)
+        (f"{rp.bdf}: config space beyond the 64-byte header is not readable (run as root); "
+        "its ACS redirect bits were assumed clear"),)
 
 
 # --- providers ------------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def test_nearest_provider_none(switch_tree):
 
 
 def test_cli_text(switch_tree, capsys):
-    t, d = switch_tree(dsp_acs=ACS_LINUX_DEFAULT)
+    t, _d = switch_tree(dsp_acs=ACS_LINUX_DEFAULT)
     rc = p2p_cli.main(["p2p", "distance", "--sysfs-root", str(t.root), "--cpu", ZEN3_CPU,
                        "--provider", "03:00.0", "--client", "mlx5_0"])
     out = capsys.readouterr().out
