@@ -1,0 +1,315 @@
+"""Admin commands: Identify, Get Log Page, Get/Set Features, Keep Alive, AER, Abort.
+
+`parse` decides what a command is and how much data it returns; the `_execute_*`
+handlers build the reply into `req.buf` and complete the request.  Discovery
+controllers accept the subset the discovery service needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..spec import identify as idf
+from ..spec import log as lg
+from ..spec.command import AdminOpcode
+from ..spec.status import DNR, Status
+from . import discovery, fabrics
+from .ctrl import ASYNC_EVENTS, ERROR_LOG_SLOTS, AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR
+from .request import DataDir
+
+if TYPE_CHECKING:
+    from .request import Request
+
+NVMET_MAX_NAMESPACES = 1024  # NN: NSIDs a subsystem may hold (the kernel's limit)
+KAS_100MS = 10  # keep-alive granularity: 10 x 100 ms = 1 s
+NSID_ALL = 0xFFFFFFFF
+
+FID_VWC = 0x06
+FID_NUM_QUEUES = 0x07
+FID_ASYNC_EVENT = 0x0B
+FID_KATO = 0x0F
+FID_HOST_ID = 0x81
+# mandatory features the kernel target answers with 0 (nothing useful to report)
+_FIDS_ZERO = {0x01, 0x02, 0x04, 0x05, 0x08, 0x09, 0x0A}
+
+_DISC_OPCODES = {AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.SET_FEATURES,
+                 AdminOpcode.GET_FEATURES, AdminOpcode.ASYNC_EVENT, AdminOpcode.KEEP_ALIVE}
+
+
+def parse(req: Request) -> int:
+    cmd = req.cmd
+    ctrl = req.sq.ctrl
+    if cmd.opcode == AdminOpcode.FABRICS:
+        return fabrics.parse_property(req)
+    if not ctrl.ready:
+        req.set_error_loc(0)
+        return Status.CMD_SEQ_ERROR | DNR
+    op = cmd.opcode
+    if ctrl.subsys.is_discovery and op not in _DISC_OPCODES:
+        req.set_error_loc(0)
+        return Status.INVALID_OPCODE | DNR
+    if op == AdminOpcode.IDENTIFY:
+        req.transfer_len, req.data_dir = idf.IDENTIFY_DATA_SIZE, DataDir.FROM_CTRL
+        req.handler = _identify
+    elif op == AdminOpcode.GET_LOG_PAGE:
+        length = lg.GetLogPageCmd.from_sqe(cmd).length
+        if length > lg.MAX_LOG_LEN:
+            req.set_error_loc(40)
+            return Status.INVALID_FIELD | DNR
+        req.transfer_len, req.data_dir = length, DataDir.FROM_CTRL
+        req.handler = _get_log_page
+    elif op == AdminOpcode.SET_FEATURES:
+        req.handler = _set_features
+    elif op == AdminOpcode.GET_FEATURES:
+        req.handler = _get_features
+    elif op == AdminOpcode.ASYNC_EVENT:
+        req.handler = _async_event
+    elif op == AdminOpcode.KEEP_ALIVE:
+        req.handler = _keep_alive
+    elif op == AdminOpcode.ABORT:
+        req.handler = _abort
+    else:
+        req.set_error_loc(0)
+        return Status.INVALID_OPCODE | DNR
+    return 0
+
+
+def _reply(req: Request, data: bytes) -> None:
+    n = min(len(data), req.transfer_len)
+    req.buf[:n] = data[:n]
+    if n < req.transfer_len:
+        req.buf[n:req.transfer_len] = bytes(req.transfer_len - n)
+    req.complete(0)
+
+
+# -- Identify -----------------------------------------------------------------
+
+def id_ctrl(req: Request) -> idf.IdCtrl:
+    ctrl = req.sq.ctrl
+    subsys = ctrl.subsys
+    target = req.sq.target
+    ops = req.sq.ops
+    inline = target.inline_data_size(req.sq.port)
+    sgls = idf.CTRL_SGLS_SUPPORTED
+    if getattr(ops, "keyed_sgls", False):
+        sgls |= idf.CTRL_SGLS_KEYED
+    if inline:
+        sgls |= idf.CTRL_SGLS_OFFSET
+    ident = idf.IdCtrl(
+        sn=subsys.serial, mn=subsys.model, fr=subsys.firmware[:8], rab=6,
+        cmic=idf.CTRL_CMIC_MULTI_PORT | idf.CTRL_CMIC_MULTI_CTRL,
+        mdts=target.mdts, cntlid=ctrl.cntlid, ver=subsys.version,
+        cntrltype=idf.CntrlType.DISC if subsys.is_discovery else idf.CntrlType.IO,
+        acl=3, aerl=ASYNC_EVENTS - 1, frmw=3,
+        lpa=idf.CTRL_LPA_CMD_EFFECTS_LOG | idf.CTRL_LPA_EXTENDED_DATA,
+        elpe=ERROR_LOG_SLOTS - 1, kas=KAS_100MS, maxcmd=target.mqes(req.sq.port) + 1,
+        sgls=sgls, subnqn=subsys.nqn, msdbd=getattr(ops, "msdbd", 1),
+        ctratt=1 << 0 | 1 << 6,  # 128-bit host identifier, traffic-based keep-alive
+    )
+    if subsys.is_discovery:
+        ident.oaes = idf.CTRL_OAES_DISC_CHANGE
+        return ident
+    ident.oaes = idf.CTRL_OAES_NS_ATTR
+    ident.sqes, ident.cqes = 0x66, 0x44  # 64-byte SQEs, 16-byte CQEs, fixed
+    ident.nn = ident.mnan = NVMET_MAX_NAMESPACES
+    ident.oncs = idf.CTRL_ONCS_DSM | idf.CTRL_ONCS_WRITE_ZEROES
+    ident.vwc = idf.CTRL_VWC_PRESENT
+    ident.ioccsz = (64 + inline) // 16
+    ident.iorcsz = 1
+    ident.psd = [idf.PowerState(max_power=0x9C4, entry_lat=0x10, exit_lat=0x4)]
+    return ident
+
+
+def _id_ns(req: Request) -> bytes:
+    nsid = req.cmd.nsid
+    ns = req.sq.ctrl.subsys.find_ns(nsid)
+    if ns is None:
+        return bytes(idf.IDENTIFY_DATA_SIZE)  # an inactive NSID identifies as zeroes
+    b = ns.backend
+    ident = idf.IdNs(
+        nsze=ns.nblocks, ncap=ns.nblocks, nuse=ns.nblocks, nlbaf=0, flbas=0,
+        nmic=idf.NS_NMIC_SHARED, dlfeat=(1 << 3) | 0x1,  # deallocated blocks read zeroes
+        nguid=ns.nguid, lbaf=[idf.Lbaf(ds=ns.blksize_shift)],
+        anagrpid=getattr(ns.cfg, "ana_grpid", 0) or 0,
+    )
+    if getattr(b, "read_only", False):
+        ident.nsattr = idf.NS_ATTR_RO
+    return ident.encode()
+
+
+def _identify(req: Request) -> None:
+    cmd = idf.IdentifyCmd.from_sqe(req.cmd)
+    ctrl = req.sq.ctrl
+    nsid = req.cmd.nsid
+    if ctrl.subsys.is_discovery and cmd.cns != idf.Cns.CTRL:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+        return
+    if cmd.cns == idf.Cns.CTRL:
+        _reply(req, id_ctrl(req).encode())
+    elif cmd.cns == idf.Cns.NS:
+        if nsid in (0, NSID_ALL):
+            req.set_error_loc(4)
+            req.complete(Status.INVALID_NS | DNR)
+            return
+        _reply(req, _id_ns(req))
+    elif cmd.cns == idf.Cns.NS_ACTIVE_LIST:
+        if nsid >= 0xFFFFFFFE:
+            req.set_error_loc(4)
+            req.complete(Status.INVALID_NS | DNR)
+            return
+        _reply(req, idf.active_ns_list(ctrl.subsys.active_nsids(), nsid))
+    elif cmd.cns == idf.Cns.NS_DESC_LIST:
+        ns = ctrl.subsys.find_ns(nsid)
+        if ns is None:
+            req.set_error_loc(4)
+            req.complete(Status.INVALID_NS | DNR)
+            return
+        _reply(req, idf.ns_desc_list(nguid=ns.nguid, uuid=ns.uuid, csi=idf.Csi.NVM))
+    else:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+
+
+# -- Get Log Page ------------------------------------------------------------
+
+def _smart_log(req: Request) -> bytes:
+    totals = {"read_bytes": 0, "write_bytes": 0, "read_cmds": 0, "write_cmds": 0}
+    for ns in req.sq.ctrl.subsys.ns.values():
+        for k in totals:
+            totals[k] += ns.stats[k]
+    return lg.SmartLog(
+        temperature=273 + 25, avail_spare=100, spare_thresh=10,
+        data_units_read=lg.data_units(totals["read_bytes"]),
+        data_units_written=lg.data_units(totals["write_bytes"]),
+        host_reads=totals["read_cmds"], host_writes=totals["write_cmds"],
+        num_err_log_entries=req.sq.ctrl.err_counter,
+    ).encode()
+
+
+def _cmd_effects() -> bytes:
+    csupp, lbcc = lg.CmdEffects.CSUPP, lg.CmdEffects.LBCC
+    acs = [0] * 256
+    for op in (AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.ABORT,
+               AdminOpcode.SET_FEATURES, AdminOpcode.GET_FEATURES, AdminOpcode.ASYNC_EVENT,
+               AdminOpcode.KEEP_ALIVE):
+        acs[op] = csupp
+    iocs = [0] * 256
+    iocs[0x00] = csupp  # flush
+    for op in (0x01, 0x08, 0x09):  # write, write zeroes, DSM change block contents
+        iocs[op] = csupp | lbcc
+    iocs[0x02] = csupp  # read
+    return lg.CmdEffectsLog(acs, iocs).encode()
+
+
+def _get_log_page(req: Request) -> None:
+    cmd = lg.GetLogPageCmd.from_sqe(req.cmd)
+    ctrl = req.sq.ctrl
+    if ctrl.subsys.is_discovery:
+        if cmd.lid != lg.LogId.DISC:
+            req.set_error_loc(40)
+            req.complete(Status.INVALID_FIELD | DNR)
+            return
+        page = discovery.disc_log_page(req.sq.target, req.sq.port, ctrl.hostnqn)
+    elif cmd.lid == lg.LogId.ERROR:
+        page = lg.error_log([lg.ErrorLogEntry(**e) for e in ctrl.errors], ERROR_LOG_SLOTS)
+    elif cmd.lid == lg.LogId.SMART:
+        page = _smart_log(req)
+    elif cmd.lid == lg.LogId.FW_SLOT:
+        page = lg.FwSlotLog(afi=1, frs=[ctrl.subsys.firmware[:8]]).encode()
+    elif cmd.lid == lg.LogId.CHANGED_NS:
+        page = lg.changed_ns_list(ctrl.changed_ns)
+    elif cmd.lid == lg.LogId.CMD_EFFECTS:
+        page = _cmd_effects()
+    else:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+        return
+    data = lg.slice_log(page, cmd.lpo, cmd.length)
+    if data is None:
+        req.set_error_loc(48)
+        req.complete(Status.INVALID_FIELD | DNR)
+        return
+    ctrl.log_read(cmd.lid, cmd.rae)
+    _reply(req, data)
+
+
+# -- Features ---------------------------------------------------------------
+
+def _num_queues_result(req: Request) -> int:
+    n = req.sq.ctrl.subsys.qid_max - 1
+    return n | n << 16
+
+
+def _set_features(req: Request) -> None:
+    ctrl = req.sq.ctrl
+    fid, save = req.cmd.cdw10 & 0xFF, req.cmd.cdw10 >> 31
+    val = req.cmd.cdw11
+    if save:
+        req.set_error_loc(40)
+        req.complete(Status.FEATURE_NOT_SAVEABLE | DNR)
+        return
+    disc = ctrl.subsys.is_discovery
+    if fid == FID_NUM_QUEUES and not disc:
+        if val & 0xFFFF == 0xFFFF or val >> 16 == 0xFFFF:
+            req.set_error_loc(44)
+            req.complete(Status.INVALID_FIELD | DNR)
+            return
+        req.complete(0, _num_queues_result(req))
+    elif fid == FID_ASYNC_EVENT:
+        allowed = AEN_CFG_DISC_CHANGE if disc else AEN_CFG_NS_ATTR
+        if val & ~allowed:
+            req.set_error_loc(44)
+            req.complete(Status.INVALID_FIELD | DNR)
+            return
+        ctrl.aen_enabled = val
+        req.complete(0, val)
+    elif fid == FID_KATO:
+        ctrl.kato = (val + 999) // 1000
+        ctrl.touch()
+        req.complete(0)
+    elif fid == FID_HOST_ID and not disc:
+        req.complete(Status.CMD_SEQ_ERROR | DNR)  # the host ID is fixed at Connect
+    else:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+
+
+def _get_features(req: Request) -> None:
+    ctrl = req.sq.ctrl
+    fid = req.cmd.cdw10 & 0xFF
+    disc = ctrl.subsys.is_discovery
+    if fid == FID_KATO:
+        req.complete(0, ctrl.kato * 1000)
+    elif fid == FID_ASYNC_EVENT:
+        req.complete(0, ctrl.aen_enabled)
+    elif disc:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+    elif fid == FID_NUM_QUEUES:
+        req.complete(0, _num_queues_result(req))
+    elif fid == FID_VWC:
+        vwc = any(ns.backend.vwc for ns in ctrl.subsys.ns.values())
+        req.complete(0, int(vwc))
+    elif fid in _FIDS_ZERO:
+        req.complete(0, 0)
+    else:
+        req.set_error_loc(40)
+        req.complete(Status.INVALID_FIELD | DNR)
+
+
+# -- the rest ---------------------------------------------------------------
+
+def _async_event(req: Request) -> None:
+    status = req.sq.ctrl.queue_aer(req)
+    if status:
+        req.complete(status | DNR)
+
+
+def _keep_alive(req: Request) -> None:
+    req.sq.ctrl.touch()
+    req.complete(0)
+
+
+def _abort(req: Request) -> None:
+    req.complete(0, 1)  # bit 0 set: the command was not aborted (it runs to completion)
