@@ -7,7 +7,7 @@ calling the encoder), then checked as encode(fields) == bytes and decode(bytes) 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nvmet_p2p.spec.command import (
@@ -54,13 +54,13 @@ u64 = st.integers(0, 2**64 - 1)
 SGL_TABLE = [
     # in-capsule data: offset 0x10, 512 bytes, type 0x01 (data block, offset subtype)
     (Sgl(SglType.DATA_BLOCK_OFFSET, 0x10, 0x200, 0),
-     "1000000000000000" "00020000" "000000" "01"),
+     ("1000000000000000" "00020000" "000000" "01")),
     # keyed data block: addr, 24-bit length, 32-bit key, type 0x40
     (Sgl(SglType.KEYED_DATA_BLOCK, 0x1122334455667788, 0x100000, 0xAABBCCDD),
-     "8877665544332211" "000010" "ddccbbaa" "40"),
+     ("8877665544332211" "000010" "ddccbbaa" "40")),
     # keyed, invalidate key: type 0x4F
     (Sgl(SglType.KEYED_DATA_BLOCK_INV, 0xFFFF000012345678, 0xFFFFFF, 0x01020304),
-     "78563412 0000ffff" "ffffff" "04030201" "4f"),
+     ("78563412 0000ffff" "ffffff" "04030201" "4f")),
 ]
 
 
@@ -153,10 +153,10 @@ CQE_TABLE = [
     # Connect Invalid Parameters | DNR, phase 1: status field (0x4182 << 1) | 1 = 0x8305
     (Cqe(result=0x0001_0100, sq_head=5, sq_id=1, cid=0x1234,
          status=Status.CONNECT_INVALID_PARAM | DNR, phase=1),
-     "00010100 00000000" "0500" "0100" "3412" "0583"),
+     ("00010100 00000000" "0500" "0100" "3412" "0583")),
     # success, sq_head 0xFFFF (SQ flow control disabled), 64-bit result
     (Cqe(result=0x1122334455667788, sq_head=0xFFFF, sq_id=0, cid=0, status=0, phase=0),
-     "8877665544332211" "ffff" "0000" "0000" "0000"),
+     ("8877665544332211" "ffff" "0000" "0000" "0000")),
     # LBA out of range (0x080) | More: (0x2080 << 1) = 0x4100, phase 0
     (Cqe(status=Status.LBA_RANGE | MORE, cid=7), "0000000000000000 0000 0000 0700 0041"),
 ]

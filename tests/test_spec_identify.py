@@ -13,8 +13,8 @@ from nvmet_p2p.spec.command import Sqe
 from nvmet_p2p.spec.identify import (
     ID_CTRL_LAYOUT,
     ID_NS_LAYOUT,
-    _POWER_STATE,
     LBAF_COUNT,
+    POWER_STATE_LAYOUT,
     PSD_COUNT,
     Cns,
     IdCtrl,
@@ -333,7 +333,7 @@ def test_ns_desc_list_bad() -> None:
        uuid=st.none() | st.binary(min_size=16, max_size=16), csi=st.none() | st.integers(0, 255))
 def test_ns_desc_list_roundtrip(eui64: bytes | None, nguid: bytes | None, uuid: bytes | None,
                                 csi: int | None) -> None:
-    kw = {k: v for k, v in dict(eui64=eui64, nguid=nguid, uuid=uuid, csi=csi).items()
+    kw = {k: v for k, v in {"eui64": eui64, "nguid": nguid, "uuid": uuid, "csi": csi}.items()
           if v is not None}
     raw = ns_desc_list(**kw)
     assert len(raw) == 4096
@@ -358,7 +358,7 @@ def layout_strategy(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
 
 
 power_states = st.builds(PowerState, **{f.name: st.integers(0, 2 ** (8 * f.size) - 1)
-                                        for f in _POWER_STATE.fields})
+                                        for f in POWER_STATE_LAYOUT.fields})
 lbafs = st.builds(Lbaf, ms=st.integers(0, 0xFFFF), ds=st.integers(0, 255), rp=st.integers(0, 3))
 
 

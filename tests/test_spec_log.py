@@ -10,9 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvmet_p2p.spec.command import DISCOVERY_NQN, Sqe
+from nvmet_p2p.spec.layout import Kind, Layout
 from nvmet_p2p.spec.log import (
     CHANGED_NS_OVERFLOW,
+    DISC_ENTRY_LAYOUT,
+    ERROR_ENTRY_LAYOUT,
     MAX_LOG_LEN,
+    SMART_LAYOUT,
     Adrfam,
     AnaGroupDesc,
     AnaState,
@@ -31,9 +35,6 @@ from nvmet_p2p.spec.log import (
     Subtype,
     Treq,
     Trtype,
-    _DISC_ENTRY,
-    _ERROR_ENTRY,
-    _SMART,
     ana_log,
     changed_ns_list,
     data_units,
@@ -48,7 +49,6 @@ from nvmet_p2p.spec.log import (
     rdma_tsas,
     slice_log,
 )
-from nvmet_p2p.spec.layout import Kind, Layout
 
 
 def golden(size: int, parts: dict[int, str]) -> bytes:
@@ -200,7 +200,7 @@ def test_error_log_page() -> None:
         decode_error_log(raw[:100])
 
 
-@given(layout_strategy(_ERROR_ENTRY))
+@given(layout_strategy(ERROR_ENTRY_LAYOUT))
 def test_error_entry_roundtrip(values: dict[str, Any]) -> None:
     e = ErrorLogEntry(**values)
     assert ErrorLogEntry.decode(e.encode()) == e
@@ -254,7 +254,7 @@ def test_data_units() -> None:
 
 
 @settings(max_examples=50)
-@given(layout_strategy(_SMART), st.lists(st.integers(0, 0xFFFF), max_size=8))
+@given(layout_strategy(SMART_LAYOUT), st.lists(st.integers(0, 0xFFFF), max_size=8))
 def test_smart_roundtrip(values: dict[str, Any], temps: list[int]) -> None:
     s = SmartLog(**values, temp_sensor=temps)
     raw = s.encode()
@@ -499,7 +499,7 @@ def test_disc_log_slices_like_a_host_reads() -> None:
 
 @settings(max_examples=40)
 @given(genctr=st.integers(0, 2**64 - 1),
-       entries=st.lists(layout_strategy(_DISC_ENTRY).map(lambda v: DiscEntry(**v)),
+       entries=st.lists(layout_strategy(DISC_ENTRY_LAYOUT).map(lambda v: DiscEntry(**v)),
                         max_size=3))
 def test_disc_log_roundtrip(genctr: int, entries: list[DiscEntry]) -> None:
     raw = disc_log(genctr, entries)

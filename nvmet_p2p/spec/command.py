@@ -129,7 +129,9 @@ class Sqe:
         if len(b) < SQE_SIZE:
             raise ValueError(f"SQE needs {SQE_SIZE} bytes, got {len(b)}")
         raw = bytes(b[:SQE_SIZE])
-        return cls(*_SQE.unpack(raw), raw=raw)
+        sqe = cls(*_SQE.unpack(raw))
+        sqe.raw = raw
+        return sqe
 
     def encode(self) -> bytes:
         return _SQE.pack(self.opcode, self.flags, self.cid, self.nsid, self.cdw2, self.cdw3,
@@ -205,7 +207,7 @@ def fabrics_sqe(fctype: int, cid: int = 0, sgl: Sgl | None = None, **fields: int
         struct.pack_into("<B3xI", raw, 40, fields.get("attrib", 0), fields.get("offset", 0))
         if fctype == FabricsType.PROPERTY_SET:
             struct.pack_into("<Q", raw, 48, fields.get("value", 0))
-    return Sqe.decode(raw)
+    return Sqe.decode(bytes(raw))
 
 
 @dataclass

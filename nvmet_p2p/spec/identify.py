@@ -93,7 +93,7 @@ class CntrlType(IntEnum):
     ADMIN = 3
 
 
-_POWER_STATE = Layout(32, fields(
+POWER_STATE_LAYOUT = Layout(32, fields(
     ("max_power", 0, 2),  # centiwatts (or 0.0001 W with flags bit 0)
     ("flags", 3, 1),
     ("entry_lat", 4, 4),  # microseconds
@@ -298,13 +298,13 @@ class IdCtrl:
         buf = bytearray(ID_CTRL_LAYOUT.pack(self))
         # re-checked here: `psd` may have been reassigned after construction
         for i, ps in enumerate(pad_list(self.psd, PSD_COUNT, PowerState, "psd")):
-            _POWER_STATE.pack_into(buf, _PSD_OFFSET + 32 * i, ps)
+            POWER_STATE_LAYOUT.pack_into(buf, _PSD_OFFSET + 32 * i, ps)
         return bytes(buf)
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> IdCtrl:
         values: dict[str, Any] = ID_CTRL_LAYOUT.unpack(b, what="Identify Controller")
-        values["psd"] = [PowerState(**_POWER_STATE.unpack(b, _PSD_OFFSET + 32 * i))
+        values["psd"] = [PowerState(**POWER_STATE_LAYOUT.unpack(b, _PSD_OFFSET + 32 * i))
                          for i in range(PSD_COUNT)]
         return cls(**values)
 
@@ -319,7 +319,7 @@ NS_ATTR_RO = 1 << 0
 FLBAS_LBA_MASK = 0xF
 
 
-_LBAF = Layout(4, fields(("ms", 0, 2), ("ds", 2, 1), ("rp", 3, 1)))
+LBAF_LAYOUT = Layout(4, fields(("ms", 0, 2), ("ds", 2, 1), ("rp", 3, 1)))
 _LBAF_OFFSET = 128
 
 
@@ -417,13 +417,13 @@ class IdNs:
     def encode(self) -> bytes:
         buf = bytearray(ID_NS_LAYOUT.pack(self))
         for i, lbaf in enumerate(pad_list(self.lbaf, LBAF_COUNT, Lbaf, "lbaf")):
-            _LBAF.pack_into(buf, _LBAF_OFFSET + 4 * i, lbaf)
+            LBAF_LAYOUT.pack_into(buf, _LBAF_OFFSET + 4 * i, lbaf)
         return bytes(buf)
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> IdNs:
         values: dict[str, Any] = ID_NS_LAYOUT.unpack(b, what="Identify Namespace")
-        values["lbaf"] = [Lbaf(**_LBAF.unpack(b, _LBAF_OFFSET + 4 * i)) for i in range(LBAF_COUNT)]
+        values["lbaf"] = [Lbaf(**LBAF_LAYOUT.unpack(b, _LBAF_OFFSET + 4 * i)) for i in range(LBAF_COUNT)]
         return cls(**values)
 
 

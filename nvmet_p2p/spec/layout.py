@@ -112,7 +112,7 @@ def _decode_field(f: Field, b: bytes | memoryview) -> Any:
     return text.decode("utf-8", errors="replace")
 
 
-def fields(*spec: tuple) -> tuple[Field, ...]:
+def fields(*spec: tuple[Any, ...]) -> tuple[Field, ...]:
     """Build a field tuple from `(name, offset, size[, kind])` rows."""
     return tuple(Field(*row) for row in spec)
 

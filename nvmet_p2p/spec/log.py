@@ -83,7 +83,7 @@ def slice_log(page: bytes, lpo: int, length: int, limit: int = MAX_LOG_LEN) -> b
 
 ERROR_LOG_ENTRY_SIZE = 64
 
-_ERROR_ENTRY = Layout(ERROR_LOG_ENTRY_SIZE, fields(
+ERROR_ENTRY_LAYOUT = Layout(ERROR_LOG_ENTRY_SIZE, fields(
     ("error_count", 0, 8),
     ("sqid", 8, 2),
     ("cmdid", 10, 2),
@@ -115,11 +115,11 @@ class ErrorLogEntry:
     trtype_spec_info: int = 0
 
     def encode(self) -> bytes:
-        return _ERROR_ENTRY.pack(self)
+        return ERROR_ENTRY_LAYOUT.pack(self)
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> ErrorLogEntry:
-        return cls(**_ERROR_ENTRY.unpack(b, what="error log entry"))
+        return cls(**ERROR_ENTRY_LAYOUT.unpack(b, what="error log entry"))
 
 
 def error_log(entries: list[ErrorLogEntry], slots: int) -> bytes:
@@ -149,7 +149,7 @@ SMART_CRIT_RELIABILITY = 1 << 2
 SMART_CRIT_MEDIA = 1 << 3  # read-only
 SMART_CRIT_VOLATILE_MEMORY = 1 << 4
 
-_SMART = Layout(SMART_LOG_SIZE, fields(
+SMART_LAYOUT = Layout(SMART_LOG_SIZE, fields(
     ("critical_warning", 0, 1),
     ("temperature", 1, 2),  # Kelvin
     ("avail_spare", 3, 1),  # percent
@@ -213,7 +213,7 @@ class SmartLog:
         self.temp_sensor = pad_list(self.temp_sensor, TEMP_SENSORS, int, "temp_sensor")
 
     def encode(self) -> bytes:
-        buf = bytearray(_SMART.pack(self))
+        buf = bytearray(SMART_LAYOUT.pack(self))
         try:
             struct.pack_into(f"<{TEMP_SENSORS}H", buf, _TEMP_SENSOR_OFFSET,
                              *pad_list(self.temp_sensor, TEMP_SENSORS, int, "temp_sensor"))
@@ -223,7 +223,7 @@ class SmartLog:
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> SmartLog:
-        values: dict[str, Any] = _SMART.unpack(b, what="SMART log")
+        values: dict[str, Any] = SMART_LAYOUT.unpack(b, what="SMART log")
         values["temp_sensor"] = list(struct.unpack_from(f"<{TEMP_SENSORS}H", b,
                                                         _TEMP_SENSOR_OFFSET))
         return cls(**values)
@@ -463,16 +463,17 @@ def decode_rdma_tsas(tsas: bytes) -> tuple[int, int, int, int]:
     """(qptype, prtype, cms, pkey) of an RDMA TSAS."""
     if len(tsas) < _RDMA_TSAS.size:
         raise ValueError(f"RDMA TSAS needs {_RDMA_TSAS.size} bytes, got {len(tsas)}")
-    return _RDMA_TSAS.unpack_from(tsas)  # type: ignore[return-value]
+    qptype, prtype, cms, pkey = _RDMA_TSAS.unpack_from(tsas)
+    return qptype, prtype, cms, pkey
 
 
-_DISC_HDR = Layout(DISC_HDR_SIZE, fields(
+DISC_HDR_LAYOUT = Layout(DISC_HDR_SIZE, fields(
     ("genctr", 0, 8),
     ("numrec", 8, 8),
     ("recfmt", 16, 2),
 ))
 
-_DISC_ENTRY = Layout(DISC_ENTRY_SIZE, fields(
+DISC_ENTRY_LAYOUT = Layout(DISC_ENTRY_SIZE, fields(
     ("trtype", 0, 1),
     ("adrfam", 1, 1),
     ("subtype", 2, 1),
@@ -510,11 +511,11 @@ class DiscEntry:
     tsas: bytes = bytes(TSAS_SIZE)
 
     def encode(self) -> bytes:
-        return _DISC_ENTRY.pack(self)
+        return DISC_ENTRY_LAYOUT.pack(self)
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> DiscEntry:
-        return cls(**_DISC_ENTRY.unpack(b, what="discovery log entry"))
+        return cls(**DISC_ENTRY_LAYOUT.unpack(b, what="discovery log entry"))
 
 
 @dataclass
@@ -527,13 +528,13 @@ class DiscLog:
 
 def disc_log(genctr: int, entries: list[DiscEntry]) -> bytes:
     """The whole discovery log page: header (recfmt 0) then one 1024-byte record each."""
-    hdr = _DISC_HDR.pack({"genctr": genctr, "numrec": len(entries), "recfmt": 0})
+    hdr = DISC_HDR_LAYOUT.pack({"genctr": genctr, "numrec": len(entries), "recfmt": 0})
     return hdr + b"".join(e.encode() for e in entries)
 
 
 def decode_disc_log_header(b: bytes | memoryview) -> tuple[int, int, int]:
     """(genctr, numrec, recfmt): what a host reads first to size the full read."""
-    h = _DISC_HDR.unpack(b, what="discovery log header")
+    h = DISC_HDR_LAYOUT.unpack(b, what="discovery log header")
     return h["genctr"], h["numrec"], h["recfmt"]
 
 
