@@ -22,8 +22,7 @@ import threading
 
 import pytest
 
-from nvmet_p2p.backends import (BdevBackend, FileBackend, MemoryBackend, open_backend)
-from nvmet_p2p.backends import aligned
+from nvmet_p2p.backends import BdevBackend, FileBackend, MemoryBackend, aligned, open_backend
 from nvmet_p2p.backends.bdev import pci_function_of, volatile_write_cache
 from nvmet_p2p.errors import BackendError
 from nvmet_p2p.spec.status import DNR, Status, status_name
@@ -121,7 +120,7 @@ def _losetup(args: list[str]) -> str:
     if shutil.which("losetup") is None:
         pytest.skip("losetup is not installed")
     try:
-        out = subprocess.run(["losetup", *args], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["losetup", *args], check=False, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"losetup cannot run here: {e}")
     if out.returncode != 0:
@@ -149,7 +148,7 @@ class LoopDevices:
 
     def detach_all(self) -> None:
         for dev in self.devices:
-            subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=20)
+            subprocess.run(["losetup", "-d", dev], check=False, capture_output=True, timeout=20)
 
 
 @pytest.fixture
@@ -231,7 +230,7 @@ def test_data_integrity(make, loop, block_size):
     ok(write(loop, b, 0, data1, buf=mv))
     # unaligned writable buffer: a bounce copy under O_DIRECT
     data2 = os.urandom(3 * bs)
-    raw, umv = unaligned(len(data2))
+    _raw, umv = unaligned(len(data2))
     umv[:] = data2
     ok(write(loop, b, 17, data2, buf=umv))
     # read-only buffer (bytes): address unknown, so treated as unaligned
@@ -525,16 +524,16 @@ def fs_on_4k_disk(loop_devices):
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("mkfs.ext4 is not installed")
     dev = loop_devices.attach(32 * 1024 * 1024, sector_size=4096)
-    r = subprocess.run(["mkfs.ext4", "-q", "-F", dev], capture_output=True, timeout=60)
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=False, capture_output=True, timeout=60)
     if r.returncode:
         pytest.skip(f"mkfs.ext4 failed: {r.stderr.decode().strip()}")
     mnt = tempfile.mkdtemp(prefix="nvmet-p2p-mnt-", dir="/var/tmp")
-    r = subprocess.run(["mount", dev, mnt], capture_output=True, timeout=30)
+    r = subprocess.run(["mount", dev, mnt], check=False, capture_output=True, timeout=30)
     if r.returncode:
         os.rmdir(mnt)
         pytest.skip(f"cannot mount a filesystem here: {r.stderr.decode().strip()}")
     yield dev, mnt
-    subprocess.run(["umount", mnt], capture_output=True, timeout=30)
+    subprocess.run(["umount", mnt], check=False, capture_output=True, timeout=30)
     os.rmdir(mnt)
 
 
@@ -738,7 +737,7 @@ def _open_as_nobody(d: str, dir_mode: int, message: str) -> None:
             f"    open_backend({path!r}, loop=asyncio.new_event_loop())\n"
             "except BackendError as e:\n"
             "    print(e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        timeout=60, preexec_fn=lambda: os.setuid(65534))
     if r.returncode and "BackendError" not in r.stderr:
         pytest.skip(f"cannot run the package as nobody here: {r.stderr.strip()[-200:]}")

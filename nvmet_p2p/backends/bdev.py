@@ -17,8 +17,14 @@ import re
 import struct
 
 from ..errors import BackendError
-from .file import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, CompletionLoop, FileBackend,
-                   fallocate, open_fd)
+from .file import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    CompletionLoop,
+    FileBackend,
+    fallocate,
+    open_fd,
+)
 
 log = logging.getLogger("nvmet_p2p.backend")
 

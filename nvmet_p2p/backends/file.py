@@ -33,6 +33,7 @@ log = logging.getLogger("nvmet_p2p.backend")
 
 WORKERS = 4  # overlaps a few blocking syscalls per namespace without swamping 2 cores
 ZERO_CHUNK = 1024 * 1024  # largest single write when zeroes must be written out
+BUFFERED_REQUESTED = "buffered_io requested"  # the fallback reason that is not a problem
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -112,7 +113,7 @@ def open_fd(path: str, flags: int, buffered_io: bool) -> tuple[int, bool, str | 
     """
     flags |= os.O_RDWR | os.O_CLOEXEC
     if buffered_io:
-        reason = "buffered_io requested"
+        reason = BUFFERED_REQUESTED
     else:
         try:
             return os.open(path, flags | os.O_DIRECT), True, None
@@ -326,7 +327,8 @@ class FileBackend(Backend):
         return True
 
     def _log_fallback(self, reason: str) -> None:
-        log.warning("%s: using buffered I/O instead of O_DIRECT: %s", self.path, reason)
+        level = logging.INFO if reason == BUFFERED_REQUESTED else logging.WARNING
+        log.log(level, "%s: using buffered I/O instead of O_DIRECT: %s", self.path, reason)
 
     def _zero_range(self, offset: int, length: int) -> None:
         """Write Zeroes: keep the blocks allocated if possible, as the kernel does."""
@@ -384,7 +386,7 @@ def open_file(path: str, *, block_size: int, size: int | None, create: bool,
         flags = os.O_CREAT | os.O_EXCL
     fd, o_direct, reason = open_fd(path, flags, buffered_io)
     try:
-        if create:
+        if create and size is not None:  # size was required above
             os.ftruncate(fd, size)  # sparse: blocks are allocated on first write
             log.info("%s: created sparse file of %d bytes", path, size)
         file_size = os.fstat(fd).st_size
