@@ -121,6 +121,8 @@ def open_fd(path: str, flags: int, buffered_io: bool) -> tuple[int, bool, str | 
             if e.errno != errno.EINVAL:
                 raise open_error(path, e) from e
             reason = "the filesystem refused O_DIRECT on open (EINVAL)"
+            # Linux creates the file before it checks O_DIRECT: it is ours, now it exists
+            flags &= ~os.O_EXCL
     try:
         return os.open(path, flags), False, reason
     except OSError as e:
