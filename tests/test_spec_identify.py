@@ -3,6 +3,7 @@ truncated input, and Hypothesis round trips."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -397,3 +398,24 @@ def test_lists_reassigned_after_construction() -> None:
     ns.lbaf = [Lbaf()] * 65
     with pytest.raises(ValueError):
         ns.encode()
+
+
+DECODERS = [(IdCtrl.decode, 4096), (IdNs.decode, 4096), (decode_ns_desc_list, None),
+            (decode_ns_list, None)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("decode,size", DECODERS)
+def test_garbage_decodes_or_raises_value_error(decode: Any, size: int | None,
+                                               data: st.DataObject) -> None:
+    # bytes from a drawn seed: a 4096-byte draw is too large for Hypothesis to shrink well
+    raw = random.Random(data.draw(st.integers(0, 2**32 - 1))).randbytes(4096)
+    try:
+        decode(raw)
+    except ValueError:
+        assert size is None  # only the self-describing lists may refuse full-size garbage
+    if size is not None:
+        cut = data.draw(st.integers(0, size - 1))
+        with pytest.raises(ValueError):
+            decode(raw[:cut])

@@ -3,6 +3,7 @@ input, and Hypothesis round trips."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -518,3 +519,30 @@ def test_lists_reassigned_after_construction() -> None:
     eff = CmdEffectsLog()
     eff.acs = [1]
     assert CmdEffectsLog.decode(eff.encode()).acs[:2] == [1, 0]
+
+
+FIXED_DECODERS = [(ErrorLogEntry.decode, 64), (SmartLog.decode, 512), (FwSlotLog.decode, 512),
+                  (CmdEffectsLog.decode, 4096), (DiscEntry.decode, 1024),
+                  (decode_disc_log_header, 1024)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("decode,size", FIXED_DECODERS)
+def test_garbage_decodes_and_short_input_raises(decode: Any, size: int,
+                                                data: st.DataObject) -> None:
+    # bytes from a drawn seed: a size-byte draw is too large for Hypothesis to shrink well
+    raw = random.Random(data.draw(st.integers(0, 2**32 - 1))).randbytes(size)
+    decode(raw)  # any full-size input decodes
+    with pytest.raises(ValueError):
+        decode(raw[:data.draw(st.integers(0, size - 1))])
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=2048))
+def test_variable_logs_raise_only_value_error(raw: bytes) -> None:
+    for decode in (decode_ana_log, decode_disc_log, decode_error_log, decode_changed_ns_list):
+        try:
+            decode(raw)
+        except ValueError:
+            pass
