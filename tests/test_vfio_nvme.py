@@ -1,0 +1,251 @@
+"""The userspace NVMe driver against QEMU's NVMe (1b36:0010, 64 MiB CMB) through VFIO, in the VM.
+
+Also measures: CMB copy-in bandwidth through UC vs WC vs VFIO mappings, and 4 KiB read IOPS
+at QD1/QD32.  Figures are printed and written to $NVMET_P2P_FIGURES (default
+/tmp/vfio_nvme_figures.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from nvmet_p2p.cmb import (AccessRules, SysfsBarProvider, SystemMemoryProvider, copy_from,
+                           copy_into)
+from nvmet_p2p.errors import P2PError
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
+                       reason="needs the soft-RoCE VM (run: python -m nvmet_p2p.vm pytest)"),
+]
+
+SYS = Path("/sys/bus/pci/devices")
+QEMU_NVME = ("0x1b36", "0x0010")
+FIGURES: dict = {}
+DEADLINE_S = 30.0
+
+
+def find_qemu_nvme() -> str | None:
+    for d in sorted(SYS.glob("*")):
+        try:
+            if (d / "vendor").read_text().strip() == QEMU_NVME[0] and \
+                    (d / "device").read_text().strip() == QEMU_NVME[1]:
+                return d.name
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def bdf():
+    bdf = find_qemu_nvme()
+    if bdf is None:
+        pytest.skip("no QEMU NVMe (1b36:0010) in this VM (boot with --cmb)")
+    if not (SYS / bdf / "iommu_group").exists():
+        pytest.skip(f"{bdf} has no IOMMU group (boot with --iommu)")
+    return bdf
+
+
+@pytest.fixture(scope="module")
+def ctrl(bdf):
+    from nvmet_p2p.backends.vfio_nvme import VfioNvmeBackend
+    drv = SYS / bdf / "driver"
+    before = os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
+    backend = VfioNvmeBackend(bdf)
+    assert os.path.basename(os.readlink(drv)) == "vfio-pci"
+    yield backend
+    backend.close()
+    backend.close()
+    after = os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
+    assert after == before, f"driver after close {after!r}, before {before!r}"
+    out = Path(os.environ.get("NVMET_P2P_FIGURES", "/tmp/vfio_nvme_figures.json"))
+    out.write_text(json.dumps(FIGURES, indent=2) + "\n")
+    print("\nFIGURES", json.dumps(FIGURES, indent=2))
+
+
+def run(ctrl, submit) -> int:
+    """Submit one request through `submit(cb)` and poll for its status, with a deadline."""
+    got: list[int] = []
+    submit(got.append)
+    deadline = time.monotonic() + DEADLINE_S
+    while not got:
+        ctrl.poll()
+        assert time.monotonic() < deadline, "completion never arrived"
+    return got[0]
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_identify(ctrl):
+    assert ctrl.block_size in (512, 4096)
+    assert ctrl.nblocks >= (16 << 20) // ctrl.block_size
+    assert "QEMU" in ctrl.id_ctrl.mn
+    assert ctrl.cap.cmbs and ctrl.accepts_p2p and ctrl.p2p_client == ctrl.bdf
+    FIGURES["ctrl"] = {"mn": ctrl.id_ctrl.mn.strip(), "mdts_kib": ctrl.max_xfer >> 10,
+                       "block_size": ctrl.block_size, "nblocks": ctrl.nblocks}
+
+
+@pytest.mark.parametrize("slba,nlb", [(0, 1), (7, 8), (100, 33), (1000, 2048 + 3)])
+def test_write_read_system_memory(ctrl, slba, nlb):
+    n = nlb * ctrl.block_size
+    data = pattern(n, slba)
+    assert run(ctrl, lambda cb: ctrl.submit_write(slba, nlb, memoryview(data), False, cb)) == 0
+    back = bytearray(n)
+    assert run(ctrl, lambda cb: ctrl.submit_read(slba, nlb, memoryview(back), cb)) == 0
+    assert back == data
+
+
+def test_zero_copy_from_a_mapped_provider(ctrl):
+    with SystemMemoryProvider(1 << 20, slab_size=1 << 20, name="pool") as pool:
+        ctrl.map_provider(pool)
+        c = pool.alloc(16384)
+        assert c.bus_addr is not None
+        c.view[:] = pattern(16384, 99)
+        bounced = ctrl.stats["bounced"]
+        nlb = 16384 // ctrl.block_size
+        assert run(ctrl, lambda cb: ctrl.submit_write(5000, nlb, c.view, True, cb)) == 0
+        out = pool.alloc(16384)
+        assert run(ctrl, lambda cb: ctrl.submit_read(5000, nlb, out.view, cb)) == 0
+        assert ctrl.stats["bounced"] == bounced
+        assert bytes(out.view) == bytes(c.view)
+        ctrl.unmap_provider(pool)
+        assert pool.region_bus_addrs() == [None]
+
+
+def test_out_of_range_is_refused(ctrl):
+    st = run(ctrl, lambda cb: ctrl.submit_read(ctrl.nblocks - 1, 2, memoryview(bytearray(
+        2 * ctrl.block_size)), cb))
+    assert st & 0x7FF == 0x080  # LBA out of range
+
+
+def test_flush_write_zeroes_discard(ctrl):
+    bs = ctrl.block_size
+    data = pattern(8 * bs, 3)
+    assert run(ctrl, lambda cb: ctrl.submit_write(200, 8, memoryview(data), False, cb)) == 0
+    assert run(ctrl, ctrl.submit_flush) == 0
+    assert run(ctrl, lambda cb: ctrl.submit_write_zeroes(202, 2, cb)) == 0
+    back = bytearray(8 * bs)
+    assert run(ctrl, lambda cb: ctrl.submit_read(200, 8, memoryview(back), cb)) == 0
+    assert back == data[:2 * bs] + bytes(2 * bs) + data[4 * bs:]
+    assert run(ctrl, lambda cb: ctrl.submit_discard([(204, 4)], cb)) == 0
+
+
+def test_cmb_is_published(ctrl):
+    cmb = ctrl.cmb
+    assert cmb is not None, ctrl.cmb_reason
+    assert cmb.kind == "nvme-cmb" and cmb.published and cmb.size == 64 << 20
+    assert ctrl.cmb_info.wds and ctrl.cmb_info.rds and ctrl.cmb_info.bir == 2
+    FIGURES["cmb"] = {"cba": hex(ctrl.cba), "size": cmb.size, "mapping": cmb.mapping}
+
+
+def test_p2p_write_from_cmb_and_read_back(ctrl):
+    cmb, bs = ctrl.cmb, ctrl.block_size
+    if cmb is None:
+        pytest.skip(ctrl.cmb_reason)
+    n = 64 << 10
+    nlb = n // bs
+    data = pattern(n, 1234)
+    chunk = cmb.alloc(n)
+    try:
+        assert chunk.bus_addr == ctrl.cba + chunk.offset
+        copy_into(chunk, data, cmb.access)
+        p2p = ctrl.stats["p2p"]
+        assert run(ctrl, lambda cb: ctrl.submit_write_p2p(3000, nlb, chunk, False, cb)) == 0
+        assert ctrl.stats["p2p"] == p2p + 1
+        back = bytearray(n)
+        assert run(ctrl, lambda cb: ctrl.submit_read(3000, nlb, memoryview(back), cb)) == 0
+        assert back == data
+        # and the other way: media -> CMB, read by the CPU
+        other = pattern(n, 4321)
+        assert run(ctrl, lambda cb: ctrl.submit_write(3200, nlb, memoryview(other), False,
+                                                      cb)) == 0
+        copy_into(chunk, bytes(n), cmb.access)
+        assert run(ctrl, lambda cb: ctrl.submit_read_p2p(3200, nlb, chunk, cb)) == 0
+        assert copy_from(chunk, cmb.access) == other
+    finally:
+        chunk.free()
+
+
+def test_attach_polls_on_the_loop(ctrl):
+    async def main():
+        loop = asyncio.get_running_loop()
+        ctrl.attach(loop)
+        try:
+            fut = loop.create_future()
+            buf = bytearray(ctrl.block_size)
+            ctrl.submit_read(0, 1, memoryview(buf), fut.set_result)
+            return await asyncio.wait_for(fut, DEADLINE_S)
+        finally:
+            ctrl.detach()
+    assert asyncio.run(main()) == 0
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _copy_bw(access: AccessRules, view_of, n: int) -> float:
+    data = pattern(n, 5)
+    t = time.perf_counter()
+    copy_into(view_of, data, access)
+    return n / (time.perf_counter() - t) / 1e6
+
+
+def test_measure_cmb_copy_in_uc_wc_vfio(ctrl, bdf):
+    if ctrl.cmb is None:
+        pytest.skip(ctrl.cmb_reason)
+    n = 1 << 20
+    res = {}
+    c = ctrl.cmb.alloc(n)
+    res["vfio_uc_MBps"] = round(_copy_bw(ctrl.cmb.access, c, n), 2)
+    c.free()
+    for wc in (False, True):
+        try:
+            with SysfsBarProvider("/sys", bdf, 2, wc=wc, size=n) as p:
+                ch = p.alloc(n)
+                res[f"sysfs_{p.mapping}_MBps"] = round(_copy_bw(p.access, ch, n), 2)
+                if wc:
+                    res["wc_reason"] = p.wc_reason
+        except P2PError as e:
+            res[f"sysfs_wc={wc}_error"] = str(e)
+    FIGURES["cmb_copy_in"] = res
+    assert res.get("vfio_uc_MBps", 0) > 0
+
+
+@pytest.mark.parametrize("qd", [1, 32])
+def test_measure_4k_read_iops(ctrl, qd):
+    bs = ctrl.block_size
+    nlb = 4096 // bs
+    span = min(ctrl.nblocks, (64 << 20) // bs) // nlb
+    rng = random.Random(qd)
+    with SystemMemoryProvider(qd * 4096, slab_size=qd * 4096, name="bench") as pool:
+        ctrl.map_provider(pool)
+        bufs = [pool.alloc(4096).view for _ in range(qd)]
+        state = {"done": 0, "errors": 0}
+        duration = 3.0
+        stop = time.monotonic() + duration
+
+        def issue(i):
+            def cb(st, i=i):
+                state["done"] += 1
+                state["errors"] += bool(st)
+                if time.monotonic() < stop:
+                    issue(i)
+            ctrl.submit_read(rng.randrange(span) * nlb, nlb, bufs[i], cb)
+
+        t0 = time.monotonic()
+        for i in range(qd):
+            issue(i)
+        assert ctrl.wait_idle(duration + DEADLINE_S)
+        elapsed = time.monotonic() - t0
+        ctrl.unmap_provider(pool)
+    assert state["errors"] == 0 and state["done"] > 0
+    FIGURES[f"read_4k_qd{qd}_iops"] = round(state["done"] / elapsed)
