@@ -185,6 +185,7 @@ ERROR_ENTRY_BYTES = golden(64, {
 def test_error_entry_golden() -> None:
     assert ERROR_ENTRY.encode() == ERROR_ENTRY_BYTES
     assert ErrorLogEntry.decode(ERROR_ENTRY_BYTES) == ERROR_ENTRY
+    assert ErrorLogEntry.decode(ERROR_ENTRY_BYTES).status == 0x4002  # Invalid Field | DNR
 
 
 def test_error_log_page() -> None:

@@ -82,6 +82,7 @@ def slice_log(page: bytes, lpo: int, length: int, limit: int = MAX_LOG_LEN) -> b
 # -- error information (01h) ----------------------------------------------------------
 
 ERROR_LOG_ENTRY_SIZE = 64
+NO_ERROR_LOC = 0xFFFF  # param_error_location when no field is to blame (kernel NVMET_NO_ERROR_LOC)
 
 ERROR_ENTRY_LAYOUT = Layout(ERROR_LOG_ENTRY_SIZE, fields(
     ("error_count", 0, 8),
@@ -113,6 +114,12 @@ class ErrorLogEntry:
     trtype: int = 0
     cs: int = 0
     trtype_spec_info: int = 0
+
+    @property
+    def status(self) -> int:
+        """The 15-bit status (with DNR/More); `status_field` holds it shifted left by one,
+        as the kernel's `status << 1` fills it."""
+        return self.status_field >> 1
 
     def encode(self) -> bytes:
         return ERROR_ENTRY_LAYOUT.pack(self)
