@@ -115,13 +115,14 @@ class Target(TreeHooks):
     # -- per-port limits --------------------------------------------------------
     def mqes(self, port: Any) -> int:
         """CAP.MQES (0's based): the largest I/O queue a host may create on `port`."""
-        return min(getattr(port, "param_max_queue_size", 128), MAX_QUEUE_SIZE) - 1
+        # resolved: the configured value may be -1, "the transport's default"
+        return min(port.resolved_max_queue_size(), MAX_QUEUE_SIZE) - 1
 
     def cap(self, port: Any) -> int:
         return CAP_CSS_NVM | CAP_TO << 24 | self.mqes(port)
 
     def inline_data_size(self, port: Any) -> int:
-        return getattr(port, "param_inline_data_size", 0)
+        return port.resolved_inline_data_size()
 
     # -- keep-alive -------------------------------------------------------------
     def tick(self) -> None:
