@@ -1,0 +1,734 @@
+"""The NVMe-oF RDMA transport: listeners, one RC QP per NVMe queue, data movement.
+
+Reactor discipline: everything runs on the target's asyncio loop and nothing ever
+blocks inside librdmacm or pyverbs.  The CM event channel's fd is non-blocking and
+watched with `loop.add_reader` (see rdma_cm for why the CM is driven through ctypes).
+Completions are polled: pyverbs 44 exposes no completion-channel fd, and `CQ.poll`
+never sleeps, so one poller walks every queue's CQ; while there is work it reschedules
+itself with `call_soon`, when idle it backs off (`call_later`) doubling up to
+`POLL_IDLE_MAX_S`.
+
+A command is a state machine (`CmdState`), as in SPDK's lib/nvmf/rdma.c: `_process`
+drives one command until its state stops changing; waiting for a data buffer, for an
+RDMA READ slot (the QP's initiator depth) and for send-queue credits are states with
+FIFO wait lists, so a burst waits instead of overrunning the QP.  The core may call
+`queue_response` from inside `init()` or `execute()`; `_process` is re-entrancy-safe.
+
+Queue life: CONNECT_REQUEST -> checks on the private data (reject codes of the NVMe-oF
+RDMA binding) -> QP, CQ and a receive ring registered once (hsqsize + 1 capsule slots;
+SQE + in-capsule area on I/O queues only) -> QP to RTS, RECVs posted -> accept with
+crqsize.  Capsules are processed as soon as they arrive, also before ESTABLISHED (the
+host may send Connect right after our REP; our QP is already RTS, so its response can
+be sent).  DISCONNECTED / TIMEWAIT_EXIT / errors / delete_ctrl tear the queue down:
+QP to error and destroyed first (the device can no longer touch our buffers), then every
+command still in flight is forced to COMPLETED so its buffer goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any
+
+import pyverbs.enums as e
+from pyverbs.wr import SGE, RecvWR, SendWR
+
+from .cmb import SystemMemoryProvider
+from .errors import NvmetError, TransportError
+from .rdma_cm import (NVMF_RDMA_MAX_INLINE, CmEvent, CmEventType, CmId, CmRejectStatus,
+                      CmRequest, EventChannel, check_cm_request, encode_cm_accept,
+                      encode_cm_reject, parse_cm_request)
+from .rdma_verbs import Device, PoolRegistration, QueuePair, RegisteredBuffer
+from .spec.command import CQE_SIZE, SQE_SIZE
+from .spec.status import DNR, Status
+from .target.request import DataDir
+from .target.sgl import DataMap, SglKind, map_sgl
+
+if TYPE_CHECKING:
+    from .target.core import Target
+    from .target.ctrl import Ctrl
+    from .target.request import Request
+
+log = logging.getLogger("nvmet_p2p.rdma")
+
+DEFAULT_TRSVCID = 4420
+DEFAULT_INLINE_DATA_SIZE = 4096
+DEFAULT_MAX_QUEUE_SIZE = 128  # the kernel target's default I/O queue size limit
+MAX_QID = 128  # the kernel target's NVMET_NR_QUEUES: larger qids are refused at CM time
+POLL_BATCH = 32
+POLL_IDLE_MIN_S = 20e-6
+POLL_IDLE_MAX_S = 1e-3  # worst added latency when idle; ~1000 wake-ups/s with queues up
+DEFAULT_POOL_SIZE = 32 << 20
+
+_RECV = 0  # wr_id kind (high bits): a RECV slot; flushed WCs carry no valid opcode
+_CMD = 1
+
+
+def _positive(value: Any, default: int) -> int:
+    """configfs spells "not set" as -1 (nvmetcli saves it so) or leaves it empty."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        return default
+    return v if v > 0 else default
+
+
+def inline_data_size(port: Any) -> int:
+    """The port's in-capsule area for I/O queues (0 is a valid choice: none)."""
+    try:
+        v = int(getattr(port, "param_inline_data_size", -1))
+    except (TypeError, ValueError):
+        return DEFAULT_INLINE_DATA_SIZE
+    return DEFAULT_INLINE_DATA_SIZE if v < 0 else v
+
+
+def _wr_id(kind: int, index: int) -> int:
+    return kind << 32 | index
+
+
+class CmdState(Enum):
+    NEW = auto()  # capsule received; the core parses it, the SGL is mapped
+    NEED_BUFFER = auto()  # waits for a data buffer from the pool
+    DATA_TRANSFER_TO_TARGET_PENDING = auto()  # waits for an RDMA READ slot / send credit
+    TRANSFERRING_HOST_TO_TARGET = auto()  # RDMA READ posted, waits for its completion
+    READY_TO_EXECUTE = auto()  # data in place; hand to the core
+    EXECUTING = auto()  # the core / backend works; waits for queue_response
+    EXECUTED = auto()  # response known; RECV re-posted
+    READY_TO_COMPLETE = auto()  # waits for send-queue credits for WRITE(s) + SEND
+    TRANSFERRING_TARGET_TO_HOST = auto()  # RDMA WRITE + SEND posted, waits for the SEND
+    COMPLETING = auto()  # SEND posted, waits for its completion
+    COMPLETED = auto()  # buffers returned; the context is free
+
+
+class RdmaCmd:
+    """The transport's per-command context (SPDK's spdk_nvmf_rdma_request)."""
+
+    __slots__ = ("index", "state", "slot", "byte_len", "req", "dmap", "chunk", "lkey",
+                 "responded", "read_done", "send_done", "busy", "recv_reposted", "wr_count",
+                 "waiting")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = CmdState.COMPLETED
+        self.slot = -1  # receive ring slot the capsule arrived in
+        self.byte_len = 0
+        self.req: Request | None = None
+        self.dmap: DataMap | None = None
+        self.chunk: Any = None
+        self.lkey = 0
+        self.responded = False  # queue_response was called
+        self.read_done = False
+        self.send_done = False
+        self.busy = False
+        self.recv_reposted = False
+        self.wr_count = 0  # send-queue slots this command holds
+        self.waiting = False
+
+
+class Listener:
+    """One port's listening CM ID."""
+
+    def __init__(self, transport: RdmaTransport, port: Any) -> None:
+        self.port = port
+        family = getattr(port, "addr_adrfam", "ipv4") or "ipv4"
+        svc = int(getattr(port, "addr_trsvcid", "") or DEFAULT_TRSVCID)
+        self.cm_id = CmId(transport.channel)
+        try:
+            self.cm_id.bind(family, port.addr_traddr, svc)
+            self.cm_id.listen()
+        except NvmetError:
+            self.cm_id.close()
+            raise
+
+    def close(self) -> None:
+        self.cm_id.close()
+
+
+class RdmaQueue:
+    """One NVMe queue: a CM ID, an RC QP + CQ, the receive ring and the response slots."""
+
+    def __init__(self, transport: RdmaTransport, port: Any, cm_id: CmId, dev: Device,
+                 creq: CmRequest, *, inline_size: int, max_rd_atomic: int,
+                 max_dest_rd_atomic: int) -> None:
+        self.transport = transport
+        self.port = port
+        self.cm_id = cm_id
+        self.dev = dev
+        self.qid = creq.qid
+        self.depth = creq.hsqsize + 1
+        self.inline_size = inline_size if creq.qid else 0  # admin queues: no in-capsule data
+        self.slot_size = SQE_SIZE + self.inline_size
+        self.established = False
+        self.dead = False
+        self.sq = None
+        self.qp: QueuePair | None = None
+        self.ring: RegisteredBuffer | None = None
+        self.rsp: RegisteredBuffer | None = None
+        # A command holds at most 2 send-queue slots (READ, or WRITE + SEND).
+        send_depth = min(2 * self.depth + 1, dev.max_qp_wr)
+        ncmds = self.depth + send_depth  # executing + still waiting for SEND completions
+        try:
+            self.qp = QueuePair(dev, send_depth=send_depth, recv_depth=self.depth)
+            self.ring = RegisteredBuffer(dev.pd, self.depth * self.slot_size)
+            self.rsp = RegisteredBuffer(dev.pd, ncmds * CQE_SIZE)
+            self.qp.connect(cm_id, max_rd_atomic=max_rd_atomic,
+                            max_dest_rd_atomic=max_dest_rd_atomic)
+            for slot in range(self.depth):
+                self.post_recv(slot)
+        except Exception:
+            self.close_verbs()
+            raise
+        self.send_credits = send_depth
+        self.reads_in_flight = 0
+        self.cmds = [RdmaCmd(i) for i in range(ncmds)]
+        self.free_cmds = deque(self.cmds)
+        self.inflight: set[RdmaCmd] = set()
+        self.wait_read: deque[RdmaCmd] = deque()
+        self.wait_send: deque[RdmaCmd] = deque()
+
+    # -- verbs helpers ------------------------------------------------------------
+    def post_recv(self, slot: int) -> None:
+        assert self.qp is not None and self.qp.qp is not None and self.ring is not None
+        sge = SGE(self.ring.addr + slot * self.slot_size, self.slot_size, self.ring.lkey)
+        self.qp.qp.post_recv(RecvWR(wr_id=_wr_id(_RECV, slot), num_sge=1, sg=[sge]))
+
+    def capsule(self, slot: int, length: int) -> memoryview:
+        assert self.ring is not None and self.ring.view is not None
+        base = slot * self.slot_size
+        return self.ring.view[base:base + length]
+
+    def close_verbs(self) -> None:
+        """QP first: once it is destroyed the device touches none of our memory."""
+        if self.qp is not None:
+            self.qp.to_error()
+            self.qp.close()
+            self.qp = None
+        for buf in (self.ring, self.rsp):
+            if buf is not None:
+                buf.close()
+        self.ring = self.rsp = None
+
+    def counts(self) -> dict[str, int]:
+        return {"qps": 1 if self.qp is not None else 0,
+                "mrs": sum(b is not None for b in (self.ring, self.rsp))}
+
+
+class RdmaTransport:
+    """TransportOps for trtype "rdma" (see nvmet_p2p.target.transport)."""
+
+    trtype = "rdma"
+    keyed_sgls = True
+    msdbd = 1
+
+    def __init__(self, target: Target, pool: Any = None, *,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.target = target
+        self.loop = target.loop
+        self.pool = pool if pool is not None else SystemMemoryProvider(pool_size,
+                                                                       hugepages=False)
+        self._own_pool = pool is None
+        self.channel: EventChannel | None = None  # opened with the first port
+        self.listeners: dict[int, Listener] = {}  # portid -> listener
+        self.queues: dict[int, RdmaQueue] = {}  # rdma_cm_id* -> queue
+        self.devices: dict[str, Device] = {}
+        self.registrations: dict[tuple[str, int], PoolRegistration | None] = {}
+        self.wait_buffer: deque[tuple[RdmaQueue, RdmaCmd]] = deque()
+        self._poll_handle: Any = None
+        self._idle_s = 0.0
+        self.stats = {"polls": 0, "idle_polls": 0, "completions": 0, "buffer_waits": 0,
+                      "send_waits": 0, "read_waits": 0, "p2p_fallbacks": 0}
+        target.register_transport(self)
+
+    # -- TransportOps -------------------------------------------------------------
+    def add_port(self, port: Any) -> None:
+        if port.portid in self.listeners:
+            return
+        if self.channel is None:
+            self.channel = EventChannel()
+            self.loop.add_reader(self.channel.fd, self._cm_events)
+        self.listeners[port.portid] = Listener(self, port)
+        log.info("rdma: port %d listening on %s:%s", port.portid, port.addr_traddr,
+                 port.addr_trsvcid or DEFAULT_TRSVCID)
+
+    def remove_port(self, port: Any) -> None:
+        lst = self.listeners.pop(port.portid, None)
+        if lst is not None:
+            lst.close()
+
+    def queue_response(self, req: Request) -> None:
+        cmd: RdmaCmd | None = req.priv if isinstance(req.priv, RdmaCmd) else None
+        if cmd is None or cmd.req is not req:
+            return  # its queue was torn down and the context reused: nothing to send
+        cmd.responded = True
+        q = req.sq.priv
+        if q.dead:
+            self._finish(q, cmd)  # executing when the queue died: its buffer goes back now
+            return
+        self._process(q, cmd)
+
+    def delete_ctrl(self, ctrl: Ctrl) -> None:
+        for q in [q for q in self.queues.values() if q.sq is not None and q.sq.ctrl is ctrl]:
+            self._teardown(q, "controller deleted")
+
+    # -- accounting and shutdown ----------------------------------------------------
+    def resources(self) -> dict[str, int]:
+        qps = sum(q.counts()["qps"] for q in self.queues.values())
+        mrs = sum(q.counts()["mrs"] for q in self.queues.values())
+        mrs += sum(len(r.mrs) for r in self.registrations.values() if r is not None)
+        return {"qps": qps, "mrs": mrs, "queues": len(self.queues),
+                "cm_ids": len(self.queues) + len(self.listeners)}
+
+    def close(self) -> None:
+        for q in list(self.queues.values()):
+            self._teardown(q, "transport closing")
+        for portid in list(self.listeners):
+            self.listeners.pop(portid).close()
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        if self.channel is not None:
+            self.loop.remove_reader(self.channel.fd)
+            self.channel.close()
+            self.channel = None
+        for reg in self.registrations.values():
+            if reg is not None:
+                reg.close()
+        self.registrations.clear()
+        for dev in self.devices.values():
+            dev.close()
+        self.devices.clear()
+        if self._own_pool:
+            self.pool.close()
+
+    # -- CM events ------------------------------------------------------------------
+    def _cm_events(self) -> None:
+        while True:
+            try:
+                ev = self.channel.get_event()
+            except TransportError:
+                log.exception("rdma: CM event channel failed")
+                return
+            if ev is None:
+                return
+            try:
+                self._cm_event(ev)
+            except Exception:  # one bad connection must not stop the listener
+                log.exception("rdma: handling %s failed", ev.type.name)
+
+    def _cm_event(self, ev: CmEvent) -> None:
+        if ev.type == CmEventType.CONNECT_REQUEST:
+            self._connect_request(ev)
+            return
+        q = self.queues.get(ev.id)
+        if q is None:
+            if ev.type == CmEventType.DEVICE_REMOVAL:
+                for portid, lst in list(self.listeners.items()):
+                    if lst.cm_id.ptr == ev.id:
+                        log.error("rdma: port %d: device removed, listener closed", portid)
+                        self.listeners.pop(portid).close()
+            return
+        if ev.type == CmEventType.ESTABLISHED:
+            q.established = True
+        elif ev.type in (CmEventType.DISCONNECTED, CmEventType.TIMEWAIT_EXIT,
+                         CmEventType.DEVICE_REMOVAL, CmEventType.CONNECT_ERROR,
+                         CmEventType.UNREACHABLE, CmEventType.REJECTED,
+                         CmEventType.ADDR_CHANGE):
+            self._teardown(q, ev.type.name.lower())
+
+    def _max_io_queue_size(self, port: Any) -> int:
+        """min(CAP.MQES + 1, param_max_queue_size): the largest I/O queue to accept."""
+        limit = _positive(getattr(port, "param_max_queue_size", 0), DEFAULT_MAX_QUEUE_SIZE)
+        mqes = getattr(self.target, "mqes", None)
+        if mqes is None or port is None:
+            return limit
+        return min(limit, (mqes(port) if callable(mqes) else mqes) + 1)
+
+    def _device(self, name: str) -> Device:
+        dev = self.devices.get(name)
+        if dev is None:
+            dev = self.devices[name] = Device(name)
+        return dev
+
+    def _connect_request(self, ev: CmEvent) -> None:
+        cm_id = CmId(ptr=ev.id)
+        port = next((lst.port for lst in self.listeners.values()
+                     if lst.cm_id.ptr == ev.listen_id), None)
+        parsed = parse_cm_request(ev.private_data)
+        if isinstance(parsed, CmRequest):
+            max_io = self._max_io_queue_size(port)
+            status = check_cm_request(parsed, max_qid=MAX_QID, max_io_queue_size=max_io)
+        else:
+            status = parsed
+        if port is None:
+            status = CmRejectStatus.NO_RESOURCES  # the listener went away meanwhile
+        if status:
+            log.info("rdma: reject connect (%s): %s", CmRejectStatus(status).name,
+                     parsed)
+            self._reject(cm_id, status)
+            return
+        assert isinstance(parsed, CmRequest)
+        try:
+            q = self._create_queue(port, cm_id, parsed, ev)
+        except NvmetError as err:
+            log.warning("rdma: no resources for qid %d: %s", parsed.qid, err)
+            self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
+            return
+        try:
+            cm_id.accept(encode_cm_accept(q.depth), q.qp.qp_num,
+                         responder_resources=0,  # hosts never RDMA READ from a target
+                         initiator_depth=q.qp.max_rd_atomic)
+        except TransportError as err:
+            log.warning("rdma: accept failed: %s", err)
+            self._teardown(q, "accept failed")
+            return
+        self._start_poller()
+
+    def _reject(self, cm_id: CmId, status: int) -> None:
+        try:
+            cm_id.reject(encode_cm_reject(status))
+        except TransportError as err:
+            log.warning("rdma: reject failed: %s", err)
+        cm_id.close()
+
+    def _create_queue(self, port: Any, cm_id: CmId, creq: CmRequest, ev: CmEvent) -> RdmaQueue:
+        dev = self._device(cm_id.device_name)
+        inline = min(inline_data_size(port), NVMF_RDMA_MAX_INLINE)
+        # Our RDMA READs may not exceed what the host offered as responder resources.
+        max_rd = min(ev.initiator_depth, dev.max_qp_init_rd_atom)
+        q = RdmaQueue(self, port, cm_id, dev, creq, inline_size=inline,
+                      max_rd_atomic=max_rd, max_dest_rd_atomic=0)
+        try:
+            q.sq = self.target.create_sq(port, self, qid=creq.qid, size=q.depth)
+        except Exception:
+            q.close_verbs()
+            raise
+        q.sq.priv = q
+        self.queues[cm_id.ptr] = q
+        log.debug("rdma: qid %d depth %d inline %d max_rd_atomic %d", q.qid, q.depth,
+                  q.inline_size, max_rd)
+        return q
+
+    def _teardown(self, q: RdmaQueue, why: str) -> None:
+        if q.dead:
+            return
+        q.dead = True
+        log.info("rdma: qid %d torn down: %s", q.qid, why)
+        self.queues.pop(q.cm_id.ptr, None)
+        q.cm_id.disconnect()
+        q.close_verbs()
+        for cmd in list(q.inflight):
+            if cmd.state is CmdState.EXECUTING and not cmd.responded:
+                continue  # the backend still owns req.buf; queue_response frees it
+            self._finish(q, cmd)
+        self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if wq is not q)
+        q.cm_id.close()
+        if q.sq is not None:
+            q.sq.destroy()
+
+    # -- completions ------------------------------------------------------------------
+    def _start_poller(self) -> None:
+        self._idle_s = 0.0
+        if self._poll_handle is None:
+            self._poll_handle = self.loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        work = 0
+        for q in list(self.queues.values()):
+            work += self._poll_queue(q)
+        self.stats["polls"] += 1
+        if not self.queues:
+            return  # restarted by the next accepted connection
+        if work:
+            self._idle_s = 0.0
+            self._poll_handle = self.loop.call_soon(self._poll)
+        else:
+            self.stats["idle_polls"] += 1
+            self._idle_s = min(max(self._idle_s * 2, POLL_IDLE_MIN_S), POLL_IDLE_MAX_S)
+            self._poll_handle = self.loop.call_later(self._idle_s, self._poll)
+
+    def _poll_queue(self, q: RdmaQueue) -> int:
+        if q.dead or q.qp is None or q.qp.cq is None:
+            return 0
+        n, wcs = q.qp.cq.poll(POLL_BATCH)
+        for wc in wcs[:n]:
+            if q.dead:
+                break
+            self._completion(q, wc)
+        self.stats["completions"] += n
+        return n
+
+    def _completion(self, q: RdmaQueue, wc: Any) -> None:
+        kind, index = wc.wr_id >> 32, wc.wr_id & 0xFFFFFFFF
+        ok = wc.status == e.IBV_WC_SUCCESS
+        if kind == _RECV:
+            if not ok:
+                if wc.status != e.IBV_WC_WR_FLUSH_ERR:
+                    self._teardown(q, f"receive failed (wc status {wc.status})")
+                return
+            if wc.byte_len < SQE_SIZE:
+                self._teardown(q, f"capsule of {wc.byte_len} bytes is shorter than an SQE")
+                return
+            if not q.free_cmds:
+                self._teardown(q, "more capsules than the queue depth")
+                return
+            cmd = q.free_cmds.popleft()
+            cmd.reset()
+            cmd.state = CmdState.NEW
+            cmd.slot, cmd.byte_len = index, wc.byte_len
+            q.inflight.add(cmd)
+            self._process(q, cmd)
+            return
+        cmd = q.cmds[index]
+        if cmd.state is CmdState.TRANSFERRING_HOST_TO_TARGET:
+            q.reads_in_flight -= 1
+            q.send_credits += cmd.wr_count
+            cmd.wr_count = 0
+            if ok:
+                cmd.read_done = True
+                self._process(q, cmd)
+            elif cmd.req is not None:
+                # A bad rkey or host memory: the QP is in error now; report and leave.
+                log.warning("rdma: qid %d: RDMA READ failed (wc status %d)", q.qid, wc.status)
+                cmd.req.complete(Status.DATA_XFER_ERROR | DNR)
+                self._teardown(q, "RDMA READ failed")
+                return
+            self._kick(q)
+        elif cmd.state in (CmdState.TRANSFERRING_TARGET_TO_HOST, CmdState.COMPLETING):
+            q.send_credits += cmd.wr_count
+            cmd.wr_count = 0
+            if not ok:
+                log.warning("rdma: qid %d: response failed (wc status %d)", q.qid, wc.status)
+                self._finish(q, cmd)
+                self._teardown(q, "RDMA WRITE/SEND failed")
+                return
+            cmd.send_done = True
+            self._process(q, cmd)
+            self._kick(q)
+
+    def _kick(self, q: RdmaQueue) -> None:
+        """Resources came back: let the heads of the wait lists move, in order."""
+        for waiters in (q.wait_read, q.wait_send):
+            while waiters and not q.dead:
+                head = waiters[0]
+                before = head.state
+                self._process(q, head)
+                if head.state is before:
+                    break
+
+    # -- the command state machine --------------------------------------------------------
+    def _process(self, q: RdmaQueue, cmd: RdmaCmd) -> None:
+        if cmd.busy:
+            return  # re-entered from init()/execute(): the outer loop goes on
+        cmd.busy = True
+        try:
+            while not q.dead:
+                step = _STEPS[cmd.state]
+                nxt = step(self, q, cmd)
+                if nxt is cmd.state:
+                    break
+                cmd.state = nxt
+        finally:
+            cmd.busy = False
+
+    def _st_new(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        req = q.sq.new_request(q.capsule(cmd.slot, cmd.byte_len))
+        cmd.req = req
+        req.priv = cmd
+        if not req.init():
+            return CmdState.EXECUTED  # the core completed it already
+        m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
+                    host_write=req.data_dir == DataDir.TO_CTRL, inline_data_size=q.inline_size,
+                    capsule_data_len=cmd.byte_len - SQE_SIZE, keyed_sgls=True,
+                    max_transfer=self.target.max_transfer)
+        if isinstance(m, int):
+            req.complete(m)
+            return CmdState.EXECUTED
+        cmd.dmap = m
+        if m.kind == SglKind.INLINE:
+            base = SQE_SIZE + m.offset
+            req.buf = q.capsule(cmd.slot, cmd.byte_len)[base:base + m.length]
+            return CmdState.READY_TO_EXECUTE
+        if m.kind == SglKind.KEYED:
+            return CmdState.NEED_BUFFER
+        return CmdState.READY_TO_EXECUTE
+
+    def _st_need_buffer(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        if self.wait_buffer and self.wait_buffer[0][1] is not cmd:
+            if not cmd.waiting:
+                cmd.waiting = True
+                self.wait_buffer.append((q, cmd))
+            return CmdState.NEED_BUFFER
+        chunk, lkey = self._alloc(q, cmd)
+        if chunk is None:
+            if not cmd.waiting:
+                cmd.waiting = True
+                self.stats["buffer_waits"] += 1
+                self.wait_buffer.append((q, cmd))
+            return CmdState.NEED_BUFFER
+        if cmd.waiting:
+            cmd.waiting = False
+            self.wait_buffer.popleft()
+        cmd.chunk, cmd.lkey = chunk, lkey
+        req = cmd.req
+        req.chunk = chunk
+        req.buf = chunk.view
+        if req.data_dir == DataDir.TO_CTRL:
+            return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
+        return CmdState.READY_TO_EXECUTE
+
+    def _alloc(self, q: RdmaQueue, cmd: RdmaCmd) -> tuple[Any, int]:
+        """A chunk for the data: the request's P2P provider first, else system memory."""
+        size = cmd.dmap.length
+        p2p = getattr(cmd.req, "p2p_dev", None)
+        if p2p is not None:
+            reg = self._registration(q.dev, p2p)
+            chunk = p2p.alloc(size) if reg is not None else None
+            if chunk is not None:
+                return chunk, reg.lkeys[chunk.region]
+            self.stats["p2p_fallbacks"] += 1
+        reg = self._registration(q.dev, self.pool)
+        chunk = self.pool.alloc(size) if reg is not None else None
+        if chunk is None:
+            return None, 0
+        return chunk, reg.lkeys[chunk.region]
+
+    def _registration(self, dev: Device, provider: Any) -> PoolRegistration | None:
+        key = (dev.name, id(provider))
+        if key not in self.registrations:
+            try:
+                self.registrations[key] = PoolRegistration(dev.pd, provider.regions())
+            except TransportError as err:
+                log.warning("rdma: %s cannot use %r: %s", dev.name, provider, err)
+                self.registrations[key] = None
+        return self.registrations[key]
+
+    def _st_read_pending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        if q.qp.max_rd_atomic == 0:
+            cmd.req.complete(Status.DATA_XFER_ERROR | DNR)  # the host offered no READ depth
+            return CmdState.EXECUTED
+        head_ok = not q.wait_read or q.wait_read[0] is cmd
+        if not head_ok or q.reads_in_flight >= q.qp.max_rd_atomic or q.send_credits < 1:
+            if not cmd.waiting:
+                cmd.waiting = True
+                self.stats["read_waits"] += 1
+                q.wait_read.append(cmd)
+            return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
+        if cmd.waiting:
+            cmd.waiting = False
+            q.wait_read.popleft()
+        m = cmd.dmap
+        wr = SendWR(wr_id=_wr_id(_CMD, cmd.index), opcode=e.IBV_WR_RDMA_READ, num_sge=1,
+                    sg=[SGE(cmd.chunk.addr, m.length, cmd.lkey)],
+                    send_flags=e.IBV_SEND_SIGNALED)
+        wr.set_wr_rdma(m.key, m.addr)
+        q.qp.qp.post_send(wr)
+        q.reads_in_flight += 1
+        q.send_credits -= 1
+        cmd.wr_count = 1
+        return CmdState.TRANSFERRING_HOST_TO_TARGET
+
+    def _st_reading(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        return CmdState.READY_TO_EXECUTE if cmd.read_done else cmd.state
+
+    def _st_ready(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        cmd.req.execute()  # may call queue_response before returning
+        return CmdState.EXECUTING
+
+    def _st_executing(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        if not cmd.responded:
+            return CmdState.EXECUTING
+        return CmdState.EXECUTED
+
+    def _st_executed(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        if not cmd.recv_reposted:
+            cmd.recv_reposted = True
+            q.post_recv(cmd.slot)
+        return CmdState.READY_TO_COMPLETE
+
+    def _st_ready_to_complete(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        req, m = cmd.req, cmd.dmap
+        with_data = (m is not None and m.kind == SglKind.KEYED and req.cqe.status == 0
+                     and req.data_dir == DataDir.FROM_CTRL)
+        need = 2 if with_data else 1
+        head_ok = not q.wait_send or q.wait_send[0] is cmd
+        if not head_ok or q.send_credits < need:
+            if not cmd.waiting:
+                cmd.waiting = True
+                self.stats["send_waits"] += 1
+                q.wait_send.append(cmd)
+            return CmdState.READY_TO_COMPLETE
+        if cmd.waiting:
+            cmd.waiting = False
+            q.wait_send.popleft()
+        rsp_addr = q.rsp.addr + cmd.index * CQE_SIZE
+        q.rsp.view[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
+        inv = m is not None and m.kind == SglKind.KEYED and m.invalidate
+        send = SendWR(wr_id=_wr_id(_CMD, cmd.index),
+                      opcode=e.IBV_WR_SEND_WITH_INV if inv else e.IBV_WR_SEND, num_sge=1,
+                      sg=[SGE(rsp_addr, CQE_SIZE, q.rsp.lkey)], send_flags=e.IBV_SEND_SIGNALED,
+                      imm_data=m.key if inv else 0)  # imm_data is invalidate_rkey's storage
+        if with_data:
+            write = SendWR(wr_id=_wr_id(_CMD, cmd.index), opcode=e.IBV_WR_RDMA_WRITE,
+                           num_sge=1, sg=[SGE(cmd.chunk.addr, m.length, cmd.lkey)])
+            write.set_wr_rdma(m.key, m.addr)
+            write.next_wr = send  # one post: the data lands before the completion
+            q.qp.qp.post_send(write)
+        else:
+            q.qp.qp.post_send(send)
+        q.send_credits -= need
+        cmd.wr_count = need
+        return CmdState.TRANSFERRING_TARGET_TO_HOST if with_data else CmdState.COMPLETING
+
+    def _st_sending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        return CmdState.COMPLETED if cmd.send_done else cmd.state
+
+    def _st_completed(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        self._finish(q, cmd)
+        return CmdState.COMPLETED
+
+    def _finish(self, q: RdmaQueue, cmd: RdmaCmd) -> None:
+        """Return the command's buffer and context; idempotent."""
+        if cmd not in q.inflight:
+            return
+        q.inflight.discard(cmd)
+        if cmd.waiting:
+            for waiters in (q.wait_read, q.wait_send):
+                if cmd in waiters:
+                    waiters.remove(cmd)
+            self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if c is not cmd)
+        freed = cmd.chunk is not None
+        if freed:
+            cmd.chunk.free()
+        if cmd.req is not None:
+            cmd.req.priv = None
+        cmd.reset()
+        q.free_cmds.append(cmd)
+        if freed and self.wait_buffer:
+            self._kick_buffers()
+
+    def _kick_buffers(self) -> None:
+        while self.wait_buffer:
+            wq, head = self.wait_buffer[0]
+            self._process(wq, head)
+            if head.state is CmdState.NEED_BUFFER:
+                break
+
+
+_STEPS = {
+    CmdState.NEW: RdmaTransport._st_new,
+    CmdState.NEED_BUFFER: RdmaTransport._st_need_buffer,
+    CmdState.DATA_TRANSFER_TO_TARGET_PENDING: RdmaTransport._st_read_pending,
+    CmdState.TRANSFERRING_HOST_TO_TARGET: RdmaTransport._st_reading,
+    CmdState.READY_TO_EXECUTE: RdmaTransport._st_ready,
+    CmdState.EXECUTING: RdmaTransport._st_executing,
+    CmdState.EXECUTED: RdmaTransport._st_executed,
+    CmdState.READY_TO_COMPLETE: RdmaTransport._st_ready_to_complete,
+    CmdState.TRANSFERRING_TARGET_TO_HOST: RdmaTransport._st_sending,
+    CmdState.COMPLETING: RdmaTransport._st_sending,
+    CmdState.COMPLETED: RdmaTransport._st_completed,
+}

@@ -1,0 +1,218 @@
+"""Verbs resources on pyverbs: device, registered buffers, one RC QP with its CQ.
+
+Every resource is a context manager with an idempotent `close()`; owners close
+children first.  Nothing here blocks: QP creation and state changes are quick
+commands, and completions are only ever polled (`CQ.poll` never sleeps).
+
+The QP is an "external" QP for librdmacm: `connect_qp` walks it INIT -> RTR -> RTS
+with the attributes the CM computed (`CmId.init_qp_attr`), overriding only the RDMA
+READ depths, which are ours to choose within what the peer offered.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterable
+
+from pyverbs.addr import GID, AHAttr, GlobalRoute
+from pyverbs.cq import CQ
+from pyverbs.device import Context
+from pyverbs.mr import MR
+from pyverbs.pd import PD
+from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+import pyverbs.enums as e
+
+from .cmb import buffer_address
+from .errors import TransportError
+from .rdma_cm import IBV_QPS_ERR, IBV_QPS_INIT, IBV_QPS_RTR, IBV_QPS_RTS, CmId, QpAttrStruct
+
+log = logging.getLogger("nvmet_p2p.rdma")
+
+LOCAL_ACCESS = e.IBV_ACCESS_LOCAL_WRITE
+REMOTE_ACCESS = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
+
+
+class Device:
+    """An opened RDMA device with one PD: what every queue on it shares."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        try:
+            self.ctx = Context(name=name)
+        except Exception as err:  # pyverbs raises its own error types
+            raise TransportError(f"cannot open RDMA device {name}: {err}") from err
+        self.pd = PD(self.ctx)
+        attr = self.ctx.query_device()
+        self.max_qp_wr = attr.max_qp_wr
+        self.max_cqe = attr.max_cqe
+        self.max_qp_rd_atom = attr.max_qp_rd_atom  # RDMA READs we serve (responder)
+        self.max_qp_init_rd_atom = attr.max_qp_init_rd_atom  # RDMA READs we issue
+
+    def close(self) -> None:
+        if self.pd is not None:
+            self.pd.close()
+            self.pd = None
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RegisteredBuffer:
+    """Page-aligned anonymous memory registered as one MR (a recv ring, a host buffer)."""
+
+    def __init__(self, pd: PD, size: int, access: int = LOCAL_ACCESS) -> None:
+        self.size = size
+        self._mm: mmap.mmap | None = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+        self.addr = buffer_address(self._mm)
+        self.view: memoryview | None = memoryview(self._mm)[:size]
+        try:
+            self.mr: MR | None = MR(pd, size, access, address=self.addr)
+        except Exception as err:
+            self.close()
+            raise TransportError(f"cannot register {size} bytes: {err}") from err
+        self.lkey = self.mr.lkey
+        self.rkey = self.mr.rkey
+
+    def close(self) -> None:
+        if getattr(self, "mr", None) is not None:
+            self.mr.close()
+            self.mr = None
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a slice handed out is still alive; GC unmaps later
+                log.debug("registered buffer still exported at close")
+            self._mm = None
+
+    def __enter__(self) -> RegisteredBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PoolRegistration:
+    """The MRs covering a buffer provider's regions: registered once, never per I/O."""
+
+    def __init__(self, pd: PD, regions: Iterable[tuple[int, int, memoryview]]) -> None:
+        self.mrs: list[MR] = []
+        try:
+            for addr, length, _view in regions:
+                self.mrs.append(MR(pd, length, LOCAL_ACCESS, address=addr))
+        except Exception as err:
+            self.close()
+            raise TransportError(f"cannot register the buffer pool: {err}") from err
+        self.lkeys = [mr.lkey for mr in self.mrs]
+
+    def close(self) -> None:
+        while self.mrs:
+            self.mrs.pop().close()
+
+    def __enter__(self) -> PoolRegistration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class QueuePair:
+    """One RC QP and the single CQ that takes both its send and receive completions."""
+
+    def __init__(self, dev: Device, *, send_depth: int, recv_depth: int,
+                 max_send_sge: int = 1) -> None:
+        self.send_depth = send_depth
+        self.recv_depth = recv_depth
+        self.cq: CQ | None = CQ(dev.ctx, send_depth + recv_depth)
+        try:
+            cap = QPCap(max_send_wr=send_depth, max_recv_wr=recv_depth,
+                        max_send_sge=max_send_sge, max_recv_sge=1)
+            init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
+                              sq_sig_all=0)
+            self.qp: QP | None = QP(dev.pd, init)
+        except Exception as err:
+            self.cq.close()
+            self.cq = None
+            raise TransportError(f"cannot create a QP ({send_depth}/{recv_depth}): {err}") \
+                from err
+        self.qp_num = self.qp.qp_num
+        self.max_rd_atomic = 0  # RDMA READs this QP may have outstanding (set by connect_qp)
+
+    def connect(self, cm_id: CmId, *, max_rd_atomic: int, max_dest_rd_atomic: int) -> None:
+        """INIT -> RTR -> RTS with the CM's path and PSNs (the passive side, before accept)."""
+        self.to_init(cm_id)
+        self.to_rts(cm_id, max_rd_atomic=max_rd_atomic, max_dest_rd_atomic=max_dest_rd_atomic)
+
+    def to_init(self, cm_id: CmId) -> None:
+        """RESET -> INIT: RECVs can be posted from here on (the active side, before connect)."""
+        assert self.qp is not None
+        cattr, mask = cm_id.init_qp_attr(IBV_QPS_INIT)
+        self.qp.modify(to_qp_attr(cattr), mask)
+
+    def to_rts(self, cm_id: CmId, *, max_rd_atomic: int, max_dest_rd_atomic: int) -> None:
+        """INIT -> RTR -> RTS; the READ depths are the ones we announced to the peer."""
+        assert self.qp is not None
+        cattr, mask = cm_id.init_qp_attr(IBV_QPS_RTR)
+        cattr.max_dest_rd_atomic = max_dest_rd_atomic
+        self.qp.modify(to_qp_attr(cattr), mask)
+        cattr, mask = cm_id.init_qp_attr(IBV_QPS_RTS)
+        cattr.max_rd_atomic = max_rd_atomic
+        self.qp.modify(to_qp_attr(cattr), mask)
+        self.max_rd_atomic = max_rd_atomic
+
+    def to_error(self) -> None:
+        """Flush every posted WR (they complete with IBV_WC_WR_FLUSH_ERR)."""
+        if self.qp is not None:
+            attr = QPAttr()
+            attr.qp_state = IBV_QPS_ERR
+            try:
+                self.qp.modify(attr, e.IBV_QP_STATE)
+            except Exception as err:
+                log.debug("QP %d to ERR: %s", self.qp_num, err)
+
+    def close(self) -> None:
+        if self.qp is not None:
+            self.qp.close()
+            self.qp = None
+        if self.cq is not None:
+            self.cq.close()
+            self.cq = None
+
+    def __enter__(self) -> QueuePair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _gid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return ":".join(h[i:i + 4] for i in range(0, 32, 4))
+
+
+def to_qp_attr(c: QpAttrStruct) -> QPAttr:
+    """pyverbs QPAttr from the ctypes ibv_qp_attr librdmacm filled in."""
+    a = QPAttr()
+    for name in ("qp_state", "cur_qp_state", "path_mtu", "qkey", "rq_psn", "sq_psn",
+                 "dest_qp_num", "qp_access_flags", "pkey_index", "max_rd_atomic",
+                 "max_dest_rd_atomic", "min_rnr_timer", "port_num", "timeout", "retry_cnt",
+                 "rnr_retry"):
+        setattr(a, name, getattr(c, name))
+    ah = c.ah_attr
+    gid = GID()
+    gid.gid = _gid_text(bytes(ah.grh.dgid))
+    gr = GlobalRoute(dgid=gid, flow_label=ah.grh.flow_label, sgid_index=ah.grh.sgid_index,
+                     hop_limit=ah.grh.hop_limit, traffic_class=ah.grh.traffic_class)
+    a.ah_attr = AHAttr(dlid=ah.dlid, sl=ah.sl, src_path_bits=ah.src_path_bits,
+                       static_rate=ah.static_rate, is_global=ah.is_global,
+                       port_num=ah.port_num, gr=gr)
+    return a
