@@ -156,7 +156,7 @@ class CmEventStruct(ctypes.Structure):
 class GlobalRouteStruct(ctypes.Structure):
     _fields_ = [("dgid", ctypes.c_uint8 * 16), ("flow_label", ctypes.c_uint32),
                 ("sgid_index", ctypes.c_uint8), ("hop_limit", ctypes.c_uint8),
-                ("traffic_class", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 5)]
+                ("traffic_class", ctypes.c_uint8), ("_pad", ctypes.c_uint8)]
 
 
 class AhAttrStruct(ctypes.Structure):
@@ -179,7 +179,8 @@ class QpAttrStruct(ctypes.Structure):
                 ("min_rnr_timer", ctypes.c_uint8), ("port_num", ctypes.c_uint8),
                 ("timeout", ctypes.c_uint8), ("retry_cnt", ctypes.c_uint8),
                 ("rnr_retry", ctypes.c_uint8), ("alt_port_num", ctypes.c_uint8),
-                ("alt_timeout", ctypes.c_uint8), ("rate_limit", ctypes.c_uint32)]
+                ("alt_timeout", ctypes.c_uint8), ("rate_limit", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]  # the C struct is 8-aligned (union ibv_gid)
 
 
 _lib: ctypes.CDLL | None = None
