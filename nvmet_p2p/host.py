@@ -310,7 +310,8 @@ class LoopQueue(HostQueue):
     def __init__(self, host: LoopHost, qid: int, size: int) -> None:
         super().__init__(qid, size)
         self.host = host
-        self.conn: LoopConnection = host.transport.connect(host.portid, host.mem, self.on_cqe)
+        self.conn: LoopConnection = host.transport.connect(host.portid, host.mem, self.on_cqe,
+                                                           qid, size)
         self._waiter: asyncio.Future | None = None
 
     def on_cqe(self, raw: bytes) -> None:

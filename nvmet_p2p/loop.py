@@ -56,13 +56,17 @@ class LoopConnection:
     """One NVMe queue between a loop host and the target."""
 
     def __init__(self, transport: LoopTransport, port: Any, mem: MemoryRegistry,
-                 on_cqe: Callable[[bytes], None]) -> None:
+                 on_cqe: Callable[[bytes], None], qid: int = 0, size: int = 0) -> None:
         self.transport = transport
         self.port = port
         self.mem = mem
         self.on_cqe = on_cqe
-        self.sq: SQ = transport.target.create_sq(port, transport)
+        # qid and size play the RDMA CM private data (qid, hsqsize + 1): known before
+        # Connect, so the core checks Connect against them
+        self.sq: SQ = transport.target.create_sq(port, transport, qid, size)
         self.sq.priv = self
+        # as on RDMA, admin queues have no in-capsule data area
+        self.inline_data_size = transport.target.inline_data_size(port) if qid else 0
         self.connected = True
 
     def submit(self, capsule: bytes | bytearray) -> None:
@@ -76,7 +80,7 @@ class LoopConnection:
         target = self.transport.target
         m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
                     host_write=req.data_dir == DataDir.TO_CTRL,
-                    inline_data_size=target.inline_data_size(self.port),
+                    inline_data_size=self.inline_data_size,
                     capsule_data_len=len(capsule) - SQE_SIZE, keyed_sgls=True,
                     max_transfer=target.max_transfer)
         if isinstance(m, int):
@@ -138,12 +142,13 @@ class LoopTransport:
             conn.disconnect()
 
     # -- for hosts ------------------------------------------------------------
-    def connect(self, portid: int, mem: MemoryRegistry,
-                on_cqe: Callable[[bytes], None]) -> LoopConnection:
+    def connect(self, portid: int, mem: MemoryRegistry, on_cqe: Callable[[bytes], None],
+                qid: int = 0, size: int = 0) -> LoopConnection:
+        """A queue to `portid` for queue `qid` of `size` entries (0: as Connect says)."""
         port = self.ports.get(portid)
         if port is None:
             raise ConnectionRefusedError(f"loop port {portid} is not listening")
-        conn = LoopConnection(self, port, mem, on_cqe)
+        conn = LoopConnection(self, port, mem, on_cqe, qid, size)
         self.conns.add(conn)
         return conn
 
