@@ -73,6 +73,14 @@ class LoopConnection:
         """Deliver one capsule (SQE + in-capsule data); the CQE comes via on_cqe."""
         if not self.connected:
             raise ConnectionError("loop queue is disconnected")
+        if len(capsule) < SQE_SIZE:
+            # as RDMA: a receive shorter than an SQE is a fatal queue error, no CQE
+            log.error("loop qid %d: capsule of %d bytes is shorter than an SQE; "
+                      "tearing the queue down", self.sq.qid, len(capsule))
+            if self.sq.ctrl is not None:
+                self.sq.ctrl.fatal_error("capsule shorter than 64 bytes")
+            self.disconnect()
+            return
         capsule = bytearray(capsule)
         req = self.sq.new_request(capsule)
         if not req.init():
