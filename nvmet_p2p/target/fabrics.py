@@ -93,12 +93,19 @@ def _connect_io(req: Request) -> None:
         return
     target = req.sq.target
     subsys = target.find_subsys(req.sq.port, data.subnqn)
-    ctrl = subsys.ctrls.get(data.cntlid) if subsys is not None else None
+    if subsys is None:  # IPO points at the bad field, as nvmet_ctrl_find_get() does
+        _invalid(req, True, c.CONNECT_IPO_DATA_SUBNQN)
+        return
+    ctrl = subsys.ctrls.get(data.cntlid)
     if ctrl is None or ctrl.dead or ctrl.hostnqn != data.hostnqn:
         _invalid(req, True, c.CONNECT_IPO_DATA_CNTLID)
         return
-    if subsys.is_discovery or cmd.qid > subsys.qid_max or cmd.qid in ctrl.sqs:
+    if subsys.is_discovery or cmd.qid > subsys.qid_max:
         _invalid(req, False, c.CONNECT_IPO_SQE_QID)
+        return
+    if cmd.qid in ctrl.sqs:  # the kernel's nvmet_install_queue: "qid has already been created"
+        req.set_error_loc(c.CONNECT_IPO_SQE_QID)
+        req.complete(Status.CMD_SEQ_ERROR | DNR)
         return
     if not ctrl.ready:
         req.complete(Status.CMD_SEQ_ERROR | DNR)  # I/O queues only on an enabled controller
