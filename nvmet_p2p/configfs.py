@@ -30,7 +30,21 @@ from nvmet_p2p.config.values import NVME_DISC_SUBSYS_NAME, check_nqn
 from nvmet_p2p.errors import ConfigError
 
 __all__ = [
-    "AttrSpec", "ConfigError", "Host", "NVME_DISC_SUBSYS_NAME", "Namespace", "Port",
-    "Referral", "Root", "Subsystem", "TreeHooks", "attr_choices", "attr_groups",
-    "check_nqn", "get_attr", "list_attrs", "lookup", "set_attr",
+    "NVME_DISC_SUBSYS_NAME",
+    "AttrSpec",
+    "ConfigError",
+    "Host",
+    "Namespace",
+    "Port",
+    "Referral",
+    "Root",
+    "Subsystem",
+    "TreeHooks",
+    "attr_choices",
+    "attr_groups",
+    "check_nqn",
+    "get_attr",
+    "list_attrs",
+    "lookup",
+    "set_attr",
 ]

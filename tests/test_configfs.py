@@ -638,7 +638,7 @@ def test_lookup(root):
 # -- hooks: order, veto, teardown -----------------------------------------------------
 
 def test_enable_veto_keeps_namespace_disabled(root, spy):
-    s, ns = ready_ns(root)
+    _, ns = ready_ns(root)
     spy.veto_enable = True
     with refused("fix device_path"):
         ns.enable = True
@@ -720,7 +720,7 @@ def test_load_calls_hooks_in_dependency_order(spy):
 
 
 def test_extensions_saved_only_when_not_default(root):
-    s, ns = ready_ns(root)
+    _, ns = ready_ns(root)
     port = rdma_port(root)
     d = root.to_dict()
     assert set(d["subsystems"][0]["namespaces"][0]) == {"ana", "ana_grpid", "device",
@@ -831,8 +831,8 @@ def test_ana_grpid_must_agree():
     doc = {"subsystems": [{"nqn": SUB, "namespaces": [
         {"nsid": 1, "ana": {"grpid": "1"}, "ana_grpid": 2}]}]}
     errors = Root().restore(doc, on_error=lambda m: None)
-    assert errors == ["<dict>: subsystems[0].namespaces[0].ana_grpid: ana_grpid 2 disagrees "
-                      "with ana.grpid 1; make them equal"]
+    assert errors == [("<dict>: subsystems[0].namespaces[0].ana_grpid: ana_grpid 2 "
+                       "disagrees with ana.grpid 1; make them equal")]
 
 
 def test_load_errors_name_file_and_problem(tmp_path, spy):

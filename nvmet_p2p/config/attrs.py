@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nvmet_p2p.errors import ConfigError
 
@@ -43,6 +43,13 @@ class Node:
 
     ATTRS: ClassVar[tuple[AttrSpec, ...]] = ()
     KIND: ClassVar[str] = "object"
+    _root: Any
+    _deleted: bool
+    _values: dict[str, Any]
+
+    if TYPE_CHECKING:
+        # The attribute properties are generated from ATTRS (see __init_subclass__).
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, root: Any) -> None:
         object.__setattr__(self, "_root", root)

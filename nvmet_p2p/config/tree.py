@@ -14,6 +14,7 @@ what to remove first; deleting a subsystem or a port removes its own children
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -628,11 +629,11 @@ class Root:
                 on_error: Callable[[str], None] | None = None) -> list[str]:
         return jsonfile.restore_root(self, doc, source=source, on_error=on_error)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         jsonfile.save_doc(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str, hooks: TreeHooks | None = None) -> Root:
+    def load(cls, path: str | os.PathLike, hooks: TreeHooks | None = None) -> Root:
         root = cls(hooks)
         doc = jsonfile.read_doc(path)
         try:

@@ -22,7 +22,7 @@ NVME_DISC_SUBSYS_NAME = "nqn.2014-08.org.nvmexpress.discovery"
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 # "nqn.yyyy-mm.reverse.domain:anything": the date is when the domain was owned.
 _NQN_RE = re.compile(r"^nqn\.(\d{4})-(\d{2})\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-                     r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*:.+$", re.S)
+                     r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*:.+$", re.DOTALL)
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
                       r"-[0-9a-fA-F]{12}$")
 _BDF_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
