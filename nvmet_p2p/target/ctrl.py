@@ -186,7 +186,7 @@ class Ctrl:
             "error_count": self.err_counter,
             "sqid": req.sq.qid,
             "cmdid": cmd.cid if cmd else 0xFFFF,
-            "status_field": req.cqe.status,
+            "status_field": req.cqe.status << 1,  # bits 15:1, as in a CQE (bit 0: phase)
             "param_error_location": req.error_loc,
             "nsid": cmd.nsid if cmd else 0,
         })
