@@ -30,10 +30,14 @@ def parse_version(text: str) -> int:
 
 
 def _id_bytes(text: str, derived_from: str) -> bytes:
-    """A 16-byte identifier from its configured text, or a stable one derived from names."""
-    if text:
-        hexs = text.replace("-", "")
-        return bytes.fromhex(hexs)
+    """A 16-byte identifier from its configured text, or a stable one derived from names.
+
+    All zeroes (the configfs default device_nguid) means "not set": a zero NGUID is
+    "not reported" to a host, so we derive one rather than hand out a zero ID.
+    """
+    value = bytes.fromhex(text.replace("-", "")) if text else bytes(16)
+    if value != bytes(16):
+        return value
     return uuidlib.uuid5(_UUID_NS, derived_from).bytes
 
 
