@@ -500,14 +500,20 @@ def test_cli_errors_are_one_line(switch_tree, capsys, argv, message):
 
 # --- the VM's real /sys ---------------------------------------------------------------------
 
+needs_vm = pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)
+
+
+def qemu_nvmes() -> list[str]:
+    sysfs = Path("/sys/bus/pci/devices")
+    return sorted(p.name for p in sysfs.iterdir()
+                  if (p / "vendor").read_text().strip() == guest.QEMU_NVME_ID[0]
+                  and (p / "device").read_text().strip() == guest.QEMU_NVME_ID[1])
+
 
 @pytest.mark.vm
-@pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)
+@needs_vm
 def test_qemu_nvme_in_the_vm():
-    sysfs = Path("/sys/bus/pci/devices")
-    nvmes = sorted(p.name for p in sysfs.iterdir()
-                   if (p / "vendor").read_text().strip() == "0x1b36"
-                   and (p / "device").read_text().strip() == "0x0010")
+    nvmes = qemu_nvmes()
     assert nvmes, "the VM has no QEMU NVMe (1b36:0010)"
     nvme = nvmes[0]
     topo = Topology("/sys")
@@ -517,20 +523,55 @@ def test_qemu_nvme_in_the_vm():
     same = topo.distance(nvme, [nvme])
     assert (same.map_type, same.distance) == (MAP_BUS_ADDR, 0)
 
-    # Any other function on the root bus: no common upstream bridge, so 1 + 1 through
-    # QEMU's host bridge (q35 8086:29c0 or i440fx 8086:1237, neither whitelisted).  Under
-    # TCG the guest CPU is QEMU's model, not the host's EPYC, so the CPU rule decides.
+    # Any other function on the root bus: no common upstream bridge, so both chains count
+    # (1 + 1 for two integrated functions) through QEMU's host bridge, which is q35's
+    # 8086:29c0 (or i440fx's 8086:1237): neither is whitelisted, so the CPU decides.
     hb = topo.host_bridge(dev.root_bus)
     assert hb is not None and hb.ids in ("8086:29c0", "8086:1237")
-    chain = topo.upstream_chain(nvme)
-    top = chain[-1]
+    top = topo.upstream_chain(nvme)[-1]
     sibling = next(p.name for p in sorted(dev.root_bus.iterdir())
                    if normalize_bdf(p.name) and p.name not in (top.bdf, hb.bdf))
-    dec = topo.distance(nvme, [sibling])
-    sibling_depth = len(topo.upstream_chain(sibling))
-    if topo.cpu.supports_p2pdma:
-        assert (dec.map_type, dec.distance) == (MAP_THRU_HOST_BRIDGE, len(chain) + sibling_depth)
-    else:
-        assert (dec.map_type, dec.distance) == (MAP_NOT_SUPPORTED, None)
-        assert any(f"host bridge {hb.ids}" in r and "not in the P2PDMA whitelist" in r
-                   for r in dec.reasons)
+    expected_distance = len(topo.upstream_chain(nvme)) + len(topo.upstream_chain(sibling))
+
+    zen = Topology("/sys", cpu=ZEN3_CPU).distance(nvme, [sibling])  # the host's EPYC
+    assert (zen.map_type, zen.distance) == (MAP_THRU_HOST_BRIDGE, expected_distance)
+    intel = Topology("/sys", cpu=INTEL_CPU).distance(nvme, [sibling])
+    assert (intel.map_type, intel.distance) == (MAP_NOT_SUPPORTED, None)
+    assert any(f"host bridge {hb.ids}" in r and "not in the P2PDMA whitelist" in r
+               for r in intel.reasons)
+    # Under TCG the guest sees QEMU's CPU model (qemu64: AuthenticAMD family 0xf, pre-Zen),
+    # not the host's; whatever it is, the guest's own CPU must follow the same rule.
+    guest_view = topo.distance(nvme, [sibling])
+    assert guest_view.map_type == (
+        MAP_THRU_HOST_BRIDGE if topo.cpu.supports_p2pdma else MAP_NOT_SUPPORTED)
+
+
+def lspci_acs_redirects(bdf: str) -> bool | None:
+    """What lspci decodes from ACSCtl: True/False, or None without an ACS capability."""
+    out = guest.sh("lspci", "-vvv", "-s", bdf).stdout
+    line = next((x for x in out.splitlines() if "ACSCtl:" in x), None)
+    if line is None:
+        return None
+    return any(f"{flag}+" in line for flag in ("ReqRedir", "CmpltRedir", "EgressCtrl"))
+
+
+@pytest.mark.vm
+@needs_vm
+def test_qemu_switch_in_the_vm():
+    """Needs the switch: python -m nvmet_p2p.vm run --switch -- python -m pytest -m vm
+    tests/test_topology.py -k switch"""
+    topo = Topology("/sys")
+    behind = [b for b in qemu_nvmes() if len(topo.upstream_chain(b)) == 4]
+    if len(behind) < 2:
+        pytest.skip("no PCIe switch with two NVMe (boot the VM with --switch)")
+    a, b = behind[:2]
+    dec = topo.distance(a, [b])
+    # nvme -> DSP -> USP <- DSP <- nvme, as in the kernel's own comment
+    assert dec.distance == 4
+    usp = topo.pci_dev(dec.clients[0].path[2])
+    assert usp.pcie_type == 0x5  # switch upstream port
+    expected = tuple(x for x in dec.clients[0].path if lspci_acs_redirects(x))
+    assert set(dec.clients[0].acs_redirect) == set(expected)
+    assert dec.map_type == (MAP_BUS_ADDR if not expected else
+                            MAP_THRU_HOST_BRIDGE if topo.cpu.supports_p2pdma else
+                            MAP_NOT_SUPPORTED)
