@@ -95,7 +95,7 @@ class RdmaConnection:
         self.send_ring = RegisteredBuffer(self.dev.pd, self.depth * CAPSULE_SLOT)
         self.rings = [self.recv, self.send_ring]
         self.free_send = list(range(self.depth))
-        self.qp.to_init(self.cm_id)
+        self.qp.to_init(self.cm_id, remote_access=True)
         for slot in range(self.depth):
             self._post_recv(slot)
         resp = min(HOST_RESPONDER_RESOURCES, self.dev.max_qp_rd_atom)

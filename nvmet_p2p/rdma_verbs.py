@@ -152,10 +152,17 @@ class QueuePair:
         self.to_init(cm_id)
         self.to_rts(cm_id, max_rd_atomic=max_rd_atomic, max_dest_rd_atomic=max_dest_rd_atomic)
 
-    def to_init(self, cm_id: CmId) -> None:
-        """RESET -> INIT: RECVs can be posted from here on (the active side, before connect)."""
+    def to_init(self, cm_id: CmId, *, remote_access: bool = False) -> None:
+        """RESET -> INIT: RECVs can be posted from here on.
+
+        `remote_access`: let the peer RDMA READ/WRITE through this QP (a host exposing
+        its buffers).  Before rdma_connect the CM does not know our responder resources
+        yet and would grant remote writes only.
+        """
         assert self.qp is not None
         cattr, mask = cm_id.init_qp_attr(IBV_QPS_INIT)
+        if remote_access:
+            cattr.qp_access_flags |= e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
         self.qp.modify(to_qp_attr(cattr), mask)
 
     def to_rts(self, cm_id: CmId, *, max_rd_atomic: int, max_dest_rd_atomic: int) -> None:
