@@ -155,10 +155,13 @@ class Ctrl:
             self.aer_reqs.popleft().complete(Status.ABORT_REQ)
 
     def ns_changed(self, nsid: int) -> None:
-        if nsid not in self.changed_ns and len(self.changed_ns) < MAX_CHANGED_NS:
-            self.changed_ns.append(nsid)
-        elif len(self.changed_ns) >= MAX_CHANGED_NS:
-            self.changed_ns = [0xFFFFFFFF]
+        # as nvmet_add_to_changed_ns_log(): once more than 1024 changed, the list is the
+        # single entry 0xFFFFFFFF until the host reads it
+        if self.changed_ns != [0xFFFFFFFF] and nsid not in self.changed_ns:
+            if len(self.changed_ns) < MAX_CHANGED_NS:
+                self.changed_ns.append(nsid)
+            else:
+                self.changed_ns = [0xFFFFFFFF]
         if self.aen_enabled & AEN_CFG_NS_ATTR and not self.aen_masked & AEN_CFG_NS_ATTR:
             self.aen_masked |= AEN_CFG_NS_ATTR  # one event until the host reads log 0x04
             self.add_event(AER_TYPE_NOTICE, AER_NOTICE_NS_CHANGED, LOG_CHANGED_NS)
