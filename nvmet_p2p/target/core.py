@@ -177,6 +177,13 @@ class Target(TreeHooks):
         self.discovery_changed()
 
     def port_remove_subsys(self, port: Any, subsys_cfg: Any) -> None:
+        # as nvmet_port_del_ctrls(): controllers reached through this link go with it
+        subsys = self._subsystems.get(subsys_cfg.nqn)
+        for ctrl in list(subsys.ctrls.values()) if subsys is not None else []:
+            if ctrl.port is port:
+                log.info("ctrl %d: %s unlinked from port %d; deleting", ctrl.cntlid,
+                         subsys.nqn, port.portid)
+                ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)

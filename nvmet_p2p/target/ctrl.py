@@ -115,6 +115,12 @@ class Ctrl:
         log.warning("ctrl %d (%s on %s): %s; tearing down", self.cntlid, self.hostnqn,
                     self.subsys.nqn, why)
         self.csts |= CSTS_CFS
+        self.delete()
+
+    def delete(self) -> None:
+        """End the association: every transport tears this controller's queues down."""
+        if self.dead:
+            return
         self.dead = True
         transports = {id(sq.ops): sq.ops for sq in self.sqs.values()} or {id(self.ops): self.ops}
         for ops in transports.values():
