@@ -473,3 +473,36 @@ def test_ns_disable_inflight_file_backend(env: LoopEnv) -> None:
     assert ns.inflight == 0 and ns.backend._closed
     env.root.subsystems[SUBNQN].namespaces[1].enable = True  # same file, data persisted
     assert h.read(1, 2048, 2048) == data
+
+
+# -- configuration changes under live controllers ------------------------------------------
+
+def test_unlink_subsystem_deletes_its_controllers(target_env: LoopEnv) -> None:
+    from nvmet_p2p.spec.command import DISCOVERY_NQN
+    env = target_env
+    h = env.connect(nr_io_queues=2)
+    disc = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    env.port().unlink_subsystem(SUBNQN)  # as nvmet_port_del_ctrls()
+    assert not env.target.get_subsys(SUBNQN).ctrls
+    assert not h.admin.connected and not any(q.connected for q in h.io.values())
+    ctrl = env.target.get_subsys(DISCOVERY_NQN).ctrls[disc.cntlid]
+    assert not ctrl.csts & CSTS_CFS  # a deletion, not a fatal error
+    assert SUBNQN not in [e.subnqn for e in disc.discover()]  # discovery lives on
+    env.port().link_subsystem(SUBNQN)
+    h2 = env.connect()
+    h2.write(1, 0, b"u" * 512)
+    assert h2.read(1, 0, 1) == b"u" * 512
+
+
+def test_changed_ns_list_overflow(target_env: LoopEnv) -> None:
+    h = target_env.connect()
+    ctrl = target_env.target.get_subsys(SUBNQN).ctrls[h.cntlid]
+    for nsid in range(1, 1025):
+        ctrl.ns_changed(nsid)
+    ctrl.ns_changed(5)  # already listed: the full list does not overflow
+    page = h.get_log_page(lg.LogId.CHANGED_NS, 4096, rae=True)
+    assert lg.decode_changed_ns_list(page) == list(range(1, 1025))
+    ctrl.ns_changed(2000)
+    ctrl.ns_changed(2001)  # overflow is sticky
+    assert lg.decode_changed_ns_list(h.get_log_page(lg.LogId.CHANGED_NS, 4096)) == [0xFFFFFFFF]
+    assert lg.decode_changed_ns_list(h.get_log_page(lg.LogId.CHANGED_NS, 4096)) == []
