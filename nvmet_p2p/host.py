@@ -19,8 +19,20 @@ from typing import TYPE_CHECKING
 
 from .spec import identify as idf
 from .spec import log as lg
-from .spec.command import (ADMIN_CNTLID_DYNAMIC, SQE_SIZE, AdminOpcode, ConnectData,
-                           Cqe, FabricsType, IoOpcode, Psdt, Sgl, SglType, Sqe, fabrics_sqe)
+from .spec.command import (
+    ADMIN_CNTLID_DYNAMIC,
+    SQE_SIZE,
+    AdminOpcode,
+    ConnectData,
+    Cqe,
+    FabricsType,
+    IoOpcode,
+    Psdt,
+    Sgl,
+    SglType,
+    Sqe,
+    fabrics_sqe,
+)
 from .spec.status import status_name
 
 if TYPE_CHECKING:
@@ -327,7 +339,7 @@ class LoopQueue(HostQueue):
         self._waiter = loop.create_future()
         try:
             loop.run_until_complete(asyncio.wait_for(asyncio.shield(self._waiter), timeout))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._waiter = None

@@ -14,7 +14,7 @@ from ..spec import log as lg
 from ..spec.command import AdminOpcode
 from ..spec.status import DNR, Status
 from . import discovery, fabrics
-from .ctrl import ASYNC_EVENTS, ERROR_LOG_SLOTS, AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR
+from .ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR, ASYNC_EVENTS, ERROR_LOG_SLOTS
 from .request import DataDir
 
 if TYPE_CHECKING:

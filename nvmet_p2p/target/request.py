@@ -13,7 +13,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from ..spec.command import Cqe, Sqe, SQE_SIZE
+from ..spec.command import SQE_SIZE, Cqe, Sqe
 from ..spec.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -32,8 +32,22 @@ Handler = Callable[["Request"], None]
 
 
 class Request:
-    __slots__ = ("sq", "capsule", "cmd", "cqe", "transfer_len", "data_dir", "buf", "ns",
-                 "priv", "p2p_dev", "handler", "error_loc", "completed", "chunk")
+    __slots__ = (
+        "buf",
+        "capsule",
+        "chunk",
+        "cmd",
+        "completed",
+        "cqe",
+        "data_dir",
+        "error_loc",
+        "handler",
+        "ns",
+        "p2p_dev",
+        "priv",
+        "sq",
+        "transfer_len",
+    )
 
     def __init__(self, sq: SQ, capsule: bytes | memoryview) -> None:
         self.sq = sq
