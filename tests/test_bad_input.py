@@ -11,13 +11,23 @@ import random
 from collections.abc import Callable
 
 import pytest
-
 from conftest import HOSTNQN, SUBNQN, LoopEnv
+
 from nvmet_p2p.host import LoopHost, LoopQueue
 from nvmet_p2p.spec import log as lg
-from nvmet_p2p.spec.command import (ADMIN_CNTLID_DYNAMIC, DISCOVERY_NQN, AdminOpcode,
-                                    ConnectData, Cqe, FabricsType, IoOpcode, Sgl, SglType,
-                                    Sqe, fabrics_sqe)
+from nvmet_p2p.spec.command import (
+    ADMIN_CNTLID_DYNAMIC,
+    DISCOVERY_NQN,
+    AdminOpcode,
+    ConnectData,
+    Cqe,
+    FabricsType,
+    IoOpcode,
+    Sgl,
+    SglType,
+    Sqe,
+    fabrics_sqe,
+)
 from nvmet_p2p.spec.status import status_name
 
 DNR = 0x4000
@@ -79,12 +89,12 @@ IATTR_DATA = 1 << 16
 
 CONNECT_CASES: dict[str, tuple[dict, int, int | None]] = {
     # name: (raw_connect arguments, status, Connect result dword 0)
-    "recfmt": (dict(recfmt=1), 0x180 | DNR, None),
-    "admin sqsize 0": (dict(sqsize=0), 0x182 | DNR, 44),
-    "admin sqsize too big": (dict(size=64, sqsize=32), 0x182 | DNR, 44),
-    "admin sqsize above the queue": (dict(size=16, sqsize=20), 0x182 | DNR, 44),
-    "admin cntlid not 0xFFFF": (dict(cntlid=1), 0x182 | DNR, IATTR_DATA | 16),
-    "unknown subsystem": (dict(subnqn="nqn.2026-11.io.nvmet-p2p:nope"), 0x182 | DNR,
+    "recfmt": ({"recfmt": 1}, 0x180 | DNR, None),
+    "admin sqsize 0": ({"sqsize": 0}, 0x182 | DNR, 44),
+    "admin sqsize too big": ({"size": 64, "sqsize": 32}, 0x182 | DNR, 44),
+    "admin sqsize above the queue": ({"size": 16, "sqsize": 20}, 0x182 | DNR, 44),
+    "admin cntlid not 0xFFFF": ({"cntlid": 1}, 0x182 | DNR, IATTR_DATA | 16),
+    "unknown subsystem": ({"subnqn": "nqn.2026-11.io.nvmet-p2p:nope"}, 0x182 | DNR,
                           IATTR_DATA | 256),
 }
 
@@ -104,17 +114,17 @@ def test_connect_io_bad_fields(bad_env: LoopEnv, host: LoopHost) -> None:
     mqes = env.target.mqes(env.port())
     cases = [
         # unknown cntlid on an I/O queue: IPO points at cntlid in the data
-        (dict(qid=2, cntlid=host.cntlid + 7), 0x182 | DNR, IATTR_DATA | 16),
-        (dict(qid=2, cntlid=ADMIN_CNTLID_DYNAMIC), 0x182 | DNR, IATTR_DATA | 16),
+        ({"qid": 2, "cntlid": host.cntlid + 7}, 0x182 | DNR, IATTR_DATA | 16),
+        ({"qid": 2, "cntlid": ADMIN_CNTLID_DYNAMIC}, 0x182 | DNR, IATTR_DATA | 16),
         # unknown subsystem on an I/O queue: IPO points at subnqn
-        (dict(qid=2, cntlid=host.cntlid, subnqn=SUBNQN + "x"), 0x182 | DNR, IATTR_DATA | 256),
+        ({"qid": 2, "cntlid": host.cntlid, "subnqn": SUBNQN + "x"}, 0x182 | DNR, IATTR_DATA | 256),
         # sqsize 0 and above CAP.MQES
-        (dict(qid=2, cntlid=host.cntlid, sqsize=0), 0x182 | DNR, 44),
-        (dict(qid=2, cntlid=host.cntlid, size=mqes + 2, sqsize=mqes + 1), 0x182 | DNR, 44),
+        ({"qid": 2, "cntlid": host.cntlid, "sqsize": 0}, 0x182 | DNR, 44),
+        ({"qid": 2, "cntlid": host.cntlid, "size": mqes + 2, "sqsize": mqes + 1}, 0x182 | DNR, 44),
         # qid above the subsystem's qid_max (128)
-        (dict(qid=129, cntlid=host.cntlid), 0x182 | DNR, 42),
+        ({"qid": 129, "cntlid": host.cntlid}, 0x182 | DNR, 42),
         # the queue already exists: Command Sequence Error (kernel nvmet_install_queue)
-        (dict(qid=1, cntlid=host.cntlid), 0x00C | DNR, None),
+        ({"qid": 1, "cntlid": host.cntlid}, 0x00C | DNR, None),
     ]
     for kwargs, status, result in cases:
         cqe, _ = raw_connect(env, host, **kwargs)
@@ -315,10 +325,10 @@ def test_bad_lid(bad_env: LoopEnv, host: LoopHost, lid: int) -> None:
 
 
 def test_bad_property(bad_env: LoopEnv, host: LoopHost) -> None:
-    for fctype, fields in [(FabricsType.PROPERTY_GET, dict(offset=0x24)),
-                           (FabricsType.PROPERTY_GET, dict(attrib=1, offset=0x14)),
-                           (FabricsType.PROPERTY_SET, dict(offset=0x1C, value=1)),
-                           (FabricsType.PROPERTY_SET, dict(attrib=1, offset=0x14))]:
+    for fctype, fields in [(FabricsType.PROPERTY_GET, {"offset": 0x24}),
+                           (FabricsType.PROPERTY_GET, {"attrib": 1, "offset": 0x14}),
+                           (FabricsType.PROPERTY_SET, {"offset": 0x1C, "value": 1}),
+                           (FabricsType.PROPERTY_SET, {"attrib": 1, "offset": 0x14})]:
         cqe, _ = host.admin.execute(fabrics_sqe(fctype, **fields))
         expect(cqe, 0x002 | DNR)
     after(bad_env, host)

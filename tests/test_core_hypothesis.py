@@ -21,14 +21,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+from conftest import SUBNQN, LoopEnv
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import SUBNQN, LoopEnv
 from nvmet_p2p.host import LoopHost, LoopQueue
-from nvmet_p2p.spec.command import (DISCOVERY_NQN, SQE_SIZE, ConnectData, Cqe, Sgl, Sqe)
+from nvmet_p2p.spec.command import DISCOVERY_NQN, Cqe, Sgl, Sqe
 
 DNR = 0x4000
 NS_SIZE = 1 << 20

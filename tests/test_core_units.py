@@ -6,16 +6,23 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import SUBNQN, LoopEnv
 
 import nvmet_p2p.target.core as core_mod
-from conftest import SUBNQN, LoopEnv
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.backends.memory import MemoryBackend
 from nvmet_p2p.host import CC_ENABLE, LoopHost
 from nvmet_p2p.spec import identify as idf
 from nvmet_p2p.spec import log as lg
-from nvmet_p2p.spec.command import (ADMIN_CNTLID_DYNAMIC, AdminOpcode, ConnectData,
-                                    FabricsType, IoOpcode, Sqe, fabrics_sqe)
+from nvmet_p2p.spec.command import (
+    ADMIN_CNTLID_DYNAMIC,
+    AdminOpcode,
+    ConnectData,
+    FabricsType,
+    IoOpcode,
+    Sqe,
+    fabrics_sqe,
+)
 
 DNR = 0x4000
 PROP_CAP, PROP_VS, PROP_CC, PROP_CSTS = 0x00, 0x08, 0x14, 0x1C
@@ -440,7 +447,7 @@ def test_ns_disable_completes_inflight_first(target_env: LoopEnv, monkeypatch) -
     w = q1.submit(Sqe(opcode=IoOpcode.WRITE, nsid=2, cdw10=4, cdw12=1), data=data)
     r = q2.submit(Sqe(opcode=IoOpcode.READ, nsid=2, cdw12=0), read_len=512)
     ns = env.ns(2)
-    assert ns.inflight == 2 and not backend.held == []
+    assert ns.inflight == 2 and backend.held
     sub.namespaces[2].enable = False
     assert env.ns(2) is None and ns.closing and backend.closed_with_held is None
     # new I/O to the disabled namespace: Invalid Namespace, even while old I/O runs

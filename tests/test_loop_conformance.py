@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import NS_SIZE, PORTID, SUBNQN, LoopEnv
+from transport_conformance import CHECKS, Connect, TargetSide
+
 from nvmet_p2p.host import Host
 from nvmet_p2p.spec import log as lg
-from transport_conformance import CHECKS, Connect, TargetSide
 
 LOOP_QUIET = 0.05  # loop delivers completions synchronously: no round trip to wait for
 
