@@ -389,6 +389,10 @@ class SysfsBarProvider(_MappedFileProvider):
     mapping succeeds; otherwise UC and `wc_reason` says why.  "Prefetchable" is reported but
     never taken as permission to write-combine (REFERENCE.md §6).
 
+    With CONFIG_IO_STRICT_DEVMEM (Debian's default) the kernel refuses the mmap (EINVAL)
+    while a driver holds the BAR (nvme, or vfio-pci once it has mapped it): use it for BARs
+    no driver claims, and `VfioBarProvider` for devices our own driver owns.
+
     `bus_offset` is the host bridge's CPU-to-bus offset as the kernel keeps it
     (`resource_entry.offset`): CPU physical = bus + bus_offset, so a chunk's bus address is
     `BAR start (CPU physical, from sysfs) - bus_offset + offset in BAR`.

@@ -53,6 +53,55 @@ def bdf():
     return bdf
 
 
+def _driver(bdf: str) -> str | None:
+    drv = SYS / bdf / "driver"
+    return os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
+
+
+def _copy_bw(access: AccessRules, dst, n: int) -> float:
+    """Best of three timed copies after a warm-up (TCG translates code on first use)."""
+    data = pattern(n, 5)
+    copy_into(dst, data[:65536], access)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        copy_into(dst, data, access)
+        best = min(best, time.perf_counter() - t)
+    return n / best / 1e6
+
+
+def test_measure_sysfs_uc_vs_wc_copy_in(bdf):
+    """CMB copy-in through resource2 (UC) and resource2_wc (WC), with no driver bound.
+
+    Runs before the driver takes the device: with CONFIG_IO_STRICT_DEVMEM (Debian) sysfs
+    BAR mmap is refused (EINVAL) while any driver has the BAR claimed.
+    """
+    before = _driver(bdf)
+    if before:
+        (SYS / bdf / "driver/unbind").write_text(bdf)
+    try:
+        n = 1 << 20
+        res = {}
+        data = pattern(n, 77)
+        with SysfsBarProvider("/sys", bdf, 2, size=n) as uc, \
+                SysfsBarProvider("/sys", bdf, 2, wc=True, size=n) as wc:
+            assert uc.mapping == "uc" and uc.prefetchable
+            assert wc.mapping == "wc", wc.wc_reason
+            cu, cw = uc.alloc(n), wc.alloc(n)
+            assert cu.offset == cw.offset == 0
+            res["sysfs_uc_MBps"] = round(_copy_bw(uc.access, cu, n), 2)
+            res["sysfs_wc_MBps"] = round(_copy_bw(wc.access, cw, n), 2)
+            copy_into(cw, data, wc.access)
+            t = time.perf_counter()
+            assert copy_from(cu, uc.access) == data  # same BAR bytes through both mappings
+            res["sysfs_uc_read_MBps"] = round(n / (time.perf_counter() - t) / 1e6, 2)
+        FIGURES["cmb_copy_in"] = res
+    finally:
+        if before:
+            (Path("/sys/bus/pci/drivers") / before / "bind").write_text(bdf)
+            assert _driver(bdf) == before
+
+
 @pytest.fixture(scope="module")
 def ctrl(bdf):
     from nvmet_p2p.backends.vfio_nvme import VfioNvmeBackend
@@ -192,32 +241,16 @@ def test_attach_polls_on_the_loop(ctrl):
 # -- figures ---------------------------------------------------------------------------------
 
 
-def _copy_bw(access: AccessRules, view_of, n: int) -> float:
-    data = pattern(n, 5)
-    t = time.perf_counter()
-    copy_into(view_of, data, access)
-    return n / (time.perf_counter() - t) / 1e6
-
-
-def test_measure_cmb_copy_in_uc_wc_vfio(ctrl, bdf):
+def test_measure_cmb_copy_in_vfio(ctrl):
     if ctrl.cmb is None:
         pytest.skip(ctrl.cmb_reason)
     n = 1 << 20
-    res = {}
     c = ctrl.cmb.alloc(n)
-    res["vfio_uc_MBps"] = round(_copy_bw(ctrl.cmb.access, c, n), 2)
-    c.free()
-    for wc in (False, True):
-        try:
-            with SysfsBarProvider("/sys", bdf, 2, wc=wc, size=n) as p:
-                ch = p.alloc(n)
-                res[f"sysfs_{p.mapping}_MBps"] = round(_copy_bw(p.access, ch, n), 2)
-                if wc:
-                    res["wc_reason"] = p.wc_reason
-        except P2PError as e:
-            res[f"sysfs_wc={wc}_error"] = str(e)
-    FIGURES["cmb_copy_in"] = res
-    assert res.get("vfio_uc_MBps", 0) > 0
+    try:
+        FIGURES.setdefault("cmb_copy_in", {})["vfio_uc_MBps"] = round(
+            _copy_bw(ctrl.cmb.access, c, n), 2)
+    finally:
+        c.free()
 
 
 @pytest.mark.parametrize("qd", [1, 32])
