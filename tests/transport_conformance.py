@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pytest
+
 from nvmet_p2p.host import Host, NvmeError
 from nvmet_p2p.spec import log as lg
 from nvmet_p2p.spec.command import DISCOVERY_NQN, AdminOpcode, IoOpcode, Sqe
@@ -265,7 +267,6 @@ def check_keep_alive(make_pair: MakePair) -> None:
     side, connect = make_pair()
     clock = side.clock
     if clock is None:
-        import pytest
         pytest.skip("this transport pair has no fake clock: keep-alive expiry is not driven")
     host = connect(kato_ms=5000, nr_io_queues=2)
     other = connect(kato_ms=0)  # no keep-alive: never expires
