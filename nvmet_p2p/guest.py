@@ -180,6 +180,21 @@ def namespace_block_device(subnqn: str, nsid: int = 1, timeout: float = 30.0,
     return wait_for(probe, timeout, f"namespace {nsid} of {subnqn} as a block device")
 
 
+# -- scratch files ------------------------------------------------------------------------
+
+def shm_file(name: str, size: int, shm: Path = Path("/dev/shm")) -> Path:
+    """A sparse file on the guest's tmpfs, for namespace backing.
+
+    Not in /tmp: the guest's /tmp is an overlay, which reports i_blkbits 0, so the kernel
+    target advertises 1-byte LBAs and the host sees a zero-sized disk.  tmpfs refuses
+    O_DIRECT in 6.1, so the kernel target needs buffered_io=1 on these files.
+    """
+    path = shm / name
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 # -- fio ----------------------------------------------------------------------------------
 
 def run_fio(job: str | Sequence[str], timeout: float = 600.0) -> dict[str, Any]:
@@ -195,12 +210,12 @@ def run_fio(job: str | Sequence[str], timeout: float = 600.0) -> dict[str, Any]:
         result = json.loads(cp.stdout[start:]) if start >= 0 else None
     except json.JSONDecodeError:
         result = None
+    notes = cp.stdout[:start] if start >= 0 else cp.stdout[-2000:]
     if cp.returncode != 0 or result is None:
-        raise VMError(f"fio exit {cp.returncode}: {cp.stderr.strip()[-2000:]}"
-                      f"{cp.stdout[:start if start > 0 else 2000]}")
+        raise VMError(f"fio exit {cp.returncode}: {cp.stderr.strip()[-2000:]} {notes.strip()}")
     errors = [j.get("error", 0) for j in result.get("jobs", [])]
     if any(errors):
-        raise VMError(f"fio job errors {errors}: {cp.stderr.strip()[-2000:]}")
+        raise VMError(f"fio job errors {errors}: {cp.stderr.strip()[-2000:]} {notes.strip()}")
     return result
 
 

@@ -76,8 +76,9 @@ class KernelTarget:
     def _load_modules(self) -> None:
         if self.root != CONFIGFS_NVMET:
             return  # a test tree, not the kernel's
-        for mod in ("nvmet", _TRANSPORT_MODULES[self.trtype]):
+        for mod in ("configfs", "nvmet", _TRANSPORT_MODULES[self.trtype]):
             subprocess.run(["modprobe", mod], check=True, capture_output=True, timeout=60)
+        mount_configfs()
         if not self.root.exists():
             raise VMError(f"{self.root} missing: is configfs mounted?")
 
@@ -127,6 +128,15 @@ class KernelTarget:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.teardown()
+
+
+def mount_configfs(mountpoint: Path = CONFIGFS_NVMET.parent) -> None:
+    """Mount configfs unless it already is (the VM's init does not mount it)."""
+    with open("/proc/mounts") as f:
+        if any(line.split()[1:3] == [str(mountpoint), "configfs"] for line in f):
+            return
+    subprocess.run(["mount", "-t", "configfs", "configfs", str(mountpoint)], check=True,
+                   capture_output=True, timeout=60)
 
 
 def _write(path: Path, value: str) -> None:
