@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .cmb import copy_from, copy_into
 from .spec.command import SQE_SIZE
 from .spec.status import DNR, Status
 from .target.request import DataDir
@@ -98,13 +99,20 @@ class LoopConnection:
         if m.kind == SglKind.INLINE:
             req.buf = memoryview(capsule)[SQE_SIZE + m.offset:SQE_SIZE + m.offset + m.length]
         elif m.kind == SglKind.KEYED:
-            req.buf = memoryview(bytearray(m.length))
+            chunk = req.p2p_dev.alloc(m.length) if req.p2p_dev is not None else None
+            if chunk is not None:
+                req.chunk, req.buf = chunk, chunk.view
+            else:  # no P2P provider, or it is exhausted: system memory for this request
+                req.buf = memoryview(bytearray(m.length))
             if req.data_dir == DataDir.TO_CTRL:
                 src = self.mem.window(m.key, m.addr, m.length)
                 if src is None:
                     req.complete(Status.DATA_XFER_ERROR | DNR)
                     return
-                req.buf[:] = src
+                if chunk is not None:
+                    copy_into(chunk, src, chunk.provider.access)  # BAR memory: its rules
+                else:
+                    req.buf[:] = src
         req.execute()
 
     def disconnect(self) -> None:
@@ -140,8 +148,14 @@ class LoopTransport:
             dst = conn.mem.window(m.key, m.addr, m.length)
             if dst is None:
                 req.cqe.status = Status.DATA_XFER_ERROR | DNR
+            elif req.chunk is not None:
+                dst[:] = copy_from(req.chunk.view, req.chunk.provider.access)
             else:
                 dst[:] = req.buf
+        if req.chunk is not None:
+            req.buf = None
+            req.chunk.free()
+            req.chunk = None
         if conn.connected:
             conn.on_cqe(req.cqe.encode())
 

@@ -15,6 +15,7 @@ from typing import Any
 from ..backends import open_backend
 from ..configfs import Root, TreeHooks
 from ..errors import BackendError, ConfigError, NvmetError
+from ..p2p import P2PPolicy
 from ..spec.command import DISCOVERY_NQN
 from .clock import Clock
 from .ctrl import Ctrl
@@ -33,7 +34,7 @@ CAP_CSS_NVM = 1 << 37
 
 class Target(TreeHooks):
     def __init__(self, root: Root | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, p2p: P2PPolicy | None = None) -> None:
         self.root = root if root is not None else Root()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.clock = clock or Clock()
@@ -44,6 +45,7 @@ class Target(TreeHooks):
         self.disc_genctr = 0
         self.mdts = MDTS
         self.max_transfer = PAGE_SIZE << MDTS
+        self.p2p = p2p if p2p is not None else P2PPolicy()
         self.root.hooks = self
 
     # -- setup ----------------------------------------------------------------
@@ -98,6 +100,8 @@ class Target(TreeHooks):
         sq.ctrl = ctrl
         log.info("ctrl %d: %s connected to %s (kato %ss)", cntlid, hostnqn, subsys.nqn,
                  ctrl.kato)
+        for ns in list(subsys.ns.values()):  # the P2P choice is made per controller at Connect
+            self.p2p.provider_for(ctrl, ns)
         return ctrl
 
     def remove_ctrl(self, ctrl: Ctrl) -> None:
@@ -202,6 +206,15 @@ class Target(TreeHooks):
             ctrl.disc_changed()
 
     # -- status -----------------------------------------------------------------
+    def p2p_status(self) -> dict:
+        """The P2P decision of every live (controller, namespace), and the providers."""
+        decisions = [dict(d.to_json(), cntlid=c.cntlid) for c in self.controllers()
+                     for d in c.p2p.values()]
+        namespaces = [ns for s in self._subsystems.values() for ns in s.ns.values()]
+        providers = [c.provider.describe() for c in self.p2p.candidates(namespaces)
+                     if c.provider is not None]
+        return {"decisions": decisions, "providers": providers}
+
     def status(self) -> dict:
         subsystems = {}
         for nqn in self.root.subsystems:
@@ -213,6 +226,7 @@ class Target(TreeHooks):
             "subsystems": subsystems,
             "controllers": [c.describe() for c in self.controllers()],
             "disc_genctr": self.disc_genctr,
+            "p2p": self.p2p_status(),
             "transports": {name: (ops.resources() if hasattr(ops, "resources") else {})
                            for name, ops in self.transports.items()},
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from ..p2p import P2PPolicy, is_p2p_chunk
 from ..spec.command import IoOpcode
 from ..spec.status import DNR, Status
 from .request import DataDir
@@ -60,6 +61,9 @@ def parse(req: Request) -> int:
         return Status.INVALID_OPCODE | DNR
     ns.get()
     req.ns = ns
+    if req.transfer_len and op in (IoOpcode.READ, IoOpcode.WRITE) and cmd.sgl.keyed:
+        # P2P only for data the transport moves itself (keyed SGLs), never in-capsule data
+        req.p2p_dev = req.sq.target.p2p.provider_for(ctrl, ns)
     return 0
 
 
@@ -77,7 +81,8 @@ def _read(req: Request) -> None:
     ns = req.ns
     ns.stats["read_cmds"] += 1
     ns.stats["read_bytes"] += req.transfer_len
-    if req.chunk is not None and req.chunk.bus_addr is not None and ns.backend.accepts_p2p:
+    P2PPolicy.account(req)
+    if is_p2p_chunk(req.chunk):  # the P2P-flagged request: the device moves the data
         ns.backend.submit_read_p2p(slba, nlb, req.chunk, _done(req))
     else:
         ns.backend.submit_read(slba, nlb, req.buf, _done(req))
@@ -89,7 +94,8 @@ def _write(req: Request) -> None:
     fua = bool(req.cmd.cdw12 & RW_FUA)
     ns.stats["write_cmds"] += 1
     ns.stats["write_bytes"] += req.transfer_len
-    if req.chunk is not None and req.chunk.bus_addr is not None and ns.backend.accepts_p2p:
+    P2PPolicy.account(req)
+    if is_p2p_chunk(req.chunk):
         ns.backend.submit_write_p2p(slba, nlb, req.chunk, fua, _done(req))
     else:
         ns.backend.submit_write(slba, nlb, req.buf, fua, _done(req))
