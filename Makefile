@@ -9,11 +9,16 @@ setup:
 demo: setup
 	$(PY) -m nvmet_p2p.demo
 
+# Host-side tests first (seconds), then every vm-marked test inside one VM boot.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not vm" tests
+	$(PY) -m nvmet_p2p.vm pytest -q
 
 test-host: setup
 	$(PY) -m pytest -q -m "not vm" tests
+
+test-vm: setup
+	$(PY) -m nvmet_p2p.vm pytest -q
 
 bench: setup
 	$(PY) -m nvmet_p2p.cli bench
