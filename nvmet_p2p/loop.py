@@ -140,6 +140,11 @@ class LoopTransport:
     def remove_port(self, port: Any) -> None:
         self.ports.pop(port.portid, None)
 
+    def p2p_client(self, port: Any) -> str | None:
+        """No DMA client: the loop moves data with the CPU, so only the namespace's device
+        must reach the provider."""
+        return None
+
     def queue_response(self, req: Request) -> None:
         conn: LoopConnection = req.sq.priv
         m: DataMap | None = req.priv if isinstance(req.priv, DataMap) else None
