@@ -17,6 +17,12 @@ def _serve(args: argparse.Namespace) -> int:
     return Daemon(args.config, args.rpc_socket).run()
 
 
+def _rpc(args: argparse.Namespace) -> int:
+    from .rpc import cli_call
+
+    return cli_call(args.rpc_socket, args.method, args.params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvmet-p2p",
                                      description="Userspace NVMe-oF target with P2P offload")
@@ -30,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rpc-socket", metavar="PATH", default=None,
                        help=f"JSON-RPC control socket (e.g. {DEFAULT_RPC_SOCKET})")
     serve.set_defaults(func=_serve)
+    rpc = sub.add_parser("rpc", help="call a control-socket method (see docs/rpc.md)")
+    rpc.add_argument("--rpc-socket", metavar="PATH", default=DEFAULT_RPC_SOCKET,
+                     help=f"control socket (default: {DEFAULT_RPC_SOCKET})")
+    rpc.add_argument("method", metavar="METHOD", help="e.g. list, get, set, status")
+    rpc.add_argument("params", metavar="JSON", nargs="?", help="params as a JSON object")
+    rpc.set_defaults(func=_rpc)
     p2p_cli.add_subparsers(sub)
     return parser
 
