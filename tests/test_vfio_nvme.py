@@ -20,11 +20,13 @@ from nvmet_p2p.cmb import (AccessRules, SysfsBarProvider, SystemMemoryProvider, 
                            copy_into)
 from nvmet_p2p.errors import P2PError
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
-                       reason="needs the soft-RoCE VM (run: python -m nvmet_p2p.vm pytest)"),
-]
+_in_vm = pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
+                            reason="needs the soft-RoCE VM (run: python -m nvmet_p2p.vm pytest)")
+
+
+def vm(f):
+    """Marks a test that needs the VM's emulated NVMe, VFIO and IOMMU."""
+    return pytest.mark.vm(_in_vm(f))
 
 SYS = Path("/sys/bus/pci/devices")
 QEMU_NVME = ("0x1b36", "0x0010")
@@ -70,6 +72,7 @@ def _copy_bw(access: AccessRules, dst, n: int) -> float:
     return n / best / 1e6
 
 
+@vm
 def test_measure_sysfs_uc_vs_wc_copy_in(bdf):
     """CMB copy-in through resource2 (UC) and resource2_wc (WC), with no driver bound.
 
@@ -134,6 +137,7 @@ def pattern(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+@vm
 def test_identify(ctrl):
     assert ctrl.block_size in (512, 4096)
     assert ctrl.nblocks >= (16 << 20) // ctrl.block_size
@@ -143,6 +147,7 @@ def test_identify(ctrl):
                        "block_size": ctrl.block_size, "nblocks": ctrl.nblocks}
 
 
+@vm
 @pytest.mark.parametrize("slba,nlb", [(0, 1), (7, 8), (100, 33), (1000, 2048 + 3)])
 def test_write_read_system_memory(ctrl, slba, nlb):
     n = nlb * ctrl.block_size
@@ -153,6 +158,7 @@ def test_write_read_system_memory(ctrl, slba, nlb):
     assert back == data
 
 
+@vm
 def test_zero_copy_from_a_mapped_provider(ctrl):
     with SystemMemoryProvider(1 << 20, slab_size=1 << 20, name="pool") as pool:
         ctrl.map_provider(pool)
@@ -170,12 +176,14 @@ def test_zero_copy_from_a_mapped_provider(ctrl):
         assert pool.region_bus_addrs() == [None]
 
 
+@vm
 def test_out_of_range_is_refused(ctrl):
     st = run(ctrl, lambda cb: ctrl.submit_read(ctrl.nblocks - 1, 2, memoryview(bytearray(
         2 * ctrl.block_size)), cb))
     assert st & 0x7FF == 0x080  # LBA out of range
 
 
+@vm
 def test_flush_write_zeroes_discard(ctrl):
     bs = ctrl.block_size
     data = pattern(8 * bs, 3)
@@ -188,6 +196,7 @@ def test_flush_write_zeroes_discard(ctrl):
     assert run(ctrl, lambda cb: ctrl.submit_discard([(204, 4)], cb)) == 0
 
 
+@vm
 def test_cmb_is_published(ctrl):
     cmb = ctrl.cmb
     assert cmb is not None, ctrl.cmb_reason
@@ -196,6 +205,7 @@ def test_cmb_is_published(ctrl):
     FIGURES["cmb"] = {"cba": hex(ctrl.cba), "size": cmb.size, "mapping": cmb.mapping}
 
 
+@vm
 def test_p2p_write_from_cmb_and_read_back(ctrl):
     cmb, bs = ctrl.cmb, ctrl.block_size
     if cmb is None:
@@ -224,6 +234,7 @@ def test_p2p_write_from_cmb_and_read_back(ctrl):
         chunk.free()
 
 
+@vm
 def test_attach_polls_on_the_loop(ctrl):
     async def main():
         loop = asyncio.get_running_loop()
@@ -241,6 +252,7 @@ def test_attach_polls_on_the_loop(ctrl):
 # -- figures ---------------------------------------------------------------------------------
 
 
+@vm
 def test_measure_cmb_copy_in_vfio(ctrl):
     if ctrl.cmb is None:
         pytest.skip(ctrl.cmb_reason)
@@ -253,6 +265,7 @@ def test_measure_cmb_copy_in_vfio(ctrl):
         c.free()
 
 
+@vm
 @pytest.mark.parametrize("qd", [1, 32])
 def test_measure_4k_read_iops(ctrl, qd):
     bs = ctrl.block_size
@@ -282,3 +295,49 @@ def test_measure_4k_read_iops(ctrl, qd):
         ctrl.unmap_provider(pool)
     assert state["errors"] == 0 and state["done"] > 0
     FIGURES[f"read_4k_qd{qd}_iops"] = round(state["done"] / elapsed)
+
+
+# -- host side: VFIO setup errors say what is wrong ------------------------------------------
+
+
+def test_vfio_binding_absent_device(tmp_path):
+    from nvmet_p2p.vfio import VfioBinding
+    (tmp_path / "bus/pci/devices").mkdir(parents=True)
+    with pytest.raises(P2PError, match="no such PCI device"):
+        VfioBinding("0000:00:0a.0", tmp_path)
+
+
+def test_vfio_container_without_dev_vfio(tmp_path):
+    from nvmet_p2p.vfio import VfioContainer
+    with pytest.raises(P2PError, match="missing"):
+        VfioContainer(tmp_path)
+
+
+def test_vfio_binding_busy_unbind_is_undone(tmp_path):
+    from nvmet_p2p.vfio import VfioBinding
+    bdf = "0000:00:0a.0"
+    dev = tmp_path / "bus/pci/devices" / bdf
+    drivers = tmp_path / "bus/pci/drivers"
+    (drivers / "nvme").mkdir(parents=True)
+    (drivers / "vfio-pci").mkdir()
+    dev.mkdir(parents=True)
+    (dev / "driver").symlink_to(drivers / "nvme")
+    (dev / "driver_override").write_text("")
+    (drivers / "nvme/unbind").mkdir()  # writing to a directory fails like a busy unbind
+    with pytest.raises(P2PError, match="unbind"):
+        VfioBinding(bdf, tmp_path)
+    assert (dev / "driver_override").read_text() == "\n"  # override undone on failure
+
+
+def test_vfio_binding_no_iommu_group(tmp_path):
+    from nvmet_p2p.vfio import VfioBinding
+    bdf = "0000:00:0a.0"
+    dev = tmp_path / "bus/pci/devices" / bdf
+    (tmp_path / "bus/pci/drivers/vfio-pci").mkdir(parents=True)
+    dev.mkdir(parents=True)
+    (dev / "driver").symlink_to(tmp_path / "bus/pci/drivers/vfio-pci")
+    with VfioBinding(bdf, tmp_path) as b:  # already vfio-pci: left as found
+        assert b.previous == "vfio-pci"
+        with pytest.raises(P2PError, match="intel_iommu=on"):
+            b.iommu_group()
+    assert (dev / "driver").is_symlink()
