@@ -7,38 +7,58 @@ transport and the backend can use the memory.  It is made per (controller, names
 when first needed, logged once with its reason, and used per request: one contiguous
 chunk from the chosen provider, else system memory for that request (counted).
 Admin commands, Connect and in-capsule data never use P2P.
+
+The same decision, made without a controller, explains every (port, namespace) pair:
+`explain(target)` for a running target (the RPC method `p2p_explain`) and
+`explain_config(root, ...)` for a configuration file, where no backend is opened and the
+clients and providers are found from the configuration and sysfs alone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import socket
+import stat
+import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import P2PError
-from .topology import Topology, published_p2pmem
+from .topology import NOT_PCI_PHRASE, Topology, normalize_bdf, published_p2pmem
+from .topology import Decision as TopologyDecision
 
 if TYPE_CHECKING:
     from .cmb import Chunk, Provider
+    from .target.core import Target
     from .target.ctrl import Ctrl
     from .target.request import Request
-    from .target.subsys import Ns
+    from .target.subsys import Ns, Subsys
 
 log = logging.getLogger("nvmet_p2p.p2p")
 
 SYSTEM = "system memory"
 REASON_EXHAUSTED = "P2P provider exhausted"
 REASON_IN_CAPSULE = "in-capsule data"
+IP_TIMEOUT_S = 5.0  # `ip -j addr` answers in milliseconds; a hung one must not hang explain
 
 
 @dataclass
 class Candidate:
-    """A provider the policy may choose: a live object, or (offline) just its identity."""
+    """A provider the policy may choose: a live object, or (offline) just its identity.
+
+    `unusable` says why this process cannot use a provider the kernel publishes (e.g. a
+    p2pmem without `allocate`, a CMB without WDS and RDS); such a candidate is never chosen.
+    """
 
     bdf: str
     name: str
     provider: Provider | None = None
+    unusable: str | None = None
 
 
 @dataclass
@@ -60,7 +80,10 @@ class Decision:
         if self.p2p:
             return (f"{where}: P2P memory from {self.provider} ({self.map_type}, distance "
                     f"{self.distance})")
-        return f"{where}: {SYSTEM}: {self.reason}"
+        seen = ""
+        if self.provider is not None:  # refused after the topology picked a provider
+            seen = f" (nearest provider {self.provider}, distance {self.distance})"
+        return f"{where}: {SYSTEM}: {self.reason}{seen}"
 
     def to_json(self) -> dict:
         return {"portid": self.portid, "subnqn": self.subnqn, "nsid": self.nsid,
@@ -96,33 +119,44 @@ def decide(topology: Topology, *, port: Any, subnqn: str, nsid: int, ns_p2pmem: 
     if transport_reason:
         return no(transport_reason)
     clients = [c for c in (transport_client, ns_client) if c]
-    if ns_client is None:
-        return no(f"namespace {nsid}: {ns_label} is not a PCI device; it cannot be used for "
-                  "peer-to-peer DMA", clients=clients)
-    for spec in clients:
-        client = topology.resolve_client(spec)
+    if transport_client is not None:  # the RDMA device first, as the kernel lists clients
+        client = topology.resolve_client(transport_client)
         if client.bdf is None:
-            return no(client.reason or f"{spec} is not a PCI device", clients=clients)
-    pinned = ns_p2pmem if ns_p2pmem not in ("", "1") else None
-    pool = [c for c in candidates if pinned is None or c.bdf == pinned]
+            return no(client.reason or f"{transport_client} is not a PCI device",
+                      clients=clients)
+    if ns_client is None:
+        return no(f"namespace {nsid}: {ns_label} is not a PCI device; it {NOT_PCI_PHRASE}",
+                  clients=clients)
+    client = topology.resolve_client(ns_client)
+    if client.bdf is None:
+        return no(client.reason or f"{ns_client} is not a PCI device", clients=clients)
+    pinned = normalize_bdf(ns_p2pmem) if ns_p2pmem not in ("", "1") else None
+    matching = [c for c in candidates if pinned is None or c.bdf == pinned]
+    pool = [c for c in matching if c.unusable is None]
     if not pool:
+        refused = "; ".join(f"{c.name}: {c.unusable}" for c in matching)
+        if pinned and refused:
+            return no(f"namespace {nsid}: pinned provider {pinned} cannot be used: {refused}",
+                      clients=clients)
         if pinned:
             known = ", ".join(sorted({c.bdf for c in candidates})) or "none"
             return no(f"namespace {nsid}: pinned provider {pinned} is not a P2P memory "
                       f"provider (known: {known})", clients=clients)
+        if refused:
+            return no(f"no usable P2P memory provider: {refused}", clients=clients)
         return no("no P2P memory provider is available (no published p2pmem, no NVMe CMB "
                   "with WDS and RDS)", clients=clients)
     bdf, result = topology.nearest_provider([c.bdf for c in pool], clients, rng)
-    if bdf is None:
+    if not isinstance(result, TopologyDecision):
         return no("; ".join(result), clients=clients)
     chosen = [c for c in pool if c.bdf == bdf]
-    live = [c for c in chosen if c.provider is not None]
-    if live:  # among several pools behind one BDF, the one with most room
-        cand = max(live, key=lambda c: c.provider.counters()["available"])
-    else:
-        cand = chosen[0]
-    kw = dict(provider=cand.name, provider_bdf=bdf, distance=result.distance,
-              map_type=result.map_type, clients=clients)
+    live = [(c.provider.counters()["available"], i) for i, c in enumerate(chosen)
+            if c.provider is not None]
+    # among several pools behind one BDF, the one with most room
+    cand = chosen[max(live)[1]] if live else chosen[0]
+    kw: dict[str, Any] = {"provider": cand.name, "provider_bdf": bdf,
+                          "distance": result.distance, "map_type": result.map_type,
+                          "clients": clients}
     if not backend_accepts:
         return no(f"namespace {nsid}: the {ns_label} backend cannot issue P2P-flagged I/O",
                   **kw)
@@ -132,6 +166,10 @@ def decide(topology: Topology, *, port: Any, subnqn: str, nsid: int, ns_p2pmem: 
             return no(f"the transport cannot register {cand.name}: {why}", **kw)
     return Decision(port.portid, subnqn, nsid, True, f"nearest provider {cand.name}",
                     provider_obj=cand.provider, **kw)
+
+
+def _not_enabled(portid: int, subnqn: str, nsid: int) -> Decision:
+    return Decision(portid, subnqn, nsid, False, f"namespace {nsid} is not enabled")
 
 
 class P2PPolicy:
@@ -144,56 +182,74 @@ class P2PPolicy:
         self.rng = rng or random.Random()
         self._kernel_providers: dict[str, Provider] = {}
 
-    def candidates(self, namespaces: list[Ns]) -> list[Candidate]:
+    def candidates(self, namespaces: Iterable[Ns]) -> list[Candidate]:
+        """The CMBs our own NVMe driver found, then the p2pmem the kernel publishes."""
         out = []
         for ns in namespaces:
             cmb = getattr(ns.backend, "cmb", None)
             if cmb is not None and not cmb.closed:
-                out.append(Candidate(cmb.bdf, cmb.name, cmb))
+                # As the kernel: a CMB is for others only with both WDS and RDS.
+                unusable = None if getattr(cmb, "published", True) else \
+                    getattr(cmb, "publish_reason", "") or "not published"
+                out.append(Candidate(cmb.bdf, cmb.name, cmb, unusable))
         try:
             published = [p for p in published_p2pmem(self.sysfs_root) if p.published]
         except OSError:
             published = []
         for info in published:
             prov = self._kernel_providers.get(info.bdf)
-            if prov is None and info.allocatable:
+            unusable = None
+            if prov is None and not info.allocatable:
+                unusable = "p2pmem/allocate is missing (needs Linux >= 6.2)"
+            elif prov is None:
                 try:
                     from .cmb import KernelP2pmemProvider
                     prov = KernelP2pmemProvider(self.sysfs_root, info.bdf)
                     self._kernel_providers[info.bdf] = prov
                 except P2PError as e:
-                    log.info("p2pmem of %s unusable: %s", info.bdf, e)
-            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov))
+                    unusable = str(e)
+            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov, unusable))
         return out
 
-    def decide(self, ctrl: Ctrl, ns: Ns) -> Decision:
-        ops = ctrl.ops
-        port = ctrl.port
+    def decide_for(self, port: Any, ops: Any, subsys: Subsys, ns: Ns,
+                   namespaces: Iterable[Ns] | None = None) -> Decision:
+        """The decision for `ns` reached through `port` by transport `ops` (None: the
+        port's transport is not in this target); `namespaces` hold the candidate CMBs
+        (default: the subsystem's)."""
         client, reason = None, None
         client_of = getattr(ops, "p2p_client", None)
-        if client_of is None:
-            reason = f"transport {ops.trtype} cannot do peer-to-peer DMA"
+        trtype = getattr(ops, "trtype", None) or getattr(port, "addr_trtype", "?")
+        if ops is None:
+            reason = f"transport {trtype} is not available in this target"
+        elif client_of is None:
+            reason = f"transport {trtype} cannot do peer-to-peer DMA (it names no p2p_client)"
         else:
             client = client_of(port)
         backend = ns.backend
         label = f"{backend.kind} {getattr(backend, 'path', '') or ''}".strip()
+        pool = list(namespaces) if namespaces is not None else list(subsys.ns.values())
         try:
-            return decide(self.topology, port=port, subnqn=ctrl.subsys.nqn, nsid=ns.nsid,
+            return decide(self.topology, port=port, subnqn=subsys.nqn, nsid=ns.nsid,
                           ns_p2pmem=str(getattr(ns.cfg, "p2pmem", "1")),
                           transport_client=client, transport_reason=reason,
                           ns_client=backend.p2p_client, ns_label=label,
                           backend_accepts=backend.accepts_p2p,
-                          candidates=self.candidates(list(ctrl.subsys.ns.values())),
+                          candidates=self.candidates(pool),
                           can_register=getattr(ops, "p2p_can_register", None), rng=self.rng)
         except (P2PError, OSError) as e:
-            return Decision(port.portid, ctrl.subsys.nqn, ns.nsid, False,
+            return Decision(port.portid, subsys.nqn, ns.nsid, False,
                             f"topology could not be evaluated: {e}")
+
+    def decide(self, ctrl: Ctrl, ns: Ns) -> Decision:
+        return self.decide_for(ctrl.port, ctrl.ops, ctrl.subsys, ns,
+                               _target_namespaces(ctrl.target))
 
     def provider_for(self, ctrl: Ctrl, ns: Ns) -> Provider | None:
         """The provider for this controller's I/O to `ns` (None: system memory)."""
-        d = ctrl.p2p.get(ns.nsid)
+        decisions: dict[int, Decision] = ctrl.p2p  # type: ignore[assignment]
+        d = decisions.get(ns.nsid)
         if d is None or d.provider_obj is not None and d.provider_obj.closed:
-            d = ctrl.p2p[ns.nsid] = self.decide(ctrl, ns)
+            d = decisions[ns.nsid] = self.decide(ctrl, ns)
             log.info("ctrl %d (%s): %s", ctrl.cntlid, ctrl.hostnqn, d.text())
         return d.provider_obj if d.p2p else None
 
@@ -206,7 +262,8 @@ class P2PPolicy:
             ns.stats["p2p_bytes"] += req.transfer_len
             return
         ns.stats["sysmem_reqs"] += 1
-        d = req.sq.ctrl.p2p.get(ns.nsid) if req.sq.ctrl is not None else None
+        ctrl = req.sq.ctrl
+        d: Decision | None = ctrl.p2p.get(ns.nsid) if ctrl is not None else None  # type: ignore[assignment]
         if req.p2p_dev is not None:
             why = REASON_EXHAUSTED
         elif d is not None and d.p2p:
@@ -215,3 +272,198 @@ class P2PPolicy:
             why = d.reason if d is not None else SYSTEM
         by = ns.stats.setdefault("sysmem_by_reason", {})
         by[why] = by.get(why, 0) + 1
+
+
+def _target_namespaces(target: Target) -> list[Ns]:
+    """Every enabled namespace of the target: their CMBs are candidates for all of them."""
+    out: list[Ns] = []
+    for nqn in target.root.subsystems:
+        subsys = target.get_subsys(nqn)
+        if subsys is not None:
+            out.extend(ns for ns in subsys.ns.values() if not ns.closing)
+    return out
+
+
+def explain(target: Target) -> list[dict]:
+    """Decision.to_json() for every (port, linked subsystem's namespace) of a running target.
+
+    The decisions are made afresh, as a controller connecting now would get them; nothing
+    is cached or logged.  A configured namespace that is not enabled has no backend and is
+    reported as such.
+    """
+    policy: P2PPolicy = target.p2p
+    everything = _target_namespaces(target)
+    out: list[dict] = []
+    for portid in sorted(target.root.ports):
+        port = target.root.ports[portid]
+        ops = target.listening.get(portid) or target.transports.get(port.addr_trtype)
+        for nqn in port.subsystems:
+            subsys, cfg = target.get_subsys(nqn), target.root.subsystems.get(nqn)
+            if subsys is None or cfg is None:
+                continue
+            for nsid in sorted(cfg.namespaces):
+                ns = subsys.ns.get(nsid)
+                d = (_not_enabled(portid, nqn, nsid) if ns is None or ns.closing
+                     else policy.decide_for(port, ops, subsys, ns, everything))
+                out.append(d.to_json())
+    return out
+
+
+explain_live = explain  # the name the RPC method was first asked to call
+
+
+# -- offline: a configuration file, no backend opened ------------------------------------------
+
+NetdevOfAddr = Callable[[str], "str | None"]
+
+
+def netdev_of_addr(addr: str) -> str | None:
+    """The network interface holding IP address `addr` on this machine, or None."""
+    try:
+        cp = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                            timeout=IP_TIMEOUT_S, check=False)
+        links = json.loads(cp.stdout) if cp.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        links = None
+    if links is not None:
+        for link in links:
+            if any(a.get("local") == addr for a in link.get("addr_info", ())):
+                return link.get("ifname")
+        return None
+    return _netdev_of_ipv4_ioctl(addr)
+
+
+def _netdev_of_ipv4_ioctl(addr: str) -> str | None:
+    # Without iproute2: SIOCGIFADDR per interface (IPv4 only).
+    import fcntl
+    import struct
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                res = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(res[20:24]) == addr:
+                return name
+    return None
+
+
+def rdma_device_of_netdev(sysfs_root: str | os.PathLike[str], netdev: str) -> str | None:
+    """The RDMA device one of whose GIDs is on `netdev` (what rdma_cm binds to), or None."""
+    for ndev in sorted(Path(sysfs_root).glob("class/infiniband/*/ports/*/gid_attrs/ndevs/*")):
+        try:
+            if ndev.read_text().strip() == netdev:
+                return ndev.parents[3].name
+        except OSError:
+            continue  # unpopulated GID entries read as EINVAL
+    return None
+
+
+def _rdma_client(port: Any, sysfs_root: str, netdev_of: NetdevOfAddr,
+                 ) -> tuple[str | None, str | None]:
+    """(RDMA device, None) for an rdma port, or (None, why not)."""
+    addr = port.addr_traddr
+    if not addr:
+        return None, f"port {port.portid}: addr_traddr is not set"
+    netdev = netdev_of(addr)
+    if netdev is None:
+        return None, (f"port {port.portid}: no network interface has address {addr}, so "
+                      f"its RDMA device is unknown")
+    dev = rdma_device_of_netdev(sysfs_root, netdev)
+    if dev is None:
+        return None, (f"port {port.portid}: no RDMA device has a GID on {netdev} (the "
+                      f"interface holding {addr})")
+    return dev, None
+
+
+def _ns_client(ns: Any, topology: Topology) -> tuple[str | None, str, bool]:
+    """(PCI client, label, backend accepts P2P) of a configured namespace, nothing opened."""
+    from .backends import BdevBackend, FileBackend, MemoryBackend
+    kind, path = ns.device_backend, ns.device_path
+    if kind == "auto":
+        try:
+            kind = "bdev" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+        except OSError:
+            kind = "file"
+    label = f"{kind} {path}".strip()
+    if kind == "vfio-nvme":
+        from .backends.vfio_nvme import VfioNvmeBackend
+        return normalize_bdf(path), label, VfioNvmeBackend.accepts_p2p
+    if kind == "bdev":
+        from .backends.bdev import pci_function_of, sysfs_block_dir
+        client = None
+        try:
+            client = pci_function_of(sysfs_block_dir(os.stat(path).st_rdev,
+                                                     str(topology.sysfs_root)))
+        except OSError:
+            pass
+        if client is None:  # by name under class/block (synthetic trees, captured /sys)
+            try:
+                client = topology.resolve_client(path).bdf
+            except P2PError:
+                client = None
+        return client, label, BdevBackend.accepts_p2p
+    backend_cls = MemoryBackend if kind == "memory" else FileBackend
+    return None, label, backend_cls.accepts_p2p
+
+
+def config_candidates(root: Any, sysfs_root: str | os.PathLike[str]) -> list[Candidate]:
+    """Published kernel p2pmem, then the CMB of every enabled vfio-nvme namespace device."""
+    out: list[Candidate] = []
+    for info in published_p2pmem(sysfs_root):
+        if info.published:
+            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}"))
+    seen = set()
+    for subsys in root.subsystems.values():
+        for ns in subsys.namespaces.values():
+            bdf = normalize_bdf(ns.device_path) if ns.device_backend == "vfio-nvme" else None
+            if bdf is not None and ns.enable and bdf not in seen:
+                seen.add(bdf)
+                out.append(Candidate(bdf, f"nvme-cmb of {bdf} (probed when the namespace "
+                                          "is enabled)"))
+    return out
+
+
+def explain_config(root: Any, *, sysfs_root: str = "/sys", cpu: str | None = None,
+                   netdev_of: NetdevOfAddr = netdev_of_addr,
+                   rng: random.Random | None = None) -> list[Decision]:
+    """The decision for every (port, linked subsystem's namespace) of a configuration.
+
+    No backend is opened: a namespace's PCI client is its vfio-nvme BDF or the PCI
+    function under its block device; the transport's client is the RDMA device whose
+    netdev holds the port's address (rdma) or none (loop, CPU copies); the candidates are
+    the published p2pmem and the CMBs of the vfio-nvme controllers, which are only probed
+    when their namespace is enabled.
+    """
+    topology = Topology(sysfs_root, cpu=cpu)
+    candidates = config_candidates(root, sysfs_root)
+    out = []
+    for portid in sorted(root.ports):
+        port = root.ports[portid]
+        trtype = port.addr_trtype
+        client, reason = None, None
+        if trtype == "rdma":
+            client, reason = _rdma_client(port, sysfs_root, netdev_of)
+        elif trtype != "loop":
+            reason = f"transport {trtype} cannot do peer-to-peer DMA"
+        for nqn in port.subsystems:
+            subsys = root.subsystems.get(nqn)
+            if subsys is None:
+                continue
+            for nsid in sorted(subsys.namespaces):
+                ns = subsys.namespaces[nsid]
+                if not ns.enable:
+                    out.append(_not_enabled(portid, nqn, nsid))
+                    continue
+                try:
+                    ns_client, label, accepts = _ns_client(ns, topology)
+                    d = decide(topology, port=port, subnqn=nqn, nsid=nsid,
+                               ns_p2pmem=str(ns.p2pmem), transport_client=client,
+                               transport_reason=reason, ns_client=ns_client, ns_label=label,
+                               backend_accepts=accepts, candidates=candidates, rng=rng)
+                except (P2PError, OSError) as e:
+                    d = Decision(portid, nqn, nsid, False,
+                                 f"topology could not be evaluated: {e}")
+                out.append(d)
+    return out

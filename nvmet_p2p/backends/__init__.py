@@ -1,8 +1,8 @@
 """Namespace backends and `open_backend`, the factory that turns a device path into one.
 
 The factory owns validating what the operator configured (block size, size,
-create, the kind of object at the path) and saying what to fix when it is wrong;
-each backend module owns its own I/O.
+create, the kind of object at the path, the PCI address of a vfio-nvme controller)
+and saying what to fix when it is wrong; each backend module owns its own I/O.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, P2PError
 from .base import Backend, Completion
 from .bdev import BdevBackend, open_bdev
 from .file import CompletionLoop, FileBackend, open_file
@@ -22,7 +23,7 @@ __all__ = ["Backend", "BdevBackend", "Completion", "CompletionLoop", "FileBacken
 
 log = logging.getLogger("nvmet_p2p.backend")
 
-KINDS = ("auto", "file", "bdev", "memory")
+KINDS = ("auto", "file", "bdev", "memory", "vfio-nvme")
 BLOCK_SIZES = (512, 4096)  # the LBA formats the target advertises
 
 
@@ -35,6 +36,9 @@ def open_backend(path: str, *, kind: str = "auto", block_size: int = 512,
     "memory" is only ever chosen explicitly: it needs ``size`` and ``path`` is just
     a label.  ``size`` and ``create`` make a missing file (sparse); an existing one
     is used at its own size.  ``loop`` receives completions of blocking backends.
+    "vfio-nvme" is only chosen explicitly: ``path`` is the controller's PCI address,
+    the controller is taken from its kernel driver (given back at close) and its
+    completions are polled on ``loop``.
     """
     if block_size not in BLOCK_SIZES:
         raise BackendError(f"block_size {block_size} is not supported: use 512 or 4096")
@@ -49,6 +53,8 @@ def open_backend(path: str, *, kind: str = "auto", block_size: int = 512,
         return MemoryBackend(path, size, block_size)
     if not path:
         raise BackendError("no device path is set (set device.path)")
+    if kind == "vfio-nvme":
+        return open_vfio_nvme(path, block_size=block_size, size=size, loop=loop)
     try:
         st = os.stat(path)
     except FileNotFoundError as e:
@@ -90,3 +96,33 @@ def open_backend(path: str, *, kind: str = "auto", block_size: int = 512,
         return open_file(path, block_size=block_size, size=size, create=False,
                          buffered_io=buffered_io, loop=loop)
     raise BackendError(f"{path} is neither a regular file nor a block device")
+
+
+def open_vfio_nvme(path: str, *, block_size: int, size: int | None, loop: Any) -> Backend:
+    """Namespace 1 of the PCIe NVMe controller at PCI address ``path``, through VFIO."""
+    from ..topology import normalize_bdf
+
+    bdf = normalize_bdf(path)
+    if bdf is None:
+        raise BackendError(f"{path!r} is not a PCI address: a vfio-nvme namespace needs "
+                           f"device.path set to the controller's address, e.g. 0000:00:0a.0 "
+                           f"(see lspci -D)")
+    # Imported here: the VFIO driver needs numpy and ioctls no other backend does.
+    from .vfio_nvme import VfioNvmeBackend
+
+    try:
+        backend = VfioNvmeBackend(bdf)
+    except P2PError as e:
+        raise BackendError(f"cannot take NVMe controller {bdf} through VFIO: {e} (needs "
+                           f"root, vfio-pci and an IOMMU: boot with intel_iommu=on)") from e
+    except BackendError as e:
+        raise BackendError(f"NVMe controller {bdf} through VFIO: {e}") from e
+    if size is not None:
+        log.warning("%s: size is ignored for a vfio-nvme namespace; the controller's "
+                    "namespace capacity is used", bdf)
+    if block_size != backend.block_size:
+        log.warning("%s: block_size %d is ignored; the controller's namespace is formatted "
+                    "with %d-byte blocks", bdf, block_size, backend.block_size)
+    if hasattr(loop, "call_later"):  # an asyncio loop: poll on it while I/O is in flight
+        backend.attach(loop)
+    return backend
