@@ -10,10 +10,17 @@ The guest's stdout is not reliably relayed by `vng --exec`, so a wrapper script 
 the guest redirects the user's script into a file in a shared read-write directory and
 writes the exit code next to it; the host tails that file while the VM runs.
 
+Inside the guest: NVMET_P2P_IN_VM=1, PATH starts with <repo>/.venv/bin, the cwd is the
+repo root (read-only; write scratch files to /dev/shm), and files written under
+$NVMET_P2P_VM_OUT come back to the host (run(out_dir=...), `run --out DIR`).
+
 CLI::
 
-    python -m nvmet_p2p.vm run [--cmb] [--iommu] [--switch] [--timeout S] -- CMD...
+    python -m nvmet_p2p.vm run [--cmb] [--iommu] [--switch] [--timeout S] [--out DIR] -- CMD...
     python -m nvmet_p2p.vm pytest [--allow-empty] [--vm-timeout S] [PYTEST ARGS...]
+
+KVM is used only with NVMET_P2P_VM_KVM=1; NVMET_P2P_VM_TIMEOUT overrides the default
+hard timeouts (600 s for run, 1800 s for pytest).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ PYTEST_NO_TESTS = 5
 _OUTPUT = "output.log"
 _RC = "rc"
 _STARTED = "started"
+_OUT = "out"  # what the guest leaves here is copied to run(out_dir=...)
 _POLL_S = 0.2
 
 
@@ -189,6 +197,7 @@ class VM:
             "#!/bin/bash",
             "export NVMET_P2P_IN_VM=1",
             f"export NVMET_P2P_VM_RWDIR={q(str(rwdir))}",
+            f"export NVMET_P2P_VM_OUT={q(str(rwdir / _OUT))}",
             f"export PATH={q(str(venv_bin))}:/usr/local/sbin:/usr/local/bin:$PATH",
             f"export PYTHONPATH={q(str(self.repo))}${{PYTHONPATH:+:$PYTHONPATH}}",
             # The root filesystem is read-only in the guest; unbuffered so the host can
@@ -204,11 +213,13 @@ class VM:
 
     # -- running ------------------------------------------------------------------------
 
-    def run(self, script: str, timeout: float, stream: TextIO | None = None) -> Result:
+    def run(self, script: str, timeout: float, stream: TextIO | None = None,
+            out_dir: Path | None = None) -> Result:
         """Boot a fresh VM, run `script` (bash) in it from the repo root, power off.
 
         `stream` receives the script's output as it is produced.  QEMU is killed after
-        `timeout` seconds whatever happens; the result then has returncode 124.
+        `timeout` seconds whatever happens; the result then has returncode 124.  Files the
+        script writes under $NVMET_P2P_VM_OUT are copied into `out_dir` afterwards.
         """
         vng = find_vng()
         parent = self.scratch_parent or self.repo / ".vm"
@@ -217,6 +228,8 @@ class VM:
         try:
             return self._run_in(scratch, vng, script, timeout, stream)
         finally:
+            if out_dir is not None and (scratch / "rw" / _OUT).is_dir():
+                shutil.copytree(scratch / "rw" / _OUT, out_dir, dirs_exist_ok=True)
             if not self.keep_scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
@@ -224,6 +237,7 @@ class VM:
                 stream: TextIO | None) -> Result:
         rwdir = scratch / "rw"
         rwdir.mkdir()
+        (rwdir / _OUT).mkdir()
         for img, size in self.images(scratch).items():
             with open(img, "wb") as f:
                 f.truncate(size)  # sparse
@@ -405,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, default=_env_timeout(600.0),
                      help="hard limit in seconds; QEMU is killed after it")
     run.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    run.add_argument("--out", type=Path, metavar="DIR",
+                     help="copy what the command writes under $NVMET_P2P_VM_OUT into DIR")
     run.add_argument("--vm-verbose", action="store_true",
                      help="kernel console into the scratch vng.log")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
@@ -416,14 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     vm = VM(nvme_cmb=args.cmb, iommu=args.iommu, pcie_switch=args.switch,
             memory=args.memory, cpus=args.cpus, keep_scratch=args.keep,
             verbose=args.vm_verbose)
-    return _run_cli(vm, shlex.join(command) + "\n", args.timeout)
+    return _run_cli(vm, shlex.join(command) + "\n", args.timeout, out_dir=args.out)
 
 
-def _run_cli(vm: VM, script: str, timeout: float,
-             pytest_allow_empty: bool | None = None) -> int:
+def _run_cli(vm: VM, script: str, timeout: float, pytest_allow_empty: bool | None = None,
+             out_dir: Path | None = None) -> int:
     """Run and report; `pytest_allow_empty` is None for commands that are not pytest."""
     try:
-        result = vm.run(script, timeout, stream=sys.stdout)
+        result = vm.run(script, timeout, stream=sys.stdout, out_dir=out_dir)
     except VMError as e:
         print(f"[vm] {e}", file=sys.stderr)
         return 125

@@ -164,6 +164,14 @@ def test_run_relays_output_and_exit_code(tmp_path: Path,
     assert list((tmp_path / "scratch").iterdir()) == []  # scratch removed
 
 
+def test_run_brings_out_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = fake_vm(tmp_path, monkeypatch)
+    res = m.run('mkdir "$NVMET_P2P_VM_OUT/sub"; echo 42 > "$NVMET_P2P_VM_OUT/sub/r.json"\n',
+                timeout=60, out_dir=tmp_path / "results")
+    assert res.returncode == 0
+    assert (tmp_path / "results/sub/r.json").read_text() == "42\n"
+
+
 def test_run_creates_sparse_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = fake_vm(tmp_path, monkeypatch)
     m.nvme_cmb = True
@@ -213,7 +221,8 @@ def test_cli_pytest_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     seen = []
 
-    def fake_run(self: vm.VM, script: str, timeout: float, stream=None) -> vm.Result:
+    def fake_run(self: vm.VM, script: str, timeout: float, stream=None,
+                 out_dir=None) -> vm.Result:
         seen.append((self.nvme_cmb, self.iommu, script, timeout))
         return vm.Result(vm.PYTEST_NO_TESTS, "no tests ran\n")
     monkeypatch.setattr(vm.VM, "run", fake_run)
