@@ -409,6 +409,7 @@ class Methods:
                              "daemon can read, or the nvmetcli JSON itself)")
         source = path if path is not None else "<doc>"
         doc = jsonfile.read_doc(path) if path is not None else doc
+        assert doc is not None
         root = self.root
         if not root.is_empty() and not replace:
             raise ConfigError("the target already has a configuration; pass replace: true to "
@@ -642,27 +643,42 @@ class RpcServer:
         if not isinstance(rid, (str, int, type(None))) or isinstance(rid, bool):
             return _error(None, RpcError(INVALID_REQUEST, "invalid request: id must be a "
                                          "string, an integer or null"))
+        result: Any = None
+        error: RpcError | None
         try:
             method = _check_request(req)
-            params = _bind(method, req.get("params"))
+        except RpcError as e:
+            if e.code == INVALID_REQUEST:
+                return _error(rid, e)
+            error = e
+        else:
+            result, error = await self._call(method, req.get("params"))
+        if "id" not in req:  # a notification: never answered, as the spec requires
+            if error is not None:
+                log.warning("rpc: notification %s failed: %s", req.get("method"), error)
+            return None
+        if error is not None:
+            return _error(rid, error)
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+    async def _call(self, method: str, params: Any) -> tuple[Any, RpcError | None]:
+        """Run one method; its result (JSON-safe) or the error to answer with."""
+        try:
             fn = getattr(self.methods, METHODS[method][0])
-            result = fn(**params)
+            result = fn(**_bind(method, params))
             if inspect.isawaitable(result):
                 result = await result
-            result = json.loads(json.dumps(result, default=str))  # fail here, not mid-send
+            return json.loads(json.dumps(result, default=str)), None  # fail here, not mid-send
         except RpcError as e:
-            return _error(rid, e)
+            return None, e
         except ConfigError as e:
-            return _error(rid, RpcError(CONFIG_ERROR, str(e)))
+            return None, RpcError(CONFIG_ERROR, str(e))
         except NvmetError as e:
-            return _error(rid, RpcError(TARGET_ERROR, str(e)))
+            return None, RpcError(TARGET_ERROR, str(e))
         except Exception as e:
-            log.exception("rpc: %s failed", req.get("method"))
-            return _error(rid, RpcError(INTERNAL_ERROR, f"internal error: {type(e).__name__}: "
-                                        f"{e}; see the nvmet-p2p log"))
-        if "id" not in req:
-            return None  # a notification: no answer, as the spec requires
-        return {"jsonrpc": "2.0", "id": rid, "result": result}
+            log.exception("rpc: %s failed", method)
+            return None, RpcError(INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}; "
+                                  "see the nvmet-p2p log")
 
 
 def _check_request(req: Any) -> str:
