@@ -354,7 +354,7 @@ def rdma_device_of_netdev(sysfs_root: str | os.PathLike[str], netdev: str) -> st
     for ndev in sorted(Path(sysfs_root).glob("class/infiniband/*/ports/*/gid_attrs/ndevs/*")):
         try:
             if ndev.read_text().strip() == netdev:
-                return ndev.parents[3].name
+                return ndev.parents[4].name  # <dev>/ports/<n>/gid_attrs/ndevs/<i>
         except OSError:
             continue  # unpopulated GID entries read as EINVAL
     return None

@@ -55,9 +55,11 @@ class Machine:
         _, dsps = t.switch(rp, 4)
         self.nvme = t.endpoint(dsps[0]).bdf
         self.nvme_fn1 = t.endpoint(dsps[0], 0, 1).bdf
-        self.peer1 = t.endpoint(dsps[1]).bdf
+        self.peer1_fn = t.endpoint(dsps[1])
+        self.peer1 = self.peer1_fn.bdf
         self.peer2 = t.endpoint(dsps[2]).bdf
-        nic = t.endpoint(dsps[3], vendor=0x15B3, device=0x1017, class_code=0x020000)
+        self.nic_fn = nic = t.endpoint(dsps[3], vendor=0x15B3, device=0x1017,
+                                       class_code=0x020000)
         self.nic = nic.bdf
         t.infiniband("mlx5_0", nic)
         t.netdev("eth0", nic)
@@ -65,7 +67,6 @@ class Machine:
         self.far = t.endpoint(rp2).bdf
         t.netdev("dummy0")
         t.rxe("rxe0", "dummy0")
-        self.nvme_fn = dsps[0]
 
     def bar(self, bdf: str, bar: int, size: int, start: int = 0xFE00_0000) -> None:
         """A prefetchable memory BAR whose resourceN is a regular file of `size` bytes."""
