@@ -41,7 +41,8 @@ def in_vm() -> bool:
 def sh(*cmd: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command, capture text output; a failure raises VMError with its stderr."""
     try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        cp = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                            timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise VMError(f"{' '.join(cmd)}: no result after {timeout:.0f} s") from e
     except FileNotFoundError as e:

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from nvmet_p2p.errors import VMError
 
@@ -121,7 +122,7 @@ class KernelTarget:
         for hostnqn in self.allowed_hosts:
             _rmdir(self._host_dir(hostnqn))
 
-    def __enter__(self) -> KernelTarget:
+    def __enter__(self) -> Self:
         self.setup()
         return self
 

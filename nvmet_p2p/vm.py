@@ -206,8 +206,8 @@ class VM:
             f"cd {q(str(self.repo))} || exit 1",
             f"cat /proc/uptime > {q(str(rwdir / _STARTED))}",
             f"bash {q(str(rwdir / 'script.sh'))} > {q(str(rwdir / _OUTPUT))} 2>&1 < /dev/null",
-            f"echo $? > {q(str(rwdir / _RC))}.tmp && mv {q(str(rwdir / _RC))}.tmp "
-            f"{q(str(rwdir / _RC))}",
+            f"echo $? > {q(str(rwdir / _RC))}.tmp",
+            f"mv {q(str(rwdir / _RC))}.tmp {q(str(rwdir / _RC))}",
             "",
         ])
 
