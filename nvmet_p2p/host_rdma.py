@@ -22,8 +22,16 @@ from pyverbs.wr import SGE, RecvWR, SendWR
 from .cmb import buffer_address
 from .errors import TransportError
 from .host import DEFAULT_TIMEOUT, Host, HostQueue
-from .rdma_cm import (NVMF_RDMA_MAX_INLINE, CmEvent, CmEventType, CmId, CmRequest,
-                      EventChannel, decode_cm_accept, decode_cm_reject)
+from .rdma_cm import (
+    NVMF_RDMA_MAX_INLINE,
+    CmEvent,
+    CmEventType,
+    CmId,
+    CmRequest,
+    EventChannel,
+    decode_cm_accept,
+    decode_cm_reject,
+)
 from .rdma_verbs import REMOTE_ACCESS, Device, QueuePair, RegisteredBuffer
 from .spec.command import CQE_SIZE, SQE_SIZE, Sgl, SglType
 

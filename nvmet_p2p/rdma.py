@@ -36,9 +36,19 @@ from pyverbs.wr import SGE, RecvWR, SendWR
 
 from .cmb import SystemMemoryProvider
 from .errors import NvmetError, TransportError
-from .rdma_cm import (NVMF_RDMA_MAX_INLINE, CmEvent, CmEventType, CmId, CmRejectStatus,
-                      CmRequest, EventChannel, check_cm_request, encode_cm_accept,
-                      encode_cm_reject, parse_cm_request)
+from .rdma_cm import (
+    NVMF_RDMA_MAX_INLINE,
+    CmEvent,
+    CmEventType,
+    CmId,
+    CmRejectStatus,
+    CmRequest,
+    EventChannel,
+    check_cm_request,
+    encode_cm_accept,
+    encode_cm_reject,
+    parse_cm_request,
+)
 from .rdma_verbs import Device, PoolRegistration, QueuePair, RegisteredBuffer
 from .spec.command import CQE_SIZE, SQE_SIZE
 from .spec.status import DNR, Status
@@ -104,9 +114,23 @@ class CmdState(Enum):
 class RdmaCmd:
     """The transport's per-command context (SPDK's spdk_nvmf_rdma_request)."""
 
-    __slots__ = ("index", "state", "slot", "byte_len", "req", "dmap", "chunk", "lkey",
-                 "responded", "read_done", "send_done", "busy", "recv_reposted", "wr_count",
-                 "waiting")
+    __slots__ = (
+        "busy",
+        "byte_len",
+        "chunk",
+        "dmap",
+        "index",
+        "lkey",
+        "read_done",
+        "recv_reposted",
+        "req",
+        "responded",
+        "send_done",
+        "slot",
+        "state",
+        "waiting",
+        "wr_count",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index

@@ -97,7 +97,7 @@ def decode_cm_accept(data: bytes) -> int:
     """crqsize from the target's CM REP private data."""
     if len(data) < 4:
         raise ValueError(f"CM accept private data needs 4 bytes, got {len(data)}")
-    recfmt, crqsize = struct.unpack_from("<HH", data)
+    _recfmt, crqsize = struct.unpack_from("<HH", data)
     return crqsize
 
 

@@ -15,13 +15,13 @@ import logging
 import mmap
 from collections.abc import Iterable
 
+import pyverbs.enums as e
 from pyverbs.addr import GID, AHAttr, GlobalRoute
 from pyverbs.cq import CQ
 from pyverbs.device import Context
 from pyverbs.mr import MR
 from pyverbs.pd import PD
 from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
-import pyverbs.enums as e
 
 from .cmb import buffer_address
 from .errors import TransportError
