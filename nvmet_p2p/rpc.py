@@ -545,6 +545,8 @@ def _bind(method: str, params: Any) -> dict:
         if key not in names:
             raise _bad_param(key, f"is not a param of {method}; valid: "
                              f"{', '.join(p.name for p in spec) or '(none)'}")
+    params = {k: v for k, v in params.items()  # null is "not given" for optional params
+              if v is not None or any(p.name == k and p.required for p in spec)}
     for p in spec:
         if p.name not in params:
             if p.required:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from configshell_fb import ConfigNode, ConfigShell, ExecutionError
+from configshell_fb import ConfigNode, ConfigShell, Console, ExecutionError
 
 from .errors import NvmetError
 from .rpc import NOT_AVAILABLE, RpcClient, RpcError, RpcUnreachable
@@ -194,6 +194,10 @@ def _one(completions: list[str]) -> list[str]:
     return completions
 
 
+def _group(group: str, values: dict[str, str]) -> dict | None:
+    return {group: values} if values else None
+
+
 def _p2p_decisions(status: dict) -> list[dict]:
     p2p = status.get("p2p")
     return list(p2p.get("decisions", [])) if isinstance(p2p, dict) else []
@@ -243,8 +247,8 @@ class UISubsystems(UIDirectory):
         Creates a subsystem; attr_* values may follow, e.g.
         `create nqn.2014-08.com.example:disk1 allow_any_host=1`.
         '''
-        attrs = {"attr": attr} if attr else None
-        self._created(self.call("create", path=self.rpc_path, name=nqn, attrs=attrs))
+        self._created(self.call("create", path=self.rpc_path, name=nqn, attrs=_group("attr",
+                                                                                     attr)))
 
 
 class UINamespaces(UIDirectory):
@@ -259,8 +263,8 @@ class UINamespaces(UIDirectory):
         if nsid is None:
             used = {int(n) for n in self.child_names()}
             nsid = str(next(i for i in range(1, len(used) + 2) if i not in used))
-        attrs = {"device": device} if device else None
-        self._created(self.call("create", path=self.rpc_path, name=nsid, attrs=attrs))
+        self._created(self.call("create", path=self.rpc_path, name=nsid,
+                                attrs=_group("device", device)))
 
 
 class UIPorts(UIDirectory):
@@ -271,8 +275,8 @@ class UIPorts(UIDirectory):
         Creates a port; addr_* values may follow, e.g.
         `create 1 trtype=rdma adrfam=ipv4 traddr=10.0.0.1 trsvcid=4420`.
         '''
-        attrs = {"addr": addr} if addr else None
-        self._created(self.call("create", path=self.rpc_path, name=portid, attrs=attrs))
+        self._created(self.call("create", path=self.rpc_path, name=portid,
+                                attrs=_group("addr", addr)))
 
 
 class UIReferrals(UIDirectory):
@@ -283,8 +287,8 @@ class UIReferrals(UIDirectory):
         Creates a discovery referral; addr_* values may follow, e.g.
         `create r1 trtype=rdma adrfam=ipv4 traddr=10.0.0.2 portid=2`.
         '''
-        attrs = {"addr": addr} if addr else None
-        self._created(self.call("create", path=self.rpc_path, name=name, attrs=attrs))
+        self._created(self.call("create", path=self.rpc_path, name=name,
+                                attrs=_group("addr", addr)))
 
 
 class UILinks(UIDirectory):
@@ -292,14 +296,14 @@ class UILinks(UIDirectory):
 
     source = "/"
 
-    def ui_command_create(self, nqn: str) -> None:
+    def ui_command_create(self, name: str) -> None:
         '''
         Adds a link to an existing object (see `help` for which directory).
         '''
-        self._created(self.call("create", path=self.rpc_path, name=nqn))
+        self._created(self.call("create", path=self.rpc_path, name=name))
 
     def ui_complete_create(self, parameters: dict, text: str, current_param: str) -> list[str]:
-        if current_param != "nqn":
+        if current_param != "name":
             return []
         have = set(self.child_names())
         names = [c["name"] for c in self.call("list", path=self.source)["children"]]
@@ -310,25 +314,25 @@ class UIPortSubsystems(UILinks):
     label = "Subsystems"
     source = "/subsystems"
 
-    def ui_command_create(self, nqn: str) -> None:
+    def ui_command_create(self, name: str) -> None:
         '''
-        Exports the subsystem through this port (configfs: link it here).  The port
-        starts listening with its first subsystem.
+        Exports the subsystem NQN `name` through this port (configfs: link it
+        here).  The port starts listening with its first subsystem.
         '''
-        super().ui_command_create(nqn)
+        super().ui_command_create(name)
 
 
 class UIAllowedHosts(UILinks):
     label = "Allowed hosts"
     source = "/hosts"
 
-    def ui_command_create(self, nqn: str) -> None:
+    def ui_command_create(self, name: str) -> None:
         '''
-        Allows the host (which must exist under /hosts) to connect to this subsystem.
-        Controllers already connected stay connected after a host is removed, as
-        with the kernel target; new connects are refused.
+        Allows the host NQN `name` (which must exist under /hosts) to connect to
+        this subsystem.  Controllers already connected stay connected after a host
+        is removed, as with the kernel target; new connects are refused.
         '''
-        super().ui_command_create(nqn)
+        super().ui_command_create(name)
 
 
 # -- objects ------------------------------------------------------------------------------
@@ -476,9 +480,10 @@ class UIReferral(UINode):
     def summary(self) -> tuple[str, bool | None]:
         values = self.call("get", path=self.rpc_path)
         addr, enabled = values["addr"], values[""]["enable"] == "1"
+        where = f"{addr['trtype']} {addr['traddr']}" + (f":{addr['trsvcid']}"
+                                                        if addr["trsvcid"] else "")
         state = "enabled" if enabled else "disabled"
-        return (f"{addr['trtype']} {addr['traddr']}:{addr['trsvcid']}, {state}",
-                True if enabled else None)
+        return (f"{where}, {state}", True if enabled else None)
 
     def ui_command_enable(self) -> None:
         '''
@@ -544,10 +549,40 @@ NODE_CLASSES: dict[str, type[UINode]] = {
 USER_ERRORS: tuple[type[BaseException], ...] = (ExecutionError, NvmetError, ValueError)
 
 
+class _CurrentStream:
+    """Stands for sys.<name> as it is when used, not as it was when configshell started."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(getattr(sys, self._name), attr)
+
+
+class _DebugLog:
+    """configshell's Log.debug, locating its caller with one frame instead of inspect.stack().
+
+    inspect.stack() reads the source of every frame on the stack, several ms per call and
+    a dozen calls per command; the message (file:line function() text) is the same.
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __call__(self, msg: str) -> None:
+        caller = sys._getframe(1)
+        self._log._log("debug", f"{caller.f_code.co_filename}:{caller.f_lineno} "
+                                f"{caller.f_code.co_name}() {msg}")
+
+
 def make_shell(rpc_socket: str = DEFAULT_RPC_SOCKET,
                prefs_dir: str | None = DEFAULT_PREFS_DIR) -> ConfigShell:
     """A shell whose root node talks to the daemon at `rpc_socket`."""
     shell = ConfigShell(os.path.expanduser(prefs_dir) if prefs_dir else None)
+    # configshell's Console (a Borg) took sys.stdout when it was imported; write to
+    # whatever stdout and stderr are at the time (redirected, captured).
+    Console(stdin=sys.stdin, stdout=_CurrentStream("stdout"), stderr=_CurrentStream("stderr"))
+    shell.log.debug = _DebugLog(shell.log)  # the Log is a Borg: every instance gets it
     UIRoot(shell, RpcClient(rpc_socket))
     return shell
 
