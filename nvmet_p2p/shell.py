@@ -20,7 +20,12 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from configshell_fb import ConfigNode, ConfigShell, Console, ExecutionError
+from configshell_fb import (  # type: ignore[import-untyped]
+    ConfigNode,
+    ConfigShell,
+    Console,
+    ExecutionError,
+)
 
 from .errors import NvmetError
 from .rpc import NOT_AVAILABLE, RpcClient, RpcError, RpcUnreachable
@@ -170,6 +175,15 @@ class UINode(ConfigNode):
         if parameters.get("group") == GLOBAL_GROUP:
             return super().ui_complete_get(parameters, text, current_param)
         return _one(self._complete_group_params(parameters, text, current_param, False))
+
+    def ui_command_saveconfig(self, savefile: str | None = None) -> None:
+        '''
+        Saves the whole configuration as nvmetcli JSON, atomically (from any node).
+        Without a file, the daemon writes the file it was started with (--config).
+        '''
+        path = os.path.abspath(savefile) if savefile else None
+        result = self.call("save_config", path=path)
+        self.shell.con.display(f"Configuration saved to {result['path']}.")
 
     # -- status ------------------------------------------------------------------------
     def ui_command_status(self) -> None:
@@ -343,15 +357,6 @@ class UIRoot(UINode):
 
     def summary(self) -> tuple[str, bool | None]:
         return (f"{len(self.call('status')['controllers'])} controllers", None)
-
-    def ui_command_saveconfig(self, savefile: str | None = None) -> None:
-        '''
-        Saves the configuration as nvmetcli JSON, atomically.  Without a file, the
-        daemon writes the file it was started with (--config).
-        '''
-        path = os.path.abspath(savefile) if savefile else None
-        result = self.call("save_config", path=path) if path else self.call("save_config")
-        self.shell.con.display(f"Configuration saved to {result['path']}.")
 
     def ui_command_restoreconfig(self, savefile: str, clear_existing: str = "false") -> None:
         '''

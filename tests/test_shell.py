@@ -32,8 +32,8 @@ NS = f"/subsystems/{NQN}/namespaces/1"
 
 
 @pytest.fixture
-def sh(daemon: RpcDaemon, tmp_path: Path, capfd: pytest.CaptureFixture[str]
-       ) -> Iterator[ConfigShell]:  # noqa: F811
+def sh(daemon: RpcDaemon, tmp_path: Path,  # noqa: F811
+       capfd: pytest.CaptureFixture[str]) -> Iterator[ConfigShell]:
     cs_prefs.Prefs._Prefs__borg_state.clear()  # type: ignore[attr-defined]
     cs_prefs.Prefs._prefs = {}
     with daemon.client() as c:
@@ -68,8 +68,8 @@ def build(shell: ConfigShell, capfd: pytest.CaptureFixture[str]) -> None:
                  f"/hosts create {HOST}",
                  f"/subsystems/{NQN}/allowed_hosts create {HOST}",
                  "/ports create 2 trtype=rdma adrfam=ipv4 traddr=192.0.2.1 trsvcid=4420",
-                 "/ports/2/referrals create r1 trtype=rdma adrfam=ipv4 traddr=192.0.2.9 "
-                 "portid=9"):
+                 ("/ports/2/referrals create r1 trtype=rdma adrfam=ipv4 traddr=192.0.2.9 "
+                  "portid=9")):
         ok(shell, capfd, line)
 
 
@@ -168,7 +168,7 @@ def test_saveconfig_restoreconfig_clear(sh: ConfigShell, capfd: pytest.CaptureFi
                                         ) -> None:
     build(sh, capfd)
     monkeypatch.chdir(tmp_path)  # a relative file is the shell's, not the daemon's cwd
-    assert ok(sh, capfd, "saveconfig saved.json") == (
+    assert ok(sh, capfd, "/ports/1 saveconfig saved.json") == (
         f"Configuration saved to {tmp_path / 'saved.json'}.\n")
     doc = json.loads((tmp_path / "saved.json").read_text())
     assert doc["ports"][0]["attr"] == {"allow_p2pmem": "1"}
