@@ -580,10 +580,26 @@ class _DebugLog:
                                 f"{caller.f_code.co_name}() {msg}")
 
 
+def _writable_prefs_dir(prefs_dir: str | None) -> str | None:
+    """The preferences directory if it is (or can be made) writable, else None.
+
+    configshell writes its log and history there on every command; on a read-only home
+    (a VM booted on the host's root filesystem) the shell must still work, just without.
+    """
+    if not prefs_dir:
+        return None
+    path = os.path.expanduser(prefs_dir)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
+
+
 def make_shell(rpc_socket: str = DEFAULT_RPC_SOCKET,
                prefs_dir: str | None = DEFAULT_PREFS_DIR) -> ConfigShell:
     """A shell whose root node talks to the daemon at `rpc_socket`."""
-    shell = ConfigShell(os.path.expanduser(prefs_dir) if prefs_dir else None)
+    shell = ConfigShell(_writable_prefs_dir(prefs_dir))
     # configshell's Console (a Borg) took sys.stdout when it was imported; write to
     # whatever stdout and stderr are at the time (redirected, captured).
     Console(stdin=sys.stdin, stdout=_CurrentStream("stdout"), stderr=_CurrentStream("stderr"))
