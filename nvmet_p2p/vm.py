@@ -60,6 +60,7 @@ PYTEST_NO_TESTS = 5
 _OUTPUT = "output.log"
 _RC = "rc"
 _STARTED = "started"
+_CACHED_ROOT_TAG = "nvmetp2p_root"
 _OUT = "out"  # what the guest leaves here is copied to run(out_dir=...)
 _POLL_S = 0.2
 
@@ -126,12 +127,19 @@ class VM:
     scratch_parent: Path | None = None  # None: <repo>/.vm (gitignored)
     keep_scratch: bool = False
     verbose: bool = False  # kernel console into <scratch>/vng.log, for boot failures
+    # Re-export / with 9p cache=loose and bind /usr and the repo from it: vng's root has
+    # no cache, and Python startup (thousands of stats) is ~3x faster with one.
+    cached_root: bool = True
 
     # -- command line -------------------------------------------------------------------
 
     def device_opts(self, scratch: Path) -> list[str]:
         """QEMU arguments for the emulated devices; disk images live in `scratch`."""
         opts: list[str] = []
+        if self.cached_root:
+            opts += ["-fsdev", ("local,id=nvmetp2proot,path=/,security_model=none,readonly=on,"
+                     "multidevs=remap"),
+                     "-device", f"virtio-9p-pci,fsdev=nvmetp2proot,mount_tag={_CACHED_ROOT_TAG}"]
         # intel-iommu first: QEMU wants the IOMMU created before the devices it translates.
         if self.iommu:
             opts += ["-device", "intel-iommu,caching-mode=on"]
@@ -203,13 +211,29 @@ class VM:
             # The root filesystem is read-only in the guest; unbuffered so the host can
             # relay progress as it happens.
             "export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+            *(self._cached_root_lines(rwdir) if self.cached_root else []),
             f"cd {q(str(self.repo))} || exit 1",
             f"cat /proc/uptime > {q(str(rwdir / _STARTED))}",
-            f"bash {q(str(rwdir / 'script.sh'))} > {q(str(rwdir / _OUTPUT))} 2>&1 < /dev/null",
+            f"bash {q(str(rwdir / 'script.sh'))} >> {q(str(rwdir / _OUTPUT))} 2>&1 < /dev/null",
             f"echo $? > {q(str(rwdir / _RC))}.tmp",
             f"mv {q(str(rwdir / _RC))}.tmp {q(str(rwdir / _RC))}",
             "",
         ])
+
+    def _cached_root_lines(self, rwdir: Path) -> list[str]:
+        q = shlex.quote
+        repo, rw, log = q(str(self.repo)), q(str(rwdir)), q(str(rwdir / _OUTPUT))
+        fast = "/run/nvmetp2p-root"
+        # The rw dir may live inside the repo: park it, bind the repo over, put it back.
+        return [
+            f"mkdir -p {fast} /run/nvmetp2p-rw",
+            (f"if mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=524288 "
+            f"{_CACHED_ROOT_TAG} {fast}; then"),
+            (f"  mount --bind {rw} /run/nvmetp2p-rw && mount --bind {fast}/usr /usr &&"
+            f" mount --bind {fast}{repo} {repo} && mount --bind /run/nvmetp2p-rw {rw}"
+            f" || echo '[vm] cached root: bind mounts failed' >> {log}"),
+            f"else echo '[vm] cached root: 9p mount failed, using the uncached root' >> {log}; fi",
+        ]
 
     # -- running ------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ def test_find_kernel_none(tmp_path: Path) -> None:
 
 def test_plain_vm_args_tcg_9p(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NVMET_P2P_VM_KVM", raising=False)
-    args = vm.VM(kernel=Path("/k")).vng_args(tmp_path, "bash /x/wrapper.sh")
+    args = vm.VM(kernel=Path("/k"), cached_root=False).vng_args(tmp_path, "bash /x/wrapper.sh")
     assert values_of(args, "--run") == ["/k"]
     assert "--disable-kvm" in args and "--force-9p" in args
     assert values_of(args, "--memory") == ["2G"] and values_of(args, "--cpus") == ["2"]
@@ -67,7 +67,7 @@ def test_kvm_only_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_cmb_nvme_device(tmp_path: Path) -> None:
-    m = vm.VM(kernel=Path("/k"), nvme_cmb=True, nvme_size=2 << 30)
+    m = vm.VM(kernel=Path("/k"), nvme_cmb=True, nvme_size=2 << 30, cached_root=False)
     opts = qemu_opts_of(m.vng_args(tmp_path, "x"))
     img = tmp_path / "nvme-cmb.img"
     assert opts == ["-drive", f"file={img},if=none,id=nvm0,format=raw",
@@ -77,7 +77,7 @@ def test_cmb_nvme_device(tmp_path: Path) -> None:
 
 def test_iommu_first_and_on_cmdline(tmp_path: Path) -> None:
     m = vm.VM(kernel=Path("/k"), nvme_cmb=True, iommu=True, append=["foo=1"],
-              qemu_opts=["-device", "bar"])
+              qemu_opts=["-device", "bar"], cached_root=False)
     args = m.vng_args(tmp_path, "x")
     opts = qemu_opts_of(args)
     assert opts[:2] == ["-device", "intel-iommu,caching-mode=on"]
@@ -86,7 +86,7 @@ def test_iommu_first_and_on_cmdline(tmp_path: Path) -> None:
 
 
 def test_switch_topology(tmp_path: Path) -> None:
-    m = vm.VM(kernel=Path("/k"), pcie_switch=True)
+    m = vm.VM(kernel=Path("/k"), pcie_switch=True, cached_root=False)
     devices = values_of(m.device_opts(tmp_path), "-device")
     assert devices[0] == "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1"
     assert devices[1] == "x3130-upstream,id=swup0,bus=rp0"
@@ -105,8 +105,22 @@ def test_wrapper_sets_env_and_captures(tmp_path: Path) -> None:
     assert "export NVMET_P2P_IN_VM=1" in text
     assert f"export PATH='{repo}/.venv/bin':" in text
     assert f"cd '{repo}'" in text
-    assert f"> {tmp_path / 'output.log'} 2>&1" in text
+    assert f">> {tmp_path / 'output.log'} 2>&1" in text
     assert str(tmp_path / "rc") in text
+
+
+def test_cached_root(tmp_path: Path) -> None:
+    m = vm.VM(kernel=Path("/k"), repo=Path("/r"))
+    opts = qemu_opts_of(m.vng_args(tmp_path, "x"))
+    assert opts[:4] == [
+        "-fsdev", "local,id=nvmetp2proot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=nvmetp2proot,mount_tag=nvmetp2p_root"]
+    text = m.wrapper_script(tmp_path / "rw")
+    assert "cache=loose" in text and "nvmetp2p_root /run/nvmetp2p-root" in text
+    binds = text[text.index("mount --bind"):text.index(" ||")]
+    # the repo is bound over before the rw dir is put back on top of it
+    assert binds.index("/run/nvmetp2p-root/r /r") < binds.index(f"/run/nvmetp2p-rw {tmp_path}/rw")
+    assert "cache=loose" not in vm.VM(cached_root=False).wrapper_script(tmp_path)
 
 
 def test_pytest_script_adds_tests_dir_only_without_paths() -> None:
@@ -148,7 +162,8 @@ def fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str = "ok") -
     fake.write_text(FAKE_VNG.format(python=sys.executable, mode=mode))
     fake.chmod(0o755)
     monkeypatch.setattr(vm, "find_vng", lambda: fake)
-    return vm.VM(kernel=Path("/k"), scratch_parent=tmp_path / "scratch")
+    # cached_root=False: its mount commands would run on this host.
+    return vm.VM(kernel=Path("/k"), scratch_parent=tmp_path / "scratch", cached_root=False)
 
 
 def test_run_relays_output_and_exit_code(tmp_path: Path,
