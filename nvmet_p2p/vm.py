@@ -63,6 +63,9 @@ _STARTED = "started"
 _CACHED_ROOT_TAG = "nvmetp2p_root"
 _OUT = "out"  # what the guest leaves here is copied to run(out_dir=...)
 _POLL_S = 0.2
+# The rc file is renamed into place after the output is complete on the (sync-mounted)
+# host directory; a guest still powering off this long after that is simply killed.
+_SHUTDOWN_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -281,13 +284,19 @@ class VM:
                                     start_new_session=True, cwd=self.repo)
             tail = _Tail(rwdir / _OUTPUT, stream)
             boot_seconds = None
+            done_at = None
             timed_out = False
             try:
                 while proc.poll() is None:
+                    now = time.monotonic()
                     if boot_seconds is None and (rwdir / _STARTED).exists():
-                        boot_seconds = time.monotonic() - start
+                        boot_seconds = now - start
+                    if done_at is None and (rwdir / _RC).exists():
+                        done_at = now
                     tail.pump()
-                    if time.monotonic() > deadline:
+                    if done_at is not None and now > done_at + _SHUTDOWN_GRACE_S:
+                        break  # everything is on the host already; don't wait for poweroff
+                    if now > deadline:
                         timed_out = True
                         break
                     time.sleep(_POLL_S)
