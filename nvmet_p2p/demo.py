@@ -121,6 +121,7 @@ def guest() -> int:
         _targetcli("ls")
 
         step("the Linux host discovers and connects (nvme-cli, nvme-rdma)")
+        g.modprobe("nvme-rdma")
         run("nvme", "discover", "-t", "rdma", "-a", g.TRADDR, "-s", "4420", "-q", HOSTNQN)
         ctrl = g.nvme_connect(SUBNQN, hostnqn=HOSTNQN, nr_io_queues=2)
         dev = g.namespace_block_device(SUBNQN)

@@ -294,6 +294,31 @@ class RdmaTransport:
             return
         self._process(q, cmd)
 
+    def p2p_client(self, port: Any) -> str | None:
+        """The RDMA device serving `port`: the DMA client the P2P topology must reach.
+
+        A listener bound to a wildcard address has no device until a host connects; then
+        the device is unknown here and the policy says so.
+        """
+        lst = self.listeners.get(port.portid)
+        if lst is None:
+            return f"rdma port {port.portid} (not listening)"
+        try:
+            return lst.cm_id.device_name
+        except TransportError:
+            return f"rdma port {port.portid} ({port.addr_traddr}: no RDMA device bound)"
+
+    def p2p_can_register(self, provider: Any) -> str | None:
+        """Why a device of ours cannot register `provider`'s memory as an MR, or None."""
+        for lst in self.listeners.values():
+            try:
+                dev = self._device(lst.cm_id.device_name)
+            except TransportError:
+                continue
+            if self._registration(dev, provider) is None:
+                return f"ibv_reg_mr on {provider.name} failed on {dev.name}"
+        return None
+
     def delete_ctrl(self, ctrl: Ctrl) -> None:
         for q in [q for q in self.queues.values() if q.sq is not None and q.sq.ctrl is ctrl]:
             self._teardown(q, "controller deleted")
