@@ -34,6 +34,7 @@ VFIO_GROUP_GET_STATUS = _VFIO + 3
 VFIO_GROUP_SET_CONTAINER = _VFIO + 4
 VFIO_GROUP_UNSET_CONTAINER = _VFIO + 5
 VFIO_GROUP_GET_DEVICE_FD = _VFIO + 6
+OPEN_RETRY_S = 5.0  # how long a just-rebound device may answer EAGAIN at open
 VFIO_DEVICE_GET_INFO = _VFIO + 7
 VFIO_DEVICE_GET_REGION_INFO = _VFIO + 8
 VFIO_DEVICE_RESET = _VFIO + 11
@@ -214,16 +215,21 @@ class VfioContainer:
         _ioctl(self.fd, VFIO_IOMMU_UNMAP_DMA, arg, what=f"VFIO_IOMMU_UNMAP_DMA iova {iova:#x}")
 
     def close(self) -> None:
-        """Close groups (and their devices), drop DMA mappings, close the fd; idempotent."""
-        for g in reversed(self.groups):
-            g.close()
-        self.groups.clear()
+        """Drop DMA mappings, close groups (and their devices), close the fd; idempotent.
+
+        Mappings go first: once the last group leaves the container, the IOMMU domain
+        and its mappings are gone and an unmap fails with EINVAL.
+        """
         if self.fd >= 0:
             for iova in list(self._maps):
                 try:
                     self.unmap_dma(iova)
                 except P2PError as e:
                     log.warning("%s", e)
+        for g in reversed(self.groups):
+            g.close()
+        self.groups.clear()
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
@@ -293,8 +299,19 @@ class VfioDevice:
     def __init__(self, group: VfioGroup, bdf: str) -> None:
         self.group, self.bdf = group, bdf
         self._maps: list[mmap.mmap] = []
-        fd = _ioctl(group.fd, VFIO_GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"),
-                    what=f"VFIO_GROUP_GET_DEVICE_FD {bdf}")
+        deadline = time.monotonic() + OPEN_RETRY_S
+        while True:
+            try:
+                fd = _ioctl(group.fd, VFIO_GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"),
+                            what=f"VFIO_GROUP_GET_DEVICE_FD {bdf}")
+                break
+            except P2PError as e:
+                # vfio-pci resets the function at open; right after a rebind the device
+                # lock may still be held and the reset answers EAGAIN: try again shortly.
+                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EAGAIN \
+                        or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         self.fd = fd
         info = bytearray(_DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0))
         _ioctl(fd, VFIO_DEVICE_GET_INFO, info, what="VFIO_DEVICE_GET_INFO")
