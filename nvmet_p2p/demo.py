@@ -108,16 +108,13 @@ def guest() -> int:
     try:
         _wait_socket(RPC_SOCKET, target)
         step("configure it with targetcli-ext one-shot commands")
-        _targetcli("/subsystems", "create", SUBNQN)
-        _targetcli(f"/subsystems/{SUBNQN}", "set", "attr", "allow_any_host=1")
-        _targetcli(f"/subsystems/{SUBNQN}/namespaces", "create", "1")
-        _targetcli(f"/subsystems/{SUBNQN}/namespaces/1", "set", "device", f"path={backing}")
+        _targetcli("/subsystems", "create", SUBNQN, "allow_any_host=1")
+        _targetcli(f"/subsystems/{SUBNQN}/namespaces", "create", "1", f"path={backing}")
         _targetcli(f"/subsystems/{SUBNQN}/namespaces/1", "enable")
-        _targetcli("/ports", "create", "1")
-        _targetcli("/ports/1", "set", "addr", "trtype=rdma", "adrfam=ipv4",
-                   f"traddr={g.TRADDR}", "trsvcid=4420")
+        _targetcli("/ports", "create", "1", "trtype=rdma", "adrfam=ipv4", f"traddr={g.TRADDR}",
+                   "trsvcid=4420")
         _targetcli("/ports/1", "set", "attr", "allow_p2pmem=1")
-        _targetcli(f"/ports/1/subsystems", "create", SUBNQN)
+        _targetcli("/ports/1/subsystems", "create", SUBNQN)
         _targetcli("ls")
 
         step("the Linux host discovers and connects (nvme-cli, nvme-rdma)")
