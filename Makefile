@@ -21,7 +21,7 @@ test-vm: setup
 	$(PY) -m nvmet_p2p.vm pytest -q
 
 bench: setup
-	$(PY) -m nvmet_p2p.cli bench
+	$(PY) -m nvmet_p2p.cli bench $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check nvmet_p2p tests
