@@ -8,8 +8,14 @@ One `nvmet-p2p serve` process (tests/vm_target.py) serves, on rxe0 port 4420:
   * BDEV_NQN, any host, when the QEMU NVMe is bound to the kernel nvme driver: ns1 is
     its block device (fio on a block-device namespace).
 The Linux host always names itself HOSTNQN (or OTHER_HOSTNQN); every test leaves no
-controller behind, even when it fails.  fio figures go to stderr with a [linux-host]
-prefix so the VM log keeps them.
+controller behind, even when it fails.  fio figures and times go to stderr with a
+[linux-host] prefix, past pytest's capture, so the VM log keeps them.
+
+Depth knobs (environment, inside the guest): NVMET_P2P_LH_FIO_SCALE (default 1: 16 MiB
+written per namespace; 8: 256 MiB in all) and NVMET_P2P_LH_CYCLES (default 50).  The
+harness passes no environment through, so the soak runs as:
+  python -m nvmet_p2p.vm run --cmb --iommu --timeout 2400 -- env NVMET_P2P_LH_FIO_SCALE=8 \
+      python -m pytest -m vm -p no:cacheprovider -v tests/test_linux_host_vm.py -k fio
 """
 
 from __future__ import annotations

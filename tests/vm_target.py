@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -59,7 +60,7 @@ def bdev_ns(nsid: int, path: str, block_size: int = 512) -> dict[str, Any]:
             "device": {"path": path, "backend": "bdev", "block_size": str(block_size)}}
 
 
-def subsystem(nqn: str, namespaces: list[dict[str, Any]], *, allowed_hosts: list[str] = (),
+def subsystem(nqn: str, namespaces: list[dict[str, Any]], *, allowed_hosts: Sequence[str] = (),
               **attr: str) -> dict[str, Any]:
     """A subsystem; with no `allowed_hosts` any host may connect."""
     hosts = list(allowed_hosts)
@@ -199,7 +200,8 @@ class VmTarget:
         self.stop()
 
 
-def wait_until(probe: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+def wait_until(probe: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.5) -> Any:
     """guest.wait_for with a longer default interval (each probe may be an RPC)."""
     return guest.wait_for(probe, timeout, what, interval=interval)
 
