@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import p2p_cli
+from . import bench, p2p_cli
 
 DEFAULT_RPC_SOCKET = "/run/nvmet-p2p.sock"
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpc.add_argument("params", metavar="JSON", nargs="?", help="params as a JSON object")
     rpc.set_defaults(func=_rpc)
     p2p_cli.add_subparsers(sub)
+    bench.add_subparsers(sub)
     return parser
 
 
