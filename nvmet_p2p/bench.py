@@ -468,10 +468,12 @@ def fabric_limit(dev: str, addr: str, seconds: int) -> dict[str, Any]:
                 server.wait()
 
     try:
-        out["write_bw_MBps"] = parse_ib_write_bw(
-            pair("ib_write_bw", ["-s", "131072", "-D", str(seconds)], 18515))
-        out["read_lat"] = parse_ib_read_lat(pair("ib_read_lat", ["-s", "4096", "-n", "1000"],
-                                                 18516))
+        text = pair("ib_write_bw", ["-s", "131072", "-D", str(seconds)], 18515)
+        out["write_bw_MBps"] = parse_ib_write_bw(text)
+        out["raw"] = text[-1500:]
+        text = pair("ib_read_lat", ["-s", "4096", "-n", "1000"], 18516)
+        out["read_lat"] = parse_ib_read_lat(text)
+        out["raw"] += text[-1500:]
     except RUN_ERRORS as err:
         out["error"] = f"{type(err).__name__}: {err}"[:600]
     return out
@@ -493,9 +495,14 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         rss["idle_vmrss_kib"] = vmrss_kib(_read(f"/proc/{ep.pid}/status"))
         for i in range(nctrl):
             n = min(per_ctrl, io_queues - i * per_ctrl)
-            guest.nvme_connect(ep.subnqn, traddr=ep.traddr, trsvcid=ep.trsvcid,
-                               hostnqn=HOSTNQN_FMT.format(i), nr_io_queues=n)
+            # -D: nvme-cli would call a second controller to the same address a duplicate
+            guest.modprobe("nvme-rdma")
+            guest.sh("nvme", "connect", "-D", "-t", "rdma", "-a", ep.traddr, "-s",
+                     str(ep.trsvcid), "-n", ep.subnqn, "-q", HOSTNQN_FMT.format(i),
+                     "-i", str(n), timeout=60)
             rss["controllers"] += 1
+        guest.wait_for(lambda: len(guest.nvme_ctrls(ep.subnqn)) >= nctrl, 30,
+                       f"{nctrl} controllers of {ep.subnqn}")
         status = _status(ep)
         if status is not None:
             rss["queues_seen"] = status["transports"].get("rdma", {})
