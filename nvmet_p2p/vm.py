@@ -19,6 +19,8 @@ CLI::
     python -m nvmet_p2p.vm run [--cmb] [--iommu] [--switch] [--timeout S] [--out DIR] -- CMD...
     python -m nvmet_p2p.vm pytest [--allow-empty] [--vm-timeout S] [PYTEST ARGS...]
 
+`pytest` boots one VM with --cmb --iommu --switch and runs `pytest -m vm` in it.
+
 KVM is used only with NVMET_P2P_VM_KVM=1; NVMET_P2P_VM_TIMEOUT overrides the default
 hard timeouts (600 s for run, 1800 s for pytest).
 """
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     _raise_on_sigterm()
     if argv and argv[0] == "pytest":
         opts, pytest_args = _split_pytest_cli(argv[1:])
-        vm = VM(nvme_cmb=True, iommu=True, verbose=opts.verbose)
+        # Every device any vm test needs: the CMB NVMe on the root bus stays 0000:00:0a.0
+        # (first in BDF order), the switch's NVMe come after it.
+        vm = VM(nvme_cmb=True, iommu=True, pcie_switch=True, verbose=opts.verbose)
         return _run_cli(vm, pytest_script(pytest_args, vm.repo), opts.vm_timeout,
                         pytest_allow_empty=opts.allow_empty)
     parser = argparse.ArgumentParser(prog="python -m nvmet_p2p.vm")

@@ -238,7 +238,7 @@ def test_cli_pytest_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     def fake_run(self: vm.VM, script: str, timeout: float, stream=None,
                  out_dir=None) -> vm.Result:
-        seen.append((self.nvme_cmb, self.iommu, script, timeout))
+        seen.append((self.nvme_cmb, self.iommu and self.pcie_switch, script, timeout))
         return vm.Result(vm.PYTEST_NO_TESTS, "no tests ran\n")
     monkeypatch.setattr(vm.VM, "run", fake_run)
     assert vm.main(["pytest", "--vm-timeout=99", "-k", "nothing"]) == vm.PYTEST_NO_TESTS
