@@ -3,7 +3,8 @@
 Owns opening (and, on request, sparse creation of) the file, the O_DIRECT decision
 and its fallback to buffered I/O, the worker pool, bounce copies for unaligned
 buffers, and mapping OS errors to NVMe status the way the kernel target's
-``errno_to_nvme_status()`` does.  Blocking syscalls run on worker threads and every
+``errno_to_nvme_status()`` does.  Blocking syscalls run on worker threads (on the reactor
+for files on a memory filesystem, where they cannot block) and every
 completion is posted to the reactor with ``loop.call_soon_threadsafe``, so a
 completion never runs inside ``submit_*`` and never on a worker thread.
 
@@ -19,6 +20,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,10 +44,36 @@ FALLOC_FL_ZERO_RANGE = 0x10
 LBA_RANGE = Status.LBA_RANGE | DNR  # the kernel adds DNR: the same LBAs stay out of range
 DATA_LEN = Status.SGL_INVALID_DATA | DNR  # buffer length is not nlb * block_size
 
+# Filesystems whose I/O is a page-cache copy that never waits for a device.
+MEMORY_FS_MAGIC = {
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0x958458F6: "hugetlbfs",
+}
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def memory_fs(fd: int) -> str | None:
+    """The memory filesystem a regular file lives on (tmpfs...), else None.
+
+    Only regular files count: a block device node on devtmpfs reports tmpfs too.
+    """
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is the first word
+    if _fstatfs(fd, buf) != 0:
+        return None
+    return MEMORY_FS_MAGIC.get(int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)],
+                                              "little"))
 
 
 class CompletionLoop(Protocol):
@@ -155,6 +183,11 @@ class FileBackend(Backend):
         self._punch_hole_ok = True  # fallocate(PUNCH_HOLE) works until EOPNOTSUPP
         if fallback_reason:
             self._log_fallback(fallback_reason)
+        # On a memory filesystem a syscall is a page-cache copy that cannot block, so it
+        # runs on the reactor: a worker hop costs far more (wake-up, self-pipe write, GIL
+        # handover) than the copy.  The completion is still posted, never run in submit_*.
+        self.memory_fs = memory_fs(fd)
+        self._inline = self.memory_fs is not None and hasattr(loop, "call_soon")
 
     # ---- submission (reactor thread) ---------------------------------------------
 
@@ -209,6 +242,7 @@ class FileBackend(Backend):
         return {"kind": self.kind, "path": self.path, "block_size": self.block_size,
                 "nblocks": self.nblocks, "o_direct": self.o_direct,
                 "o_direct_fallback": self.fallback_reason, "vwc": self.vwc,
+                "memory_fs": self.memory_fs,
                 "p2p_client": self.p2p_client}
 
     def _check(self, slba: int, nlb: int, buf: memoryview) -> int:
@@ -221,6 +255,13 @@ class FileBackend(Backend):
     def _submit(self, op: Callable[..., object], cb: Completion, *args: object) -> None:
         if self._closed:
             raise BackendError(f"{self.path}: I/O submitted after the backend was closed")
+        if self._inline:
+            status = self._execute(op, args)
+            try:
+                self._loop.call_soon(self._complete, cb, status)  # type: ignore[attr-defined]
+            except RuntimeError:
+                pass  # the loop is closed: nobody is left to receive the completion
+            return
         self._pool.submit(self._run, op, args, cb)
 
     def _post(self, cb: Completion, status: int) -> None:
@@ -236,6 +277,10 @@ class FileBackend(Backend):
     # ---- execution (worker threads) ----------------------------------------------
 
     def _run(self, op: Callable[..., object], args: tuple, cb: Completion) -> None:
+        self._post(cb, self._execute(op, args))
+
+    def _execute(self, op: Callable[..., object], args: tuple) -> int:
+        """Run one blocking operation; its NVMe status (0: success)."""
         try:
             op(*args)
             status = 0
@@ -246,7 +291,7 @@ class FileBackend(Backend):
         except Exception:  # a bug must become a status, not kill a worker silently
             status = Status.INTERNAL | DNR
             log.exception("%s: %s raised", self.path, getattr(op, "__name__", op))
-        self._post(cb, status)
+        return status
 
     def _read(self, offset: int, buf: memoryview) -> None:
         direct = self.o_direct
