@@ -56,6 +56,7 @@ RSS_IO_QUEUES = 16
 RUN_ERRORS = (NvmetError, OSError, RuntimeError, ValueError, KeyError,
               subprocess.SubprocessError)
 HOSTNQN_FMT = "nqn.2014-08.org.nvmexpress:uuid:5be0c000-0000-4000-8000-{:012d}"
+HOSTID_FMT = "5be0c000-0000-4000-8000-{:012d}"  # one host ID per host NQN, as the kernel wants
 
 
 @dataclass(frozen=True)
@@ -495,11 +496,12 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         rss["idle_vmrss_kib"] = vmrss_kib(_read(f"/proc/{ep.pid}/status"))
         for i in range(nctrl):
             n = min(per_ctrl, io_queues - i * per_ctrl)
-            # -D: nvme-cli would call a second controller to the same address a duplicate
+            # -D: nvme-cli would call a second controller to the same address a duplicate;
+    # -I: the kernel refuses one host ID under two host NQNs
             guest.modprobe("nvme-rdma")
             guest.sh("nvme", "connect", "-D", "-t", "rdma", "-a", ep.traddr, "-s",
                      str(ep.trsvcid), "-n", ep.subnqn, "-q", HOSTNQN_FMT.format(i),
-                     "-i", str(n), timeout=60)
+                     "-I", HOSTID_FMT.format(i), "-i", str(n), timeout=60)
             rss["controllers"] += 1
         guest.wait_for(lambda: len(guest.nvme_ctrls(ep.subnqn)) >= nctrl, 30,
                        f"{nctrl} controllers of {ep.subnqn}")
