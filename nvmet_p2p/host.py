@@ -33,6 +33,7 @@ from .spec.command import (
     Sqe,
     fabrics_sqe,
 )
+from .spec.regs import CC_EN, CC_IOCQES, CC_IOSQES, CC_SHN_NORMAL, CSTS_RDY, REG_CC, REG_CSTS
 from .spec.status import status_name
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ if TYPE_CHECKING:
     from .target.core import Target
 
 DEFAULT_TIMEOUT = 10.0
-CC_ENABLE = 1 | 6 << 16 | 4 << 20  # EN, IOSQES 64 B, IOCQES 16 B
-CSTS_RDY = 1
+CC_ENABLE = CC_EN | CC_IOSQES | CC_IOCQES
 
 
 class NvmeError(Exception):
@@ -216,14 +216,14 @@ class Host(ABC):
         self.admin.execute(sqe, check=f"property set {offset:#x}")
 
     def enable(self, timeout: float = 5.0) -> None:
-        self.property_set(0x14, CC_ENABLE)
+        self.property_set(REG_CC, CC_ENABLE)
         deadline = time.monotonic() + timeout
-        while not self.property_get(0x1C) & CSTS_RDY:
+        while not self.property_get(REG_CSTS) & CSTS_RDY:
             if time.monotonic() > deadline:
                 raise TimeoutError("controller did not become ready")
 
     def shutdown(self) -> None:
-        self.property_set(0x14, CC_ENABLE | 1 << 14)  # CC.SHN normal shutdown
+        self.property_set(REG_CC, CC_ENABLE | CC_SHN_NORMAL)
 
     def disconnect(self) -> None:
         for q in list(self.io.values()):

@@ -13,37 +13,36 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# -- register offsets ------------------------------------------------------------------------
-
-REG_CAP = 0x00
-REG_VS = 0x08
-REG_INTMS = 0x0C
-REG_CC = 0x14
-REG_CSTS = 0x1C
-REG_AQA = 0x24
-REG_ASQ = 0x28
-REG_ACQ = 0x30
-REG_CMBLOC = 0x38
-REG_CMBSZ = 0x3C
-REG_CMBMSC = 0x50
-REG_CMBSTS = 0x58
-REG_DBS = 0x1000  # first doorbell
-
-CC_EN = 1 << 0
-CC_CSS_NVM = 0 << 4
-CC_SHN_NORMAL = 1 << 14
-CC_SHN_MASK = 3 << 14
-CC_IOSQES = 6 << 16  # 64-byte SQEs
-CC_IOCQES = 4 << 20  # 16-byte CQEs
-
-CSTS_RDY = 1 << 0
-CSTS_CFS = 1 << 1
-CSTS_SHST_MASK = 3 << 2
-CSTS_SHST_CMPLT = 2 << 2
-
-CMBMSC_CRE = 1 << 0
-CMBMSC_CMSE = 1 << 1
-CMBSTS_CBAI = 1 << 0
+# Register offsets and bits live in spec.regs (shared with the fabrics properties); the
+# names are re-exported here because the driver reads them as `pci.REG_CC` and so on.
+from .spec.regs import (  # noqa: F401
+    CC_CSS_NVM,
+    CC_EN,
+    CC_IOCQES,
+    CC_IOSQES,
+    CC_SHN_MASK,
+    CC_SHN_NORMAL,
+    CMBMSC_CMSE,
+    CMBMSC_CRE,
+    CMBSTS_CBAI,
+    CSTS_CFS,
+    CSTS_RDY,
+    CSTS_SHST_CMPLT,
+    CSTS_SHST_MASK,
+    REG_ACQ,
+    REG_AQA,
+    REG_ASQ,
+    REG_CAP,
+    REG_CC,
+    REG_CMBLOC,
+    REG_CMBMSC,
+    REG_CMBSTS,
+    REG_CMBSZ,
+    REG_CSTS,
+    REG_DBS,
+    REG_INTMS,
+    REG_VS,
+)
 
 NVME_PAGE_SHIFT = 12  # CC.MPS = 0: the 4 KiB memory page every PRP is built for
 NVME_PAGE_SIZE = 1 << NVME_PAGE_SHIFT

@@ -9,7 +9,6 @@ I/O itself (worker threads, bounce buffers, status mapping) is the file backend'
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -18,11 +17,8 @@ import struct
 
 from ..errors import BackendError
 from .file import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
     CompletionLoop,
     FileBackend,
-    fallocate,
     open_fd,
 )
 
@@ -95,21 +91,11 @@ class BdevBackend(FileBackend):
         # the kernel zeroes with Write Zeroes / unmap where the device can, else writes
         fcntl.ioctl(self._fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
 
-    def _deallocate(self, ranges: list[tuple[int, int]]) -> None:
-        # Not BLKDISCARD: a discarded range may read back as anything, and the
-        # backend contract says zeroes.  Punching a hole in a block device unmaps
-        # only where the device guarantees zeroes after unmap, else EOPNOTSUPP.
-        for offset, length in ranges:
-            if self._punch_hole_ok:
-                try:
-                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                              offset, length)
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
-                    self._punch_hole_ok = False
-            self._zero_range(offset, length)
+    def _discard_fallback(self, offset: int, length: int) -> None:
+        # Not BLKDISCARD: a discarded range may read back as anything, and the backend
+        # contract says zeroes.  The inherited hole punch unmaps only where the device
+        # guarantees zeroes after unmap; elsewhere the kernel zeroes the range.
+        self._zero_range(offset, length)
 
 
 def open_bdev(path: str, rdev: int, *, block_size: int, buffered_io: bool,

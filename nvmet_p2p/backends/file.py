@@ -401,7 +401,11 @@ class FileBackend(Backend):
                     if e.errno != errno.EOPNOTSUPP:
                         raise
                     self._punch_hole_ok = False
-            self._write_zeroes(offset, length)
+            self._discard_fallback(offset, length)
+
+    def _discard_fallback(self, offset: int, length: int) -> None:
+        """Zeroes where a hole cannot be punched (the contract: discarded reads zero)."""
+        self._write_zeroes(offset, length)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
+from ..spec.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
 from ..spec.status import Status
 
 if TYPE_CHECKING:
@@ -25,13 +26,6 @@ ASYNC_EVENTS = 4  # outstanding AERs we hold (AERL + 1), as the kernel target
 ERROR_LOG_SLOTS = 128  # error log entries kept (ELPE + 1)
 MAX_CHANGED_NS = 1024  # changed-namespace log holds 1024 NSIDs; beyond: 0xFFFFFFFF
 DISC_KATO_S = 120  # discovery controllers keep alive 120 s when the host asks for 0
-
-# Controller Configuration / Status bits
-CC_EN = 1 << 0
-CC_SHN_MASK = 3 << 14
-CSTS_RDY = 1 << 0
-CSTS_CFS = 1 << 1
-CSTS_SHST_CMPLT = 2 << 2
 
 # Asynchronous event configuration bits (Set Features 0x0B) and event encodings
 AEN_CFG_NS_ATTR = 1 << 8

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..spec import command as c
 from ..spec.command import ConnectCmd, ConnectData, FabricsType, PropertyCmd
+from ..spec.regs import REG_CAP, REG_CC, REG_CSTS, REG_VS
 from ..spec.status import DNR, Status
 from .ctrl import NVME_AQ_DEPTH
 from .request import DataDir
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmet_p2p.core")
 
-PROP_CAP, PROP_VS, PROP_CC, PROP_CSTS = 0x00, 0x08, 0x14, 0x1C
 
 
 def parse_connect(req: Request) -> int:
@@ -139,13 +139,13 @@ def _property_get(req: Request) -> None:
     prop = PropertyCmd.from_sqe(req.cmd)
     ctrl = req.sq.ctrl
     if prop.size == 8:
-        if prop.offset != PROP_CAP:
+        if prop.offset != REG_CAP:
             req.set_error_loc(44)
             req.complete(Status.INVALID_FIELD | DNR)
             return
         req.complete(0, req.sq.target.cap(ctrl.port))
         return
-    values = {PROP_VS: ctrl.subsys.version, PROP_CC: ctrl.cc, PROP_CSTS: ctrl.csts}
+    values = {REG_VS: ctrl.subsys.version, REG_CC: ctrl.cc, REG_CSTS: ctrl.csts}
     if prop.offset not in values:
         req.set_error_loc(44)
         req.complete(Status.INVALID_FIELD | DNR)
@@ -155,7 +155,7 @@ def _property_get(req: Request) -> None:
 
 def _property_set(req: Request) -> None:
     prop = PropertyCmd.from_sqe(req.cmd)
-    if prop.size != 4 or prop.offset != PROP_CC:
+    if prop.size != 4 or prop.offset != REG_CC:
         req.set_error_loc(44)
         req.complete(Status.INVALID_FIELD | DNR)  # only CC is writable
         return
