@@ -32,12 +32,18 @@ from dataclasses import dataclass
 
 from nvmet_p2p import nvme_pci as pci
 from nvmet_p2p.backends.base import Backend, Completion
-from nvmet_p2p.cmb import (Chunk, NvmeCmbProvider, Provider, SystemMemoryProvider,
-                           buffer_address, wmb)
+from nvmet_p2p.cmb import (
+    Chunk,
+    NvmeCmbProvider,
+    Provider,
+    SystemMemoryProvider,
+    buffer_address,
+    wmb,
+)
 from nvmet_p2p.errors import BackendError, P2PError
 from nvmet_p2p.spec.identify import IdCtrl, IdNs
 from nvmet_p2p.spec.status import DNR, Status
-from nvmet_p2p.vfio import VfioBinding, VfioContainer, VfioDevice, open_device
+from nvmet_p2p.vfio import VfioBinding, VfioContainer, open_device
 
 log = logging.getLogger(__name__)
 
