@@ -494,14 +494,19 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
     nctrl = -(-io_queues // per_ctrl)
     try:
         rss["idle_vmrss_kib"] = vmrss_kib(_read(f"/proc/{ep.pid}/status"))
+        guest.modprobe("nvme-rdma")
         for i in range(nctrl):
             n = min(per_ctrl, io_queues - i * per_ctrl)
-            # -D: nvme-cli would call a second controller to the same address a duplicate;
-    # -I: the kernel refuses one host ID under two host NQNs
-            guest.modprobe("nvme-rdma")
-            guest.sh("nvme", "connect", "-D", "-t", "rdma", "-a", ep.traddr, "-s",
-                     str(ep.trsvcid), "-n", ep.subnqn, "-q", HOSTNQN_FMT.format(i),
-                     "-I", HOSTID_FMT.format(i), "-i", str(n), timeout=60)
+            # Straight to the fabrics device: nvme-cli 2.3 calls a second controller to the
+            # same address "already connected" whatever the host NQN/ID and -D say.
+            fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
+            try:
+                os.write(fd, (f"transport=rdma,traddr={ep.traddr},trsvcid={ep.trsvcid},"
+                              f"nqn={ep.subnqn},hostnqn={HOSTNQN_FMT.format(i)},"
+                              f"hostid={HOSTID_FMT.format(i)},nr_io_queues={n}").encode())
+                os.read(fd, 4096)  # instance=N,cntlid=M: the controller exists
+            finally:
+                os.close(fd)
             rss["controllers"] += 1
         guest.wait_for(lambda: len(guest.nvme_ctrls(ep.subnqn)) >= nctrl, 30,
                        f"{nctrl} controllers of {ep.subnqn}")
