@@ -307,6 +307,21 @@ def test_vfio_binding_absent_device(tmp_path):
         VfioBinding("0000:00:0a.0", tmp_path)
 
 
+@pytest.mark.parametrize("cls", ["0x010000", "0x020000", "0x010601"])
+def test_vfio_nvme_refuses_a_device_that_is_not_nvme(tmp_path, cls):
+    # taking a device from its driver is destructive: a wrong BDF (here a virtio disk,
+    # a NIC, a SATA controller) must be refused before anything is unbound
+    from nvmet_p2p.backends.vfio_nvme import VfioNvmeBackend
+    from nvmet_p2p.errors import BackendError
+    dev = tmp_path / "bus/pci/devices/0000:00:0a.0"
+    dev.mkdir(parents=True)
+    (dev / "class").write_text(cls + "\n")
+    (dev / "driver_override").write_text("(null)\n")
+    with pytest.raises(BackendError, match="is not an NVMe controller"):
+        VfioNvmeBackend("0000:00:0a.0", sysfs_root=str(tmp_path), dev_root=str(tmp_path))
+    assert (dev / "driver_override").read_text() == "(null)\n"  # nothing was touched
+
+
 def test_vfio_container_without_dev_vfio(tmp_path):
     from nvmet_p2p.vfio import VfioContainer
     with pytest.raises(P2PError, match="missing"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -92,6 +93,28 @@ class _Regs:
         self.r64.release()
 
 
+NVME_CLASS = 0x010802  # PCI class: mass storage, non-volatile memory, NVM Express
+
+
+def check_nvme_class(sysfs_root: str, bdf: str) -> None:
+    """Refuse any function that is not an NVMe controller before unbinding its driver.
+
+    Taking a device away from its driver is destructive: a wrong address could be the
+    disk or the network the machine runs on.
+    """
+    path = os.path.join(sysfs_root, "bus/pci/devices", bdf, "class")
+    try:
+        with open(path) as f:
+            cls = int(f.read().strip(), 16)
+    except FileNotFoundError as e:
+        raise BackendError(f"no PCI device {bdf} (see lspci -D)") from e
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot read the PCI class of {bdf}: {e}") from e
+    if cls != NVME_CLASS:
+        raise BackendError(f"{bdf} is not an NVMe controller (PCI class {cls:#08x}, NVMe is "
+                           f"{NVME_CLASS:#08x}); refusing to take it from its driver")
+
+
 class VfioNvmeBackend(Backend):
     """Namespace `nsid` of the PCIe NVMe controller at `bdf`, driven from userspace."""
 
@@ -117,6 +140,7 @@ class VfioNvmeBackend(Backend):
         self._container: VfioContainer | None = None
         self._regs: _Regs | None = None
         self._dma: SystemMemoryProvider | None = None
+        check_nvme_class(sysfs_root, bdf)
         try:
             self._binding, self._container, self._device = open_device(bdf, sysfs_root,
                                                                        dev_root)
