@@ -11,10 +11,10 @@ The Linux host always names itself HOSTNQN (or OTHER_HOSTNQN); every test leaves
 controller behind, even when it fails.  fio figures and times go to stderr with a
 [linux-host] prefix, past pytest's capture, so the VM log keeps them.
 
-Depth knobs (environment, inside the guest): NVMET_P2P_LH_FIO_SCALE (default 1: 16 MiB
-written per namespace; 8: 256 MiB in all) and NVMET_P2P_LH_CYCLES (default 50).  The
-harness passes no environment through, so the soak runs as:
-  python -m nvmet_p2p.vm run --cmb --iommu --timeout 2400 -- env NVMET_P2P_LH_FIO_SCALE=8 \
+Depth knobs (environment, inside the guest): NVMET_P2P_LH_FIO_SCALE (default 8: 128 MiB
+written per namespace, 256 MiB in all; 1 for a quick look) and NVMET_P2P_LH_CYCLES
+(default 50).  The harness passes no environment through, so a quick run is:
+  python -m nvmet_p2p.vm run --cmb --iommu --timeout 2400 -- env NVMET_P2P_LH_FIO_SCALE=1 \
       python -m pytest -m vm -p no:cacheprovider -v tests/test_linux_host_vm.py -k fio
 """
 
@@ -69,10 +69,10 @@ SGLS = 1 << 0 | 1 << 2 | 1 << 20  # SGLs, keyed SGL data block, offset (in-capsu
 NN = 1024  # NVMET_MAX_NAMESPACES
 
 BSSPLIT = "4k/40:8k/20:16k/15:64k/15:128k/10"
-# fio verify sizes scale with NVMET_P2P_LH_FIO_SCALE: 1 (the default) writes 16 MiB per
-# namespace, so the file stays within minutes on a loaded TCG guest; 8 writes 128 MiB
-# per namespace (256 MiB in all), the full soak.
-FIO_SCALE = max(1, int(os.environ.get("NVMET_P2P_LH_FIO_SCALE", "1")))
+# fio verify sizes scale with NVMET_P2P_LH_FIO_SCALE: 8 (the default) writes 128 MiB per
+# namespace, 256 MiB in all over the file and block-device namespaces; 1 writes 16 MiB
+# per namespace for a quick look.
+FIO_SCALE = max(1, int(os.environ.get("NVMET_P2P_LH_FIO_SCALE", "8")))
 # (iodepth, offset, size) of the fio verify runs on one namespace.
 FIO_RUNS = ((1, 0, 4 * MiB * FIO_SCALE), (32, 4 * MiB * FIO_SCALE, 12 * MiB * FIO_SCALE))
 FIO_TIMEOUT = 300.0
