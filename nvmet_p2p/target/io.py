@@ -67,10 +67,6 @@ def parse(req: Request) -> int:
     return 0
 
 
-def _done(req: Request):
-    return lambda status: req.complete(status)
-
-
 def _rw_args(req: Request) -> tuple[int, int]:
     cmd = req.cmd
     return cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
@@ -83,9 +79,9 @@ def _read(req: Request) -> None:
     ns.stats["read_bytes"] += req.transfer_len
     P2PPolicy.account(req)
     if is_p2p_chunk(req.chunk):  # the P2P-flagged request: the device moves the data
-        ns.backend.submit_read_p2p(slba, nlb, req.chunk, _done(req))
+        ns.backend.submit_read_p2p(slba, nlb, req.chunk, req.complete)
     else:
-        ns.backend.submit_read(slba, nlb, req.buf, _done(req))
+        ns.backend.submit_read(slba, nlb, req.buf, req.complete)
 
 
 def _write(req: Request) -> None:
@@ -96,18 +92,18 @@ def _write(req: Request) -> None:
     ns.stats["write_bytes"] += req.transfer_len
     P2PPolicy.account(req)
     if is_p2p_chunk(req.chunk):
-        ns.backend.submit_write_p2p(slba, nlb, req.chunk, fua, _done(req))
+        ns.backend.submit_write_p2p(slba, nlb, req.chunk, fua, req.complete)
     else:
-        ns.backend.submit_write(slba, nlb, req.buf, fua, _done(req))
+        ns.backend.submit_write(slba, nlb, req.buf, fua, req.complete)
 
 
 def _write_zeroes(req: Request) -> None:
     slba, nlb = _rw_args(req)
-    req.ns.backend.submit_write_zeroes(slba, nlb, _done(req))
+    req.ns.backend.submit_write_zeroes(slba, nlb, req.complete)
 
 
 def _flush(req: Request) -> None:
-    req.ns.backend.submit_flush(_done(req))
+    req.ns.backend.submit_flush(req.complete)
 
 
 def _dsm(req: Request) -> None:
@@ -126,4 +122,4 @@ def _dsm(req: Request) -> None:
     if not ranges:
         req.complete(0)
         return
-    ns.backend.submit_discard(ranges, _done(req))
+    ns.backend.submit_discard(ranges, req.complete)
