@@ -246,10 +246,9 @@ class P2PPolicy:
 
     def provider_for(self, ctrl: Ctrl, ns: Ns) -> Provider | None:
         """The provider for this controller's I/O to `ns` (None: system memory)."""
-        decisions: dict[int, Decision] = ctrl.p2p  # type: ignore[assignment]
-        d = decisions.get(ns.nsid)
+        d = ctrl.p2p.get(ns.nsid)
         if d is None or d.provider_obj is not None and d.provider_obj.closed:
-            d = decisions[ns.nsid] = self.decide(ctrl, ns)
+            d = ctrl.p2p[ns.nsid] = self.decide(ctrl, ns)
             log.info("ctrl %d (%s): %s", ctrl.cntlid, ctrl.hostnqn, d.text())
         return d.provider_obj if d.p2p else None
 
@@ -263,7 +262,7 @@ class P2PPolicy:
             return
         ns.stats["sysmem_reqs"] += 1
         ctrl = req.sq.ctrl
-        d: Decision | None = ctrl.p2p.get(ns.nsid) if ctrl is not None else None  # type: ignore[assignment]
+        d = ctrl.p2p.get(ns.nsid) if ctrl is not None else None
         if req.p2p_dev is not None:
             why = REASON_EXHAUSTED
         elif d is not None and d.p2p:

@@ -14,6 +14,7 @@ from ..spec.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
 from ..spec.status import Status
 
 if TYPE_CHECKING:
+    from ..p2p import Decision
     from .core import Target
     from .queue import SQ
     from .request import Request
@@ -62,7 +63,7 @@ class Ctrl:
         self.errors: deque[dict] = deque(maxlen=ERROR_LOG_SLOTS)
         self.last_seen = target.clock.now()
         self.dead = False
-        self.p2p: dict[int, object] = {}  # nsid -> P2P decision, made at Connect
+        self.p2p: dict[int, Decision] = {}  # nsid -> P2P decision, made at Connect
 
     # -- registers ------------------------------------------------------------
     def update_cc(self, new: int) -> None:
