@@ -7,6 +7,7 @@ calling the encoder), then checked as encode(fields) == bytes and decode(bytes) 
 from __future__ import annotations
 
 import pytest
+from golden import golden  # tests/ is on sys.path under pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,17 +33,6 @@ from nvmet_p2p.spec.command import (
     fabrics_sqe,
 )
 from nvmet_p2p.spec.status import DNR, MORE, Status, status_name
-
-
-def golden(size: int, parts: dict[int, str]) -> bytes:
-    """`size` zero bytes with hex strings placed at their offsets."""
-    buf = bytearray(size)
-    for off, hx in parts.items():
-        raw = bytes.fromhex(hx)
-        assert off + len(raw) <= size
-        buf[off:off + len(raw)] = raw
-    return bytes(buf)
-
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+from golden import golden  # tests/ is on sys.path under pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,15 +30,6 @@ from nvmet_p2p.spec.identify import (
     ns_desc_list,
 )
 from nvmet_p2p.spec.layout import Kind, Layout
-
-
-def golden(size: int, parts: dict[int, str]) -> bytes:
-    buf = bytearray(size)
-    for off, hx in parts.items():
-        raw = bytes.fromhex(hx)
-        assert off + len(raw) <= size
-        buf[off:off + len(raw)] = raw
-    return bytes(buf)
 
 
 def ascii_hex(s: str, width: int, pad: bytes = b" ") -> str:

@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+from golden import golden  # tests/ is on sys.path under pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,15 +51,6 @@ from nvmet_p2p.spec.log import (
     rdma_tsas,
     slice_log,
 )
-
-
-def golden(size: int, parts: dict[int, str]) -> bytes:
-    buf = bytearray(size)
-    for off, hx in parts.items():
-        raw = bytes.fromhex(hx)
-        assert off + len(raw) <= size
-        buf[off:off + len(raw)] = raw
-    return bytes(buf)
 
 
 def layout_strategy(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
