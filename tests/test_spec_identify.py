@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 import pytest
-from golden import golden  # tests/ is on sys.path under pytest
+from golden import golden, layout_strategy  # tests/ is on sys.path under pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,6 @@ from nvmet_p2p.spec.identify import (
     decode_ns_list,
     ns_desc_list,
 )
-from nvmet_p2p.spec.layout import Kind, Layout
 
 
 def ascii_hex(s: str, width: int, pad: bytes = b" ") -> str:
@@ -334,20 +333,6 @@ def test_ns_desc_list_roundtrip(eui64: bytes | None, nguid: bytes | None, uuid: 
 
 
 # -- Hypothesis round trips over whole structures ------------------------------------------------
-
-def layout_strategy(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
-    """Any value each field of `layout` can carry (strings without padding characters)."""
-    per_field = {}
-    for f in layout.fields:
-        if f.kind is Kind.INT:
-            per_field[f.name] = st.integers(0, 2 ** (8 * f.size) - 1)
-        elif f.kind is Kind.BYTES:
-            per_field[f.name] = st.binary(min_size=f.size, max_size=f.size)
-        else:
-            # printable ASCII with inner spaces; trailing padding characters cannot round-trip
-            chars = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
-            per_field[f.name] = st.text(chars, max_size=f.size).map(lambda s: s.rstrip(" "))
-    return st.fixed_dictionaries(per_field)
 
 
 power_states = st.builds(PowerState, **{f.name: st.integers(0, 2 ** (8 * f.size) - 1)

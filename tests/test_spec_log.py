@@ -7,12 +7,11 @@ import random
 from typing import Any
 
 import pytest
-from golden import golden  # tests/ is on sys.path under pytest
+from golden import golden, layout_strategy  # tests/ is on sys.path under pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvmet_p2p.spec.command import DISCOVERY_NQN, Sqe
-from nvmet_p2p.spec.layout import Kind, Layout
 from nvmet_p2p.spec.log import (
     CHANGED_NS_OVERFLOW,
     DISC_ENTRY_LAYOUT,
@@ -51,19 +50,6 @@ from nvmet_p2p.spec.log import (
     rdma_tsas,
     slice_log,
 )
-
-
-def layout_strategy(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
-    per_field = {}
-    for f in layout.fields:
-        if f.kind is Kind.INT:
-            per_field[f.name] = st.integers(0, 2 ** (8 * f.size) - 1)
-        elif f.kind is Kind.BYTES:
-            per_field[f.name] = st.binary(min_size=f.size, max_size=f.size)
-        else:
-            chars = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
-            per_field[f.name] = st.text(chars, max_size=f.size).map(lambda s: s.rstrip(" "))
-    return st.fixed_dictionaries(per_field)
 
 
 def test_log_ids() -> None:
