@@ -58,16 +58,8 @@ def parse(req: Request) -> int:
             return Status.INVALID_FIELD | DNR
         req.transfer_len, req.data_dir = length, DataDir.FROM_CTRL
         req.handler = _get_log_page
-    elif op == AdminOpcode.SET_FEATURES:
-        req.handler = _set_features
-    elif op == AdminOpcode.GET_FEATURES:
-        req.handler = _get_features
-    elif op == AdminOpcode.ASYNC_EVENT:
-        req.handler = _async_event
-    elif op == AdminOpcode.KEEP_ALIVE:
-        req.handler = _keep_alive
-    elif op == AdminOpcode.ABORT:
-        req.handler = _abort
+    elif op in _NO_DATA_HANDLERS:
+        req.handler = _NO_DATA_HANDLERS[op]
     else:
         req.set_error_loc(0)
         return Status.INVALID_OPCODE | DNR
@@ -313,3 +305,13 @@ def _keep_alive(req: Request) -> None:
 
 def _abort(req: Request) -> None:
     req.complete(0, 1)  # bit 0 set: the command was not aborted (it runs to completion)
+
+
+# admin commands that move no data: opcode -> handler
+_NO_DATA_HANDLERS = {
+    AdminOpcode.SET_FEATURES: _set_features,
+    AdminOpcode.GET_FEATURES: _get_features,
+    AdminOpcode.ASYNC_EVENT: _async_event,
+    AdminOpcode.KEEP_ALIVE: _keep_alive,
+    AdminOpcode.ABORT: _abort,
+}
