@@ -660,16 +660,9 @@ class RdmaTransport:
         if q.qp.max_rd_atomic == 0:
             cmd.req.complete(Status.DATA_XFER_ERROR | DNR)  # the host offered no READ depth
             return CmdState.EXECUTED
-        head_ok = not q.wait_read or q.wait_read[0] is cmd
-        if not head_ok or q.reads_in_flight >= q.qp.max_rd_atomic or q.send_credits < 1:
-            if not cmd.waiting:
-                cmd.waiting = True
-                self.stats["read_waits"] += 1
-                q.wait_read.append(cmd)
+        ready = q.reads_in_flight < q.qp.max_rd_atomic and q.send_credits >= 1
+        if not self._my_turn(q.wait_read, cmd, ready, "read_waits"):
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
-        if cmd.waiting:
-            cmd.waiting = False
-            q.wait_read.popleft()
         m = cmd.dmap
         wr = SendWR(wr_id=_wr_id(_CMD, cmd.index), opcode=e.IBV_WR_RDMA_READ, num_sge=1,
                     sg=[SGE(cmd.chunk.addr, m.length, cmd.lkey)],
@@ -680,6 +673,20 @@ class RdmaTransport:
         q.send_credits -= 1
         cmd.wr_count = 1
         return CmdState.TRANSFERRING_HOST_TO_TARGET
+
+    def _my_turn(self, line: deque[RdmaCmd], cmd: RdmaCmd, ready: bool, stat: str) -> bool:
+        """First come, first served on a queue resource: True when `cmd` may go now (and
+        leaves the line); otherwise it waits in line, counted once under `stat`."""
+        if (line and line[0] is not cmd) or not ready:
+            if not cmd.waiting:
+                cmd.waiting = True
+                self.stats[stat] += 1
+                line.append(cmd)
+            return False
+        if cmd.waiting:
+            cmd.waiting = False
+            line.popleft()
+        return True
 
     def _st_reading(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
         return CmdState.READY_TO_EXECUTE if cmd.read_done else cmd.state
@@ -704,16 +711,8 @@ class RdmaTransport:
         with_data = (m is not None and m.kind == SglKind.KEYED and req.cqe.status == 0
                      and req.data_dir == DataDir.FROM_CTRL)
         need = 2 if with_data else 1
-        head_ok = not q.wait_send or q.wait_send[0] is cmd
-        if not head_ok or q.send_credits < need:
-            if not cmd.waiting:
-                cmd.waiting = True
-                self.stats["send_waits"] += 1
-                q.wait_send.append(cmd)
+        if not self._my_turn(q.wait_send, cmd, q.send_credits >= need, "send_waits"):
             return CmdState.READY_TO_COMPLETE
-        if cmd.waiting:
-            cmd.waiting = False
-            q.wait_send.popleft()
         rsp_addr = q.rsp.addr + cmd.index * CQE_SIZE
         q.rsp.view[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
         inv = m is not None and m.kind == SglKind.KEYED and m.invalidate
