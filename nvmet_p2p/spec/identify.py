@@ -474,7 +474,7 @@ def ns_desc_list(eui64: bytes | None = None, nguid: bytes | None = None,
                         (Nidt.CSI, csi)):
         if value is None:
             continue
-        nid = bytes([value]) if nidt is Nidt.CSI else bytes(value)  # type: ignore[list-item]
+        nid = bytes([value]) if isinstance(value, int) else bytes(value)  # int: the CSI
         if len(nid) != _NIDL[nidt]:
             raise ValueError(f"{_NID_KEY[nidt]} must be {_NIDL[nidt]} bytes, got {len(nid)}")
         out += bytes([nidt, len(nid), 0, 0]) + nid

@@ -18,7 +18,7 @@ from .ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR, ASYNC_EVENTS, ERROR_LOG_
 from .request import DataDir
 
 if TYPE_CHECKING:
-    from .request import Request
+    from .request import Handler, Request
 
 NVMET_MAX_NAMESPACES = 1024  # NN: NSIDs a subsystem may hold (the kernel's limit)
 KAS_100MS = 10  # keep-alive granularity: 10 x 100 ms = 1 s
@@ -37,8 +37,8 @@ _DISC_OPCODES = {AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.SET
 
 
 def parse(req: Request) -> int:
-    cmd = req.cmd
-    ctrl = req.sq.ctrl
+    cmd = req.sqe
+    ctrl = req.ctrl
     if cmd.opcode == AdminOpcode.FABRICS:
         return fabrics.parse_property(req)
     if not ctrl.ready:
@@ -67,17 +67,19 @@ def parse(req: Request) -> int:
 
 
 def _reply(req: Request, data: bytes) -> None:
+    buf = req.buf
+    assert buf is not None  # parse set DataDir.FROM_CTRL: the transport attached the buffer
     n = min(len(data), req.transfer_len)
-    req.buf[:n] = data[:n]
+    buf[:n] = data[:n]
     if n < req.transfer_len:
-        req.buf[n:req.transfer_len] = bytes(req.transfer_len - n)
+        buf[n:req.transfer_len] = bytes(req.transfer_len - n)
     req.complete(0)
 
 
 # -- Identify -----------------------------------------------------------------
 
 def id_ctrl(req: Request) -> idf.IdCtrl:
-    ctrl = req.sq.ctrl
+    ctrl = req.ctrl
     subsys = ctrl.subsys
     target = req.sq.target
     ops = req.sq.ops
@@ -113,8 +115,8 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
 
 
 def _id_ns(req: Request) -> bytes:
-    nsid = req.cmd.nsid
-    ns = req.sq.ctrl.subsys.find_ns(nsid)
+    nsid = req.sqe.nsid
+    ns = req.ctrl.subsys.find_ns(nsid)
     if ns is None:
         return bytes(idf.IDENTIFY_DATA_SIZE)  # an inactive NSID identifies as zeroes
     b = ns.backend
@@ -130,9 +132,9 @@ def _id_ns(req: Request) -> bytes:
 
 
 def _identify(req: Request) -> None:
-    cmd = idf.IdentifyCmd.from_sqe(req.cmd)
-    ctrl = req.sq.ctrl
-    nsid = req.cmd.nsid
+    cmd = idf.IdentifyCmd.from_sqe(req.sqe)
+    ctrl = req.ctrl
+    nsid = req.sqe.nsid
     if ctrl.subsys.is_discovery and cmd.cns != idf.Cns.CTRL:
         req.set_error_loc(40)
         req.complete(Status.INVALID_FIELD | DNR)
@@ -167,7 +169,7 @@ def _identify(req: Request) -> None:
 
 def _smart_log(req: Request) -> bytes:
     totals = {"read_bytes": 0, "write_bytes": 0, "read_cmds": 0, "write_cmds": 0}
-    for ns in req.sq.ctrl.subsys.ns.values():
+    for ns in req.ctrl.subsys.ns.values():
         for k in totals:
             totals[k] += ns.stats[k]
     return lg.SmartLog(
@@ -175,7 +177,7 @@ def _smart_log(req: Request) -> bytes:
         data_units_read=lg.data_units(totals["read_bytes"]),
         data_units_written=lg.data_units(totals["write_bytes"]),
         host_reads=totals["read_cmds"], host_writes=totals["write_cmds"],
-        num_err_log_entries=req.sq.ctrl.err_counter,
+        num_err_log_entries=req.ctrl.err_counter,
     ).encode()
 
 
@@ -188,15 +190,15 @@ def _cmd_effects() -> bytes:
         acs[op] = csupp
     iocs = [0] * 256
     iocs[0x00] = csupp  # flush
-    for op in (0x01, 0x08, 0x09):  # write, write zeroes, DSM change block contents
-        iocs[op] = csupp | lbcc
+    for io_op in (0x01, 0x08, 0x09):  # write, write zeroes, DSM change block contents
+        iocs[io_op] = csupp | lbcc
     iocs[0x02] = csupp  # read
     return lg.CmdEffectsLog(acs, iocs).encode()
 
 
 def _get_log_page(req: Request) -> None:
-    cmd = lg.GetLogPageCmd.from_sqe(req.cmd)
-    ctrl = req.sq.ctrl
+    cmd = lg.GetLogPageCmd.from_sqe(req.sqe)
+    ctrl = req.ctrl
     if ctrl.subsys.is_discovery:
         if cmd.lid != lg.LogId.DISC:
             req.set_error_loc(40)
@@ -229,14 +231,14 @@ def _get_log_page(req: Request) -> None:
 # -- Features ---------------------------------------------------------------
 
 def _num_queues_result(req: Request) -> int:
-    n = req.sq.ctrl.subsys.qid_max - 1
+    n = req.ctrl.subsys.qid_max - 1
     return n | n << 16
 
 
 def _set_features(req: Request) -> None:
-    ctrl = req.sq.ctrl
-    fid, save = req.cmd.cdw10 & 0xFF, req.cmd.cdw10 >> 31
-    val = req.cmd.cdw11
+    ctrl = req.ctrl
+    fid, save = req.sqe.cdw10 & 0xFF, req.sqe.cdw10 >> 31
+    val = req.sqe.cdw11
     if save:
         req.set_error_loc(40)
         req.complete(Status.FEATURE_NOT_SAVEABLE | DNR)
@@ -268,8 +270,8 @@ def _set_features(req: Request) -> None:
 
 
 def _get_features(req: Request) -> None:
-    ctrl = req.sq.ctrl
-    fid = req.cmd.cdw10 & 0xFF
+    ctrl = req.ctrl
+    fid = req.sqe.cdw10 & 0xFF
     disc = ctrl.subsys.is_discovery
     if fid == FID_KATO:
         req.complete(0, ctrl.kato * 1000)
@@ -293,13 +295,13 @@ def _get_features(req: Request) -> None:
 # -- the rest ---------------------------------------------------------------
 
 def _async_event(req: Request) -> None:
-    status = req.sq.ctrl.queue_aer(req)
+    status = req.ctrl.queue_aer(req)
     if status:
         req.complete(status | DNR)
 
 
 def _keep_alive(req: Request) -> None:
-    req.sq.ctrl.touch()
+    req.ctrl.touch()
     req.complete(0)
 
 
@@ -308,7 +310,7 @@ def _abort(req: Request) -> None:
 
 
 # admin commands that move no data: opcode -> handler
-_NO_DATA_HANDLERS = {
+_NO_DATA_HANDLERS: dict[int, Handler] = {
     AdminOpcode.SET_FEATURES: _set_features,
     AdminOpcode.GET_FEATURES: _get_features,
     AdminOpcode.ASYNC_EVENT: _async_event,

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from ..backends import open_backend
-from ..configfs import Root, TreeHooks
+from ..configfs import Namespace, Port, Root, Subsystem, TreeHooks
 from ..errors import BackendError, ConfigError, NvmetError
 from ..p2p import P2PPolicy
 from ..spec.command import DISCOVERY_NQN
@@ -68,7 +67,7 @@ class Target(TreeHooks):
             subsys.ns.clear()
 
     # -- queues and controllers, for transports and the fabrics commands --------
-    def create_sq(self, port: Any, ops: TransportOps, qid: int = 0, size: int = 0) -> SQ:
+    def create_sq(self, port: Port, ops: TransportOps, qid: int = 0, size: int = 0) -> SQ:
         return SQ(self, port, ops, qid, size)
 
     def get_subsys(self, nqn: str) -> Subsys | None:
@@ -83,7 +82,7 @@ class Target(TreeHooks):
             rt = self._subsystems[nqn] = Subsys(nqn, cfg)
         return rt
 
-    def find_subsys(self, port: Any, nqn: str) -> Subsys | None:
+    def find_subsys(self, port: Port, nqn: str) -> Subsys | None:
         """The subsystem a host may reach through `port` by this NQN."""
         if nqn != DISCOVERY_NQN and nqn not in port.subsystems:
             return None
@@ -117,15 +116,15 @@ class Target(TreeHooks):
         return out
 
     # -- per-port limits --------------------------------------------------------
-    def mqes(self, port: Any) -> int:
+    def mqes(self, port: Port) -> int:
         """CAP.MQES (0's based): the largest I/O queue a host may create on `port`."""
         # resolved: the configured value may be -1, "the transport's default"
         return min(port.resolved_max_queue_size(), MAX_QUEUE_SIZE) - 1
 
-    def cap(self, port: Any) -> int:
+    def cap(self, port: Port) -> int:
         return CAP_CSS_NVM | CAP_TO << 24 | self.mqes(port)
 
-    def inline_data_size(self, port: Any) -> int:
+    def inline_data_size(self, port: Port) -> int:
         return port.resolved_inline_data_size()
 
     # -- keep-alive -------------------------------------------------------------
@@ -137,8 +136,9 @@ class Target(TreeHooks):
                 ctrl.fatal_error(f"keep-alive timer ({ctrl.kato}s) expired")
 
     # -- TreeHooks: the configuration changed --------------------------------------
-    def ns_enable(self, subsys_cfg: Any, ns_cfg: Any) -> None:
+    def ns_enable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
         subsys = self.get_subsys(subsys_cfg.nqn)
+        assert subsys is not None  # the tree enables namespaces of its own subsystems only
         try:
             backend = open_backend(
                 ns_cfg.device_path, kind=ns_cfg.device_backend, block_size=ns_cfg.device_block_size, size=ns_cfg.device_size,
@@ -150,9 +150,11 @@ class Target(TreeHooks):
         for ctrl in subsys.ctrls.values():
             ctrl.ns_changed(ns_cfg.nsid)
 
-    def ns_disable(self, subsys_cfg: Any, ns_cfg: Any) -> None:
+    def ns_disable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
         subsys = self.get_subsys(subsys_cfg.nqn)
-        ns = subsys.ns.pop(ns_cfg.nsid, None) if subsys else None
+        if subsys is None:
+            return
+        ns = subsys.ns.pop(ns_cfg.nsid, None)
         if ns is None:
             return
         ns.disable()
@@ -160,7 +162,7 @@ class Target(TreeHooks):
         for ctrl in subsys.ctrls.values():
             ctrl.ns_changed(ns.nsid)
 
-    def _start_port(self, port: Any) -> None:
+    def _start_port(self, port: Port) -> None:
         if port.portid in self.listening:
             return
         ops = self.transports.get(port.addr_trtype)
@@ -176,28 +178,29 @@ class Target(TreeHooks):
         log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
                  port.addr_traddr, port.addr_trsvcid)
 
-    def port_add_subsys(self, port: Any, subsys_cfg: Any) -> None:
+    def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
         self._start_port(port)  # a port listens once its first subsystem is linked
         self.discovery_changed()
 
-    def port_remove_subsys(self, port: Any, subsys_cfg: Any) -> None:
+    def port_remove_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
         # as nvmet_port_del_ctrls(): controllers reached through this link go with it
         subsys = self._subsystems.get(subsys_cfg.nqn)
-        for ctrl in list(subsys.ctrls.values()) if subsys is not None else []:
-            if ctrl.port is port:
-                log.info("ctrl %d: %s unlinked from port %d; deleting", ctrl.cntlid,
-                         subsys.nqn, port.portid)
-                ctrl.delete()
+        if subsys is not None:
+            for ctrl in list(subsys.ctrls.values()):
+                if ctrl.port is port:
+                    log.info("ctrl %d: %s unlinked from port %d; deleting", ctrl.cntlid,
+                             subsys.nqn, port.portid)
+                    ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)
             log.info("port %d: stopped listening", port.portid)
         self.discovery_changed()
 
-    def subsys_hosts_changed(self, subsys_cfg: Any) -> None:
+    def subsys_hosts_changed(self, subsys_cfg: Subsystem) -> None:
         self.discovery_changed()
 
-    def port_changed(self, port: Any) -> None:
+    def port_changed(self, port: Port) -> None:
         pass  # attributes take effect for controllers created afterwards
 
     def discovery_changed(self) -> None:
@@ -219,6 +222,7 @@ class Target(TreeHooks):
         subsystems = {}
         for nqn in self.root.subsystems:
             subsys = self.get_subsys(nqn)
+            assert subsys is not None  # nqn comes from the tree, so it is configured
             subsystems[nqn] = {"namespaces": [ns.describe() for ns in subsys.ns.values()],
                                "controllers": [c.cntlid for c in subsys.ctrls.values()]}
         return {

@@ -14,11 +14,13 @@ from ..spec.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
 from ..spec.status import Status
 
 if TYPE_CHECKING:
+    from ..configfs import Port
     from ..p2p import Decision
     from .core import Target
     from .queue import SQ
     from .request import Request
     from .subsys import Subsys
+    from .transport import TransportOps
 
 log = logging.getLogger("nvmet_p2p.core")
 
@@ -39,8 +41,8 @@ LOG_DISC = 0x70
 
 
 class Ctrl:
-    def __init__(self, target: Target, subsys: Subsys, port: object, cntlid: int,
-                 hostnqn: str, hostid: bytes, kato_ms: int, ops: object) -> None:
+    def __init__(self, target: Target, subsys: Subsys, port: Port, cntlid: int,
+                 hostnqn: str, hostid: bytes, kato_ms: int, ops: TransportOps) -> None:
         self.target = target
         self.subsys = subsys
         self.port = port

@@ -7,12 +7,13 @@ referrals.  `genctr` moves on every change a host could see.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..spec import log as lg
 from ..spec.command import DISCOVERY_NQN
 
 if TYPE_CHECKING:
+    from ..configfs import Port, Referral
     from .core import Target
 
 TRTYPES = {"rdma": lg.Trtype.RDMA, "tcp": lg.Trtype.TCP, "loop": lg.Trtype.LOOP,
@@ -23,7 +24,7 @@ TREQS = {"not specified": lg.Treq.NOT_SPECIFIED, "required": lg.Treq.REQUIRED,
          "not required": lg.Treq.NOT_REQUIRED}
 
 
-def _entry(addr: Any, portid: int, subnqn: str, subtype: int) -> lg.DiscEntry:
+def _entry(addr: Port | Referral, portid: int, subnqn: str, subtype: int) -> lg.DiscEntry:
     trtype = TRTYPES.get(addr.addr_trtype, lg.Trtype.LOOP)
     tsas = lg.rdma_tsas() if trtype == lg.Trtype.RDMA else bytes(lg.TSAS_SIZE)
     return lg.DiscEntry(
@@ -33,7 +34,7 @@ def _entry(addr: Any, portid: int, subnqn: str, subtype: int) -> lg.DiscEntry:
         tsas=tsas)
 
 
-def disc_entries(target: Target, port: Any, hostnqn: str) -> list[lg.DiscEntry]:
+def disc_entries(target: Target, port: Port, hostnqn: str) -> list[lg.DiscEntry]:
     entries = [_entry(port, port.portid, DISCOVERY_NQN, lg.Subtype.CURRENT_DISC)]
     for nqn in port.subsystems:
         subsys = target.get_subsys(nqn)
@@ -45,5 +46,5 @@ def disc_entries(target: Target, port: Any, hostnqn: str) -> list[lg.DiscEntry]:
     return entries
 
 
-def disc_log_page(target: Target, port: Any, hostnqn: str) -> bytes:
+def disc_log_page(target: Target, port: Port, hostnqn: str) -> bytes:
     return lg.disc_log(target.disc_genctr, disc_entries(target, port, hostnqn))

@@ -22,7 +22,7 @@ log = logging.getLogger("nvmet_p2p.core")
 def parse_connect(req: Request) -> int:
     req.transfer_len = c.CONNECT_DATA_SIZE
     req.data_dir = DataDir.TO_CTRL
-    req.handler = _connect_admin if ConnectCmd.from_sqe(req.cmd).qid == 0 else _connect_io
+    req.handler = _connect_admin if ConnectCmd.from_sqe(req.sqe).qid == 0 else _connect_io
     return 0
 
 
@@ -47,6 +47,7 @@ def _check_connect(req: Request, cmd: ConnectCmd) -> ConnectData | None:
     if cmd.sqsize == 0 or cmd.sqsize + 1 > limit:
         _invalid(req, False, c.CONNECT_IPO_SQE_SQSIZE)
         return None
+    assert req.buf is not None  # parse set DataDir.TO_CTRL: the transport fetched the data
     data = ConnectData.decode(req.buf)
     for nqn, ipo in ((data.subnqn, c.CONNECT_IPO_DATA_SUBNQN),
                      (data.hostnqn, c.CONNECT_IPO_DATA_HOSTNQN)):
@@ -57,7 +58,7 @@ def _check_connect(req: Request, cmd: ConnectCmd) -> ConnectData | None:
 
 
 def _connect_admin(req: Request) -> None:
-    cmd = ConnectCmd.from_sqe(req.cmd)
+    cmd = ConnectCmd.from_sqe(req.sqe)
     data = _check_connect(req, cmd)
     if data is None:
         return
@@ -87,7 +88,7 @@ def _connect_admin(req: Request) -> None:
 
 
 def _connect_io(req: Request) -> None:
-    cmd = ConnectCmd.from_sqe(req.cmd)
+    cmd = ConnectCmd.from_sqe(req.sqe)
     data = _check_connect(req, cmd)
     if data is None:
         return
@@ -124,7 +125,7 @@ def _connect_io(req: Request) -> None:
 
 def parse_property(req: Request) -> int:
     """Property Get/Set, admin queue only (the caller checked)."""
-    fctype = req.cmd.fctype
+    fctype = req.sqe.fctype
     if fctype == FabricsType.PROPERTY_SET:
         req.handler = _property_set
     elif fctype == FabricsType.PROPERTY_GET:
@@ -136,8 +137,8 @@ def parse_property(req: Request) -> int:
 
 
 def _property_get(req: Request) -> None:
-    prop = PropertyCmd.from_sqe(req.cmd)
-    ctrl = req.sq.ctrl
+    prop = PropertyCmd.from_sqe(req.sqe)
+    ctrl = req.ctrl
     if prop.size == 8:
         if prop.offset != REG_CAP:
             req.set_error_loc(44)
@@ -154,10 +155,10 @@ def _property_get(req: Request) -> None:
 
 
 def _property_set(req: Request) -> None:
-    prop = PropertyCmd.from_sqe(req.cmd)
+    prop = PropertyCmd.from_sqe(req.sqe)
     if prop.size != 4 or prop.offset != REG_CC:
         req.set_error_loc(44)
         req.complete(Status.INVALID_FIELD | DNR)  # only CC is writable
         return
-    req.sq.ctrl.update_cc(prop.value & 0xFFFFFFFF)
+    req.ctrl.update_cc(prop.value & 0xFFFFFFFF)
     req.complete(0)

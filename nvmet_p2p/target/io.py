@@ -24,8 +24,8 @@ DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB (1's based), SLBA
 
 
 def parse(req: Request) -> int:
-    cmd = req.cmd
-    ctrl = req.sq.ctrl
+    cmd = req.sqe
+    ctrl = req.ctrl
     if not ctrl.ready:
         req.set_error_loc(0)
         return Status.CMD_SEQ_ERROR | DNR
@@ -68,7 +68,7 @@ def parse(req: Request) -> int:
 
 
 def _rw_args(req: Request) -> tuple[int, int]:
-    cmd = req.cmd
+    cmd = req.sqe
     return cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
 
 
@@ -87,7 +87,7 @@ def _read(req: Request) -> None:
 def _write(req: Request) -> None:
     slba, nlb = _rw_args(req)
     ns = req.ns
-    fua = bool(req.cmd.cdw12 & RW_FUA)
+    fua = bool(req.sqe.cdw12 & RW_FUA)
     ns.stats["write_cmds"] += 1
     ns.stats["write_bytes"] += req.transfer_len
     P2PPolicy.account(req)
@@ -107,9 +107,10 @@ def _flush(req: Request) -> None:
 
 
 def _dsm(req: Request) -> None:
-    if not req.cmd.cdw11 & DSM_AD:
+    if not req.sqe.cdw11 & DSM_AD:
         req.complete(0)  # only deallocate has an effect; other attributes are hints
         return
+    assert req.buf is not None  # parse set DataDir.TO_CTRL: the transport fetched the ranges
     ns = req.ns
     ranges = []
     for _attr, nlb, slba in DSM_RANGE.iter_unpack(bytes(req.buf[:req.transfer_len])):

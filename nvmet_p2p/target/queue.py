@@ -14,6 +14,7 @@ from . import admin, fabrics, io
 from .request import Request
 
 if TYPE_CHECKING:
+    from ..configfs import Port
     from .core import Target
     from .ctrl import Ctrl
     from .transport import TransportOps
@@ -23,7 +24,7 @@ _PSDT_SGL = 0x40  # flags bits 7:6 = 01b: SGLs, metadata pointer contiguous
 
 
 class SQ:
-    def __init__(self, target: Target, port: Any, ops: TransportOps, qid: int,
+    def __init__(self, target: Target, port: Port, ops: TransportOps, qid: int,
                  size: int) -> None:
         self.target = target
         self.port = port

@@ -17,6 +17,7 @@ from ..spec.command import SQE_SIZE, Cqe, Sqe
 from ..spec.status import DNR, Status
 
 if TYPE_CHECKING:
+    from .ctrl import Ctrl
     from .queue import SQ
 
 log = logging.getLogger("nvmet_p2p.core")
@@ -64,6 +65,20 @@ class Request:
         self.handler: Handler | None = None
         self.error_loc = 0xFFFF  # byte offset of the bad field in the SQE, for the error log
         self.completed = False
+
+    @property
+    def sqe(self) -> Sqe:
+        """`cmd` for the parse and execute handlers, which run only after init() decoded it."""
+        assert self.cmd is not None, "command handler before init()"
+        return self.cmd
+
+    @property
+    def ctrl(self) -> Ctrl:
+        """The queue's controller, for admin and I/O handlers: SQ.parse hands a queue
+        without one only to Connect, and transports execute nothing after sq.destroy()."""
+        ctrl = self.sq.ctrl
+        assert ctrl is not None, "admin or I/O command on a queue without a controller"
+        return ctrl
 
     @property
     def in_capsule(self) -> memoryview:

@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .core import Port, Request
+    from ..configfs import Port
     from .ctrl import Ctrl
+    from .request import Request
 
 
 class TransportOps(Protocol):
