@@ -305,7 +305,7 @@ class CompletionRing:
 
     def reap(self, limit: int = 1 << 30) -> list[Completion]:
         """Every new completion (up to `limit`); rings the head doorbell once if any."""
-        done = []
+        done: list[Completion] = []
         dw3, head, phase = self._dw3, self.head, self.phase
         while len(done) < limit and (dw3[head * 4 + 3] >> 16) & 1 == phase:
             done.append(unpack_cqe(self.mem, head * CQE_SIZE))

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nvmet_p2p import nvme_pci as pci
 from nvmet_p2p.backends.base import Backend, Completion
@@ -115,6 +116,22 @@ def check_nvme_class(sysfs_root: str, bdf: str) -> None:
                            f"{NVME_CLASS:#08x}); refusing to take it from its driver")
 
 
+class _BusRange(Protocol):
+    """What a P2P request needs of its buffer: a Chunk, or a _SubChunk of an MDTS split."""
+
+    @property
+    def bus_addr(self) -> int | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def _iova(chunk: Chunk) -> int:
+    """The bus address of a chunk of a provider this backend mapped (map_provider set it)."""
+    assert chunk.bus_addr is not None
+    return chunk.bus_addr
+
+
 class VfioNvmeBackend(Backend):
     """Namespace `nsid` of the PCIe NVMe controller at `bdf`, driven from userspace."""
 
@@ -179,8 +196,8 @@ class VfioNvmeBackend(Backend):
         asq, acq = self._zeroed(aq_depth * pci.SQE_SIZE), self._zeroed(aq_depth * pci.CQE_SIZE)
         self._id_buf = self._zeroed(4096)
         regs.write32(pci.REG_AQA, pci.aqa_value(aq_depth, aq_depth))
-        regs.write64_lo_hi(pci.REG_ASQ, asq.bus_addr)
-        regs.write64_lo_hi(pci.REG_ACQ, acq.bus_addr)
+        regs.write64_lo_hi(pci.REG_ASQ, _iova(asq))
+        regs.write64_lo_hi(pci.REG_ACQ, _iova(acq))
         regs.write32(pci.REG_CC, pci.cc_value(enable=True))
         self._wait_csts(pci.CSTS_RDY, pci.CSTS_RDY, "enable")
         self._asq = pci.SubmissionRing(0, asq.view, aq_depth, self._doorbell(
@@ -200,9 +217,9 @@ class VfioNvmeBackend(Backend):
         self.max_xfer = min(self.max_xfer, 1 << 20)
 
         sq, cq = self._zeroed(io_depth * pci.SQE_SIZE), self._zeroed(io_depth * pci.CQE_SIZE)
-        self._admin(pci.ADMIN_CREATE_CQ, prp1=cq.bus_addr, cdw10=(io_depth - 1) << 16 | 1,
+        self._admin(pci.ADMIN_CREATE_CQ, prp1=_iova(cq), cdw10=(io_depth - 1) << 16 | 1,
                     cdw11=1)  # physically contiguous, interrupts off
-        self._admin(pci.ADMIN_CREATE_SQ, prp1=sq.bus_addr, cdw10=(io_depth - 1) << 16 | 1,
+        self._admin(pci.ADMIN_CREATE_SQ, prp1=_iova(sq), cdw10=(io_depth - 1) << 16 | 1,
                     cdw11=1 << 16 | 1)  # CQ 1, physically contiguous
         self._sq = pci.SubmissionRing(1, sq.view, io_depth, self._doorbell(
             pci.sq_doorbell(1, cap.dstrd)))
@@ -228,7 +245,8 @@ class VfioNvmeBackend(Backend):
         return c
 
     def _doorbell(self, off: int) -> Callable[[int], None]:
-        r32, idx = self._regs.r32, off >> 2  # type: ignore[union-attr]
+        assert self._regs is not None
+        r32, idx = self._regs.r32, off >> 2
 
         def ring(value: int) -> None:
             wmb()  # SQEs (or consumed CQEs) before the doorbell
@@ -279,7 +297,7 @@ class VfioNvmeBackend(Backend):
             time.sleep(0.0002)
 
     def _identify(self, cns: int, nsid: int) -> bytes:
-        self._admin(pci.ADMIN_IDENTIFY, nsid=nsid, prp1=self._id_buf.bus_addr, cdw10=cns)
+        self._admin(pci.ADMIN_IDENTIFY, nsid=nsid, prp1=_iova(self._id_buf), cdw10=cns)
         return bytes(self._id_buf.view)
 
     def _enable_cmb(self) -> None:
@@ -407,7 +425,7 @@ class VfioNvmeBackend(Backend):
         return True
 
     def _rw(self, opcode: int, slba: int, nlb: int, buf: memoryview | None, fua: bool,
-            cb: Completion, chunk: Chunk | None = None) -> None:
+            cb: Completion, chunk: _BusRange | None = None) -> None:
         if not self._check_range(slba, nlb, cb):
             return
         nbytes = nlb * self.block_size
@@ -419,7 +437,7 @@ class VfioNvmeBackend(Backend):
                 off = (s - slba) * self.block_size
                 sub_buf = None if buf is None else buf[off:off + n * self.block_size]
                 sub_chunk = None if chunk is None else _SubChunk(chunk, off)
-                self._rw(opcode, s, n, sub_buf, fua, join.part, sub_chunk)  # type: ignore
+                self._rw(opcode, s, n, sub_buf, fua, join.part, sub_chunk)
             return
         if chunk is not None:
             if chunk.bus_addr is None or chunk.size < nbytes:
@@ -480,8 +498,9 @@ class VfioNvmeBackend(Backend):
         parts = [(s, min(per_cmd, slba + nlb - s)) for s in range(slba, slba + nlb, per_cmd)]
         join = _Join(len(parts), cb)
         for s, n in parts:
-            self._submit(lambda s=s, n=n: self._issue(pci.IO_WRITE_ZEROES, _Cmd(join.part),
-                                                      s, n))
+            def issue(s: int = s, n: int = n) -> bool:
+                return self._issue(pci.IO_WRITE_ZEROES, _Cmd(join.part), s, n)
+            self._submit(issue)
 
     def submit_discard(self, ranges: list[tuple[int, int]], cb: Completion) -> None:
         if not ranges or len(ranges) > 256:
@@ -643,6 +662,6 @@ class _Join:
 class _SubChunk:
     """The tail of a chunk from `off`, for MDTS splits of P2P requests."""
 
-    def __init__(self, chunk: Chunk, off: int) -> None:
+    def __init__(self, chunk: _BusRange, off: int) -> None:
         self.bus_addr = None if chunk.bus_addr is None else chunk.bus_addr + off
         self.size = chunk.size - off
