@@ -39,7 +39,7 @@ def run(*cmd: str, check: bool = True, quiet: bool = False,
         timeout: float = 120.0) -> subprocess.CompletedProcess:
     if not quiet:
         say(f"$ {shlex.join(cmd)}")
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     out = (cp.stdout + cp.stderr).rstrip()
     if out and not quiet:
         say(out)
@@ -101,10 +101,10 @@ def guest() -> int:
     say(f"RDMA device {rxe} is up")
     backing = g.shm_file("demo-ns1.img", NS_SIZE)
     step("start nvmet-p2p")
-    log = open("/tmp/nvmet-p2p-demo.log", "w")
     cmd = [_bin("nvmet-p2p"), "serve", "--rpc-socket", RPC_SOCKET]
     say(f"$ {shlex.join(cmd)} &")
-    target = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open("/tmp/nvmet-p2p-demo.log", "w") as log:  # the target keeps its own descriptor
+        target = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_socket(RPC_SOCKET, target)
         step("configure it with targetcli-ext one-shot commands")
@@ -163,7 +163,6 @@ def guest() -> int:
         except subprocess.TimeoutExpired:
             target.kill()
             rc = target.wait()
-        log.close()
         say(f"target stopped (exit {rc}); its log: /tmp/nvmet-p2p-demo.log")
     return 0 if rc == 0 else 1
 

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 from nvmet_p2p.cmb import buffer_address
 from nvmet_p2p.errors import P2PError
@@ -155,7 +156,7 @@ class VfioBinding:
                            f"add -device intel-iommu,caching-mode=on)")
         return int(os.path.basename(os.readlink(link)))
 
-    def __enter__(self) -> VfioBinding:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -233,7 +234,7 @@ class VfioContainer:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> VfioContainer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -283,7 +284,7 @@ class VfioGroup:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> VfioGroup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -384,7 +385,7 @@ class VfioDevice:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> VfioDevice:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
