@@ -198,7 +198,7 @@ def test_job_files_exist_and_match_the_matrix(job):
     for var in ("${BENCH_DEV}", "${BENCH_RUNTIME}", "${BENCH_RAMP}"):
         assert var in text
     assert "direct=1" in text
-    rw = re.search(r"^rw=(\S+)", text, re.M).group(1)
+    rw = re.search(r"^rw=(\S+)", text, re.MULTILINE).group(1)
     assert ("write" in rw) == ("write" in job.ddirs) or rw == "randrw"
 
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nvmet_p2p import cmb
-from nvmet_p2p.cmb import (AccessRules, KernelP2pmemProvider, SysfsBarProvider,
-                           SystemMemoryProvider, copy_from, copy_into, read_p2pmem_info)
+from nvmet_p2p.cmb import (
+    AccessRules,
+    KernelP2pmemProvider,
+    SysfsBarProvider,
+    SystemMemoryProvider,
+    copy_from,
+    copy_into,
+    read_p2pmem_info,
+)
 from nvmet_p2p.errors import P2PError
 
 BDF = "0000:00:0a.0"
@@ -39,7 +47,7 @@ def test_chunks_are_contiguous_aligned_and_disjoint(pool):
         spans.append((c.addr, c.addr + rounded))
         c.view[:] = bytes([len(spans)]) * s
     spans.sort()
-    assert all(a_end <= b for (_, a_end), (b, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b for (_, a_end), (b, _) in pairwise(spans))
     for i, c in enumerate(chunks, 1):
         assert bytes(c.view) == bytes([i]) * c.size  # no overlap clobbered anything
 
@@ -140,8 +148,8 @@ def make_sysfs(tmp_path: Path, *, wc_file: bool, prefetch: bool = True) -> Path:
     dev = tmp_path / "bus/pci/devices" / BDF
     dev.mkdir(parents=True)
     flags = 0x14220C if prefetch else 0x140204
-    lines = ["0x%016x 0x%016x 0x%016x" % (0, 0, 0)] * 6
-    lines[2] = "0x%016x 0x%016x 0x%016x" % (BAR_START, BAR_START + BAR_LEN - 1, flags)
+    lines = [f"0x{0:016x} 0x{0:016x} 0x{0:016x}"] * 6
+    lines[2] = f"0x{BAR_START:016x} 0x{BAR_START + BAR_LEN - 1:016x} 0x{flags:016x}"
     (dev / "resource").write_text("\n".join(lines) + "\n")
     (dev / "resource2").write_bytes(b"\0" * BAR_LEN)
     if wc_file:

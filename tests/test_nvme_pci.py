@@ -7,9 +7,19 @@ import struct
 import pytest
 
 from nvmet_p2p import nvme_pci as np_
-from nvmet_p2p.nvme_pci import (Cap, CmbInfo, CompletionRing, SubmissionRing, cmbmsc_value,
-                                cq_doorbell, prp_layout, prp_list_pages, prp_pages, rw_cdws,
-                                sq_doorbell)
+from nvmet_p2p.nvme_pci import (
+    Cap,
+    CmbInfo,
+    CompletionRing,
+    SubmissionRing,
+    cmbmsc_value,
+    cq_doorbell,
+    prp_layout,
+    prp_list_pages,
+    prp_pages,
+    rw_cdws,
+    sq_doorbell,
+)
 
 QEMU_CAP = 0x024018200F0107FF  # measured on QEMU 7.2's nvme with cmb_size_mb=64
 

@@ -514,8 +514,8 @@ def test_explain_a_running_target(p2p_env):
 @pytest.mark.parametrize("path,message", [
     ("nvme0", ("'nvme0' is not a PCI address: a vfio-nvme namespace needs device.path set to "
               "the controller's address, e.g. 0000:00:0a.0 (see lspci -D)")),
-    ("0000:7f:1f.7", "NVMe controller 0000:7f:1f.7 through VFIO: no PCI device 0000:7f:1f.7 "
-                     "(see lspci -D)"),
+    ("0000:7f:1f.7", ("NVMe controller 0000:7f:1f.7 through VFIO: no PCI device 0000:7f:1f.7 "
+                      "(see lspci -D)")),
 ])
 def test_open_backend_vfio_nvme_says_what_to_fix(path, message):
     from nvmet_p2p.backends import open_backend

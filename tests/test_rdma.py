@@ -270,7 +270,7 @@ KEYED = SglType.KEYED_DATA_BLOCK
 def test_host_write_keyed_walks_every_state(env):
     t, pool = env
     q = make_queue(t)
-    avail = pool.counters()["available"] if "available" in pool.counters() else None
+    avail = pool.counters().get("available")
     arrive(t, q, 0, IoOpcode.WRITE, 5, Sgl(KEYED, 0x9000, 512, 0x77))
     c = cmd_of(q, 5)
     assert c.state is rdma.CmdState.TRANSFERRING_HOST_TO_TARGET
@@ -371,7 +371,7 @@ def test_read_depth_limits_outstanding_rdma_reads(env):
 
 
 def test_buffer_exhaustion_waits_then_proceeds(env):
-    t, pool = env
+    t, _ = env
     q = make_queue(t, sync=False)
     size = 32 << 10  # two of these fill the 64 KiB pool
     for slot, cid in enumerate((1, 2, 3)):
@@ -385,7 +385,7 @@ def test_buffer_exhaustion_waits_then_proceeds(env):
 
 
 def test_teardown_forces_completion_and_returns_buffers(env):
-    t, pool = env
+    t, _ = env
     q = make_queue(t, sync=False, send_credits=1)
     arrive(t, q, 0, IoOpcode.READ, 1, Sgl(KEYED, 0x9000, 4096, 0x30), nlb=8)  # executing
     arrive(t, q, 1, IoOpcode.WRITE, 2, Sgl(KEYED, 0x9000, 4096, 0x30), nlb=8)  # reading

@@ -263,7 +263,7 @@ def _serve(config: str, log_path: str) -> int:
     rc = daemon.run()
     for t in daemon.transports:
         if hasattr(t, "stats"):
-            logging.info("rdma stats %s", t.stats)
+            logging.getLogger(__name__).info("rdma stats %s", t.stats)
     return rc
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmet_p2p.cmb import (AccessRules, SysfsBarProvider, SystemMemoryProvider, copy_from,
-                           copy_into)
+from nvmet_p2p.cmb import AccessRules, SysfsBarProvider, SystemMemoryProvider, copy_from, copy_into
 from nvmet_p2p.errors import P2PError
 
 _in_vm = pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
