@@ -25,3 +25,4 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check nvmet_p2p tests
+	$(PY) -m mypy nvmet_p2p/target nvmet_p2p/spec
