@@ -207,6 +207,19 @@ class Provider(ABC):
     def region_bus_addrs(self) -> list[int | None]:
         return [r.bus_base for r in self._regions]
 
+    def dmabuf(self, region: int) -> tuple[int, int] | None:
+        """A dma-buf holding region `region`: (fd, byte offset of the region in it), or None.
+
+        An RDMA device registers a region offered this way with ibv_reg_dmabuf_mr instead of
+        pinning its CPU mapping (rdma_mr.py); the fd stays the provider's.  Must not raise:
+        a provider that fails to export returns None and logs why.  Who could offer one:
+        `VfioBarProvider` / `NvmeCmbProvider` through VFIO's dma-buf export of BAR regions
+        (VFIO_DEVICE_FEATURE_DMA_BUF, added to Linux in 2025), and a BAR's exporting driver
+        in general.  Kernel p2pmem and sysfs `resourceN` mappings have no dma-buf, and system
+        memory needs none.  On this project's Debian 6.1 kernel no provider offers one.
+        """
+        return None
+
     def alloc(self, size: int) -> Chunk | None:
         """A contiguous chunk of at least `size` bytes, or None when exhausted (counted)."""
         if size <= 0:
