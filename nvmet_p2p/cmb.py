@@ -28,7 +28,7 @@ import threading
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -120,8 +120,17 @@ def buffer_address(buf: Any) -> int:
 class Chunk:
     """One contiguous allocation from a provider."""
 
-    __slots__ = ("provider", "offset", "size", "addr", "bus_addr", "view", "region", "_order",
-                 "_freed")
+    __slots__ = (
+        "_freed",
+        "_order",
+        "addr",
+        "bus_addr",
+        "offset",
+        "provider",
+        "region",
+        "size",
+        "view",
+    )
 
     def __init__(self, provider: Provider, region: int, offset: int, size: int, order: int,
                  addr: int, bus_addr: int | None, view: memoryview) -> None:
@@ -148,7 +157,7 @@ class Chunk:
 
 
 class _Region:
-    __slots__ = ("addr", "length", "view", "bus_base", "buddy", "mm")
+    __slots__ = ("addr", "buddy", "bus_base", "length", "mm", "view")
 
     def __init__(self, addr: int, length: int, view: memoryview, bus_base: int | None,
                  mm: mmap.mmap | None) -> None:
@@ -293,7 +302,7 @@ class Provider(ABC):
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> Provider:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,6 +25,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Self
 
 from .errors import TransportError
 
@@ -300,7 +301,7 @@ class EventChannel:
             _cm().rdma_destroy_event_channel(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> EventChannel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -388,9 +389,9 @@ class CmId:
 
     def disconnect(self) -> None:
         """Start a disconnect; harmless when the peer already left (EINVAL is ignored)."""
-        if self._ptr and _cm().rdma_disconnect(self._ptr) != 0:
-            if ctypes.get_errno() not in (errno.EINVAL, errno.ENOTCONN):
-                raise TransportError(f"rdma_disconnect: {os.strerror(ctypes.get_errno())}")
+        if (self._ptr and _cm().rdma_disconnect(self._ptr) != 0
+                and ctypes.get_errno() not in (errno.EINVAL, errno.ENOTCONN)):
+            raise TransportError(f"rdma_disconnect: {os.strerror(ctypes.get_errno())}")
 
     def init_qp_attr(self, state: int) -> tuple[QpAttrStruct, int]:
         attr = QpAttrStruct()
@@ -407,7 +408,7 @@ class CmId:
             ptr, self._ptr = self._ptr, None
             _cm().rdma_destroy_id(ptr)
 
-    def __enter__(self) -> CmId:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
