@@ -3,10 +3,15 @@
 Reactor discipline: everything runs on the target's asyncio loop and nothing ever
 blocks inside librdmacm or pyverbs.  The CM event channel's fd is non-blocking and
 watched with `loop.add_reader` (see rdma_cm for why the CM is driven through ctypes).
-Completions are polled: pyverbs 44 exposes no completion-channel fd, and `CQ.poll`
-never sleeps, so one poller walks every queue's CQ; while there is work it reschedules
-itself with `call_soon`, when idle it backs off (`call_later`) doubling up to
-`POLL_IDLE_MAX_S`.
+Each queue's CQ has its own completion channel, watched the same way: when it is
+readable the CQ is re-armed and then polled until empty, so an idle target sleeps in
+epoll and a capsule is picked up as soon as it lands (no polling interval to wait out).
+
+Work requests are built once and reused: a RECV per ring slot, a response SEND per
+command context, and the RDMA READ/WRITE for a data chunk (kept per chunk address,
+since the pool hands the same chunks out again); a post only updates ids and keys.
+Every pyverbs object costs a logger lookup and an allocation (the 4k QD32 profile
+showed both), and pyverbs 44 leaks a WR's memory unless it is closed (rdma_verbs).
 
 A command is a state machine (`CmdState`), as in SPDK's lib/nvmf/rdma.c: `_process`
 drives one command until its state stops changing; waiting for a data buffer, for an
@@ -32,7 +37,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
 
 import pyverbs.enums as e
-from pyverbs.wr import SGE, RecvWR, SendWR
+from pyverbs.wr import RecvWR, SendWR
 
 from .cmb import SystemMemoryProvider
 from .errors import NvmetError, TransportError
@@ -49,7 +54,8 @@ from .rdma_cm import (
     encode_cm_reject,
     parse_cm_request,
 )
-from .rdma_verbs import Device, PoolRegistration, QueuePair, RegisteredBuffer
+from .rdma_mr import PoolRegistration, register_provider
+from .rdma_verbs import Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
 from .spec.command import CQE_SIZE, SQE_SIZE
 from .spec.status import DNR, Status
 from .target.request import DataDir
@@ -67,8 +73,7 @@ DEFAULT_INLINE_DATA_SIZE = 4096
 DEFAULT_MAX_QUEUE_SIZE = 128  # the kernel target's default I/O queue size limit
 MAX_QID = 128  # the kernel target's NVMET_NR_QUEUES: larger qids are refused at CM time
 POLL_BATCH = 32
-POLL_IDLE_MIN_S = 20e-6
-POLL_IDLE_MAX_S = 1e-3  # worst added latency when idle; ~1000 wake-ups/s with queues up
+DATA_WR_CACHE = 1024  # RDMA READ/WRITE work requests kept per queue, by chunk
 DEFAULT_POOL_SIZE = 32 << 20
 
 _RECV = 0  # wr_id kind (high bits): a RECV slot; flushed WCs carry no valid opcode
@@ -126,14 +131,17 @@ class RdmaCmd:
         "req",
         "responded",
         "send_done",
+        "send_wr",
+        "sge_addr",
         "slot",
         "state",
         "waiting",
         "wr_count",
     )
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, send_wr: SendWR) -> None:
         self.index = index
+        self.send_wr: SendWR | None = send_wr  # the response SEND, from this context's CQE slot
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +152,7 @@ class RdmaCmd:
         self.dmap: DataMap | None = None
         self.chunk: Any = None
         self.lkey = 0
+        self.sge_addr = 0  # the chunk's address in its MR (its CPU address for ibv_reg_mr)
         self.responded = False  # queue_response was called
         self.read_done = False
         self.send_done = False
@@ -195,30 +204,68 @@ class RdmaQueue:
         # A command holds at most 2 send-queue slots (READ, or WRITE + SEND).
         send_depth = min(2 * self.depth + 1, dev.max_qp_wr)
         ncmds = self.depth + send_depth  # executing + still waiting for SEND completions
+        self.event_fd: int | None = None
+        self.recv_wrs: list[RecvWR] = []
+        self.cmds: list[RdmaCmd] = []
+        self.data_wrs: dict[tuple[int, int, int, int], SendWR] = {}
         try:
-            self.qp = QueuePair(dev, send_depth=send_depth, recv_depth=self.depth)
+            self.qp = QueuePair(dev, send_depth=send_depth, recv_depth=self.depth,
+                                events=True)
             self.ring = RegisteredBuffer(dev.pd, self.depth * self.slot_size)
             self.rsp = RegisteredBuffer(dev.pd, ncmds * CQE_SIZE)
+            self.build_wrs(ncmds)
             self.qp.connect(cm_id, max_rd_atomic=max_rd_atomic,
                             max_dest_rd_atomic=max_dest_rd_atomic)
             for slot in range(self.depth):
                 self.post_recv(slot)
+            self.event_fd = self.qp.event_fd
+            transport.loop.add_reader(self.event_fd, transport._cq_ready, self)
         except Exception:
             self.close_verbs()
             raise
         self.send_credits = send_depth
         self.reads_in_flight = 0
-        self.cmds = [RdmaCmd(i) for i in range(ncmds)]
+
+    # -- verbs helpers ------------------------------------------------------------
+    def build_wrs(self, ncmds: int) -> None:
+        """The RECV of every ring slot and the response SEND of every command context."""
+        assert self.ring is not None and self.rsp is not None
+        self.recv_wrs = [recv_wr(_wr_id(_RECV, slot), self.ring.addr + slot * self.slot_size,
+                                 self.slot_size, self.ring.lkey)
+                         for slot in range(self.depth)]
+        self.cmds = [RdmaCmd(i, send_wr(_wr_id(_CMD, i), e.IBV_WR_SEND,
+                                        self.rsp.addr + i * CQE_SIZE, CQE_SIZE, self.rsp.lkey,
+                                        signaled=True))
+                     for i in range(ncmds)]
         self.free_cmds = deque(self.cmds)
         self.inflight: set[RdmaCmd] = set()
         self.wait_read: deque[RdmaCmd] = deque()
         self.wait_send: deque[RdmaCmd] = deque()
+        self.data_wrs = {}
 
-    # -- verbs helpers ------------------------------------------------------------
+    def data_wr(self, cmd: RdmaCmd, opcode: int) -> SendWR:
+        """The RDMA READ or WRITE moving `cmd`'s chunk to or from the host's buffer."""
+        m, addr = cmd.dmap, cmd.sge_addr
+        key = (opcode, addr, m.length, cmd.lkey)
+        wr = self.data_wrs.get(key)
+        if wr is None:
+            if len(self.data_wrs) >= DATA_WR_CACHE:
+                self.close_data_wrs()
+            # A READ reports its own completion; a WRITE is reported by the SEND behind it.
+            wr = self.data_wrs[key] = send_wr(0, opcode, addr, m.length, cmd.lkey,
+                                              signaled=opcode == e.IBV_WR_RDMA_READ)
+        wr.wr_id = _wr_id(_CMD, cmd.index)
+        wr.set_wr_rdma(m.key, m.addr)
+        return wr
+
+    def close_data_wrs(self) -> None:
+        for wr in self.data_wrs.values():
+            wr.close()
+        self.data_wrs.clear()
+
     def post_recv(self, slot: int) -> None:
-        assert self.qp is not None and self.qp.qp is not None and self.ring is not None
-        sge = SGE(self.ring.addr + slot * self.slot_size, self.slot_size, self.ring.lkey)
-        self.qp.qp.post_recv(RecvWR(wr_id=_wr_id(_RECV, slot), num_sge=1, sg=[sge]))
+        assert self.qp is not None and self.qp.qp is not None
+        self.qp.qp.post_recv(self.recv_wrs[slot])
 
     def capsule(self, slot: int, length: int) -> memoryview:
         assert self.ring is not None and self.ring.view is not None
@@ -227,6 +274,9 @@ class RdmaQueue:
 
     def close_verbs(self) -> None:
         """QP first: once it is destroyed the device touches none of our memory."""
+        if self.event_fd is not None:
+            self.transport.loop.remove_reader(self.event_fd)
+            self.event_fd = None
         if self.qp is not None:
             self.qp.to_error()
             self.qp.close()
@@ -235,6 +285,15 @@ class RdmaQueue:
             if buf is not None:
                 buf.close()
         self.ring = self.rsp = None
+        # After the QP is gone nothing posts any more; each WR is closed exactly once.
+        for wr in self.recv_wrs:
+            wr.close()
+        self.recv_wrs = []
+        for cmd in self.cmds:
+            if cmd.send_wr is not None:
+                cmd.send_wr.close()
+                cmd.send_wr = None
+        self.close_data_wrs()
 
     def counts(self) -> dict[str, int]:
         return {"qps": 1 if self.qp is not None else 0,
@@ -260,10 +319,9 @@ class RdmaTransport:
         self.queues: dict[int, RdmaQueue] = {}  # rdma_cm_id* -> queue
         self.devices: dict[str, Device] = {}
         self.registrations: dict[tuple[str, int], PoolRegistration | None] = {}
+        self.registration_errors: dict[tuple[str, int], str] = {}
         self.wait_buffer: deque[tuple[RdmaQueue, RdmaCmd]] = deque()
-        self._poll_handle: Any = None
-        self._idle_s = 0.0
-        self.stats = {"polls": 0, "idle_polls": 0, "completions": 0, "buffer_waits": 0,
+        self.stats = {"cq_events": 0, "completions": 0, "buffer_waits": 0,
                       "send_waits": 0, "read_waits": 0, "p2p_fallbacks": 0}
         target.register_transport(self)
 
@@ -316,7 +374,7 @@ class RdmaTransport:
             except TransportError:
                 continue
             if self._registration(dev, provider) is None:
-                return f"ibv_reg_mr on {provider.name} failed on {dev.name}"
+                return self.registration_errors[(dev.name, id(provider))]
         return None
 
     def delete_ctrl(self, ctrl: Ctrl) -> None:
@@ -336,9 +394,6 @@ class RdmaTransport:
             self._teardown(q, "transport closing")
         for portid in list(self.listeners):
             self.listeners.pop(portid).close()
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
-            self._poll_handle = None
         if self.channel is not None:
             self.loop.remove_reader(self.channel.fd)
             self.channel.close()
@@ -347,6 +402,7 @@ class RdmaTransport:
             if reg is not None:
                 reg.close()
         self.registrations.clear()
+        self.registration_errors.clear()
         for dev in self.devices.values():
             dev.close()
         self.devices.clear()
@@ -426,6 +482,10 @@ class RdmaTransport:
             log.warning("rdma: no resources for qid %d: %s", parsed.qid, err)
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
+        except Exception:  # a bug must not leave the host waiting for an answer
+            log.exception("rdma: creating qid %d failed", parsed.qid)
+            self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
+            return
         try:
             cm_id.accept(encode_cm_accept(q.depth), q.qp.qp_num,
                          responder_resources=0,  # hosts never RDMA READ from a target
@@ -433,8 +493,6 @@ class RdmaTransport:
         except TransportError as err:
             log.warning("rdma: accept failed: %s", err)
             self._teardown(q, "accept failed")
-            return
-        self._start_poller()
 
     def _reject(self, cm_id: CmId, status: int) -> None:
         try:
@@ -479,32 +537,20 @@ class RdmaTransport:
             q.sq.destroy()
 
     # -- completions ------------------------------------------------------------------
-    def _start_poller(self) -> None:
-        self._idle_s = 0.0
-        if self._poll_handle is None:
-            self._poll_handle = self.loop.call_soon(self._poll)
-
-    def _poll(self) -> None:
-        self._poll_handle = None
-        work = 0
-        for q in list(self.queues.values()):
-            work += self._poll_queue(q)
-        self.stats["polls"] += 1
-        if not self.queues:
-            return  # restarted by the next accepted connection
-        if work:
-            self._idle_s = 0.0
-            self._poll_handle = self.loop.call_soon(self._poll)
-        else:
-            self.stats["idle_polls"] += 1
-            self._idle_s = min(max(self._idle_s * 2, POLL_IDLE_MIN_S), POLL_IDLE_MAX_S)
-            self._poll_handle = self.loop.call_later(self._idle_s, self._poll)
+    def _cq_ready(self, q: RdmaQueue) -> None:
+        """The queue's completion channel is readable: re-arm, then drain the CQ."""
+        if q.dead or q.qp is None:
+            return
+        q.qp.rearm()
+        self.stats["cq_events"] += 1
+        while self._poll_queue(q) == POLL_BATCH:
+            pass
 
     def _poll_queue(self, q: RdmaQueue) -> int:
         if q.dead or q.qp is None or q.qp.cq is None:
             return 0
         n, wcs = q.qp.cq.poll(POLL_BATCH)
-        for wc in wcs[:n]:
+        for wc in wcs:
             if q.dead:
                 break
             self._completion(q, wc)
@@ -612,7 +658,7 @@ class RdmaTransport:
                 cmd.waiting = True
                 self.wait_buffer.append((q, cmd))
             return CmdState.NEED_BUFFER
-        chunk, lkey = self._alloc(q, cmd)
+        chunk, lkey, sge_addr = self._alloc(q, cmd)
         if chunk is None:
             if not cmd.waiting:
                 cmd.waiting = True
@@ -622,7 +668,7 @@ class RdmaTransport:
         if cmd.waiting:
             cmd.waiting = False
             self.wait_buffer.popleft()
-        cmd.chunk, cmd.lkey = chunk, lkey
+        cmd.chunk, cmd.lkey, cmd.sge_addr = chunk, lkey, sge_addr
         req = cmd.req
         req.chunk = chunk
         req.buf = chunk.view
@@ -630,30 +676,33 @@ class RdmaTransport:
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
         return CmdState.READY_TO_EXECUTE
 
-    def _alloc(self, q: RdmaQueue, cmd: RdmaCmd) -> tuple[Any, int]:
-        """A chunk for the data: the request's P2P provider first, else system memory."""
+    def _alloc(self, q: RdmaQueue, cmd: RdmaCmd) -> tuple[Any, int, int]:
+        """(chunk, lkey, SGE address) for the data: the request's P2P provider first, else
+        system memory; chunk None when the pool is exhausted."""
         size = cmd.dmap.length
         p2p = getattr(cmd.req, "p2p_dev", None)
         if p2p is not None:
             reg = self._registration(q.dev, p2p)
             chunk = p2p.alloc(size) if reg is not None else None
             if chunk is not None:
-                return chunk, reg.lkeys[chunk.region]
+                return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
             self.stats["p2p_fallbacks"] += 1
         reg = self._registration(q.dev, self.pool)
         chunk = self.pool.alloc(size) if reg is not None else None
         if chunk is None:
-            return None, 0
-        return chunk, reg.lkeys[chunk.region]
+            return None, 0, 0
+        return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
 
     def _registration(self, dev: Device, provider: Any) -> PoolRegistration | None:
+        """The device's MRs over `provider` (registered once); None when refused, with
+        the reason in `registration_errors`."""
         key = (dev.name, id(provider))
         if key not in self.registrations:
-            try:
-                self.registrations[key] = PoolRegistration(dev.pd, provider.regions())
-            except TransportError as err:
-                log.warning("rdma: %s cannot use %r: %s", dev.name, provider, err)
-                self.registrations[key] = None
+            reg, why = register_provider(dev.pd, provider, dev.name)
+            if reg is None:
+                log.warning("rdma: %s", why)
+                self.registration_errors[key] = why
+            self.registrations[key] = reg
         return self.registrations[key]
 
     def _st_read_pending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
@@ -663,12 +712,7 @@ class RdmaTransport:
         ready = q.reads_in_flight < q.qp.max_rd_atomic and q.send_credits >= 1
         if not self._my_turn(q.wait_read, cmd, ready, "read_waits"):
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
-        m = cmd.dmap
-        wr = SendWR(wr_id=_wr_id(_CMD, cmd.index), opcode=e.IBV_WR_RDMA_READ, num_sge=1,
-                    sg=[SGE(cmd.chunk.addr, m.length, cmd.lkey)],
-                    send_flags=e.IBV_SEND_SIGNALED)
-        wr.set_wr_rdma(m.key, m.addr)
-        q.qp.qp.post_send(wr)
+        q.qp.qp.post_send(q.data_wr(cmd, e.IBV_WR_RDMA_READ))
         q.reads_in_flight += 1
         q.send_credits -= 1
         cmd.wr_count = 1
@@ -713,17 +757,13 @@ class RdmaTransport:
         need = 2 if with_data else 1
         if not self._my_turn(q.wait_send, cmd, q.send_credits >= need, "send_waits"):
             return CmdState.READY_TO_COMPLETE
-        rsp_addr = q.rsp.addr + cmd.index * CQE_SIZE
         q.rsp.view[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
         inv = m is not None and m.kind == SglKind.KEYED and m.invalidate
-        send = SendWR(wr_id=_wr_id(_CMD, cmd.index),
-                      opcode=e.IBV_WR_SEND_WITH_INV if inv else e.IBV_WR_SEND, num_sge=1,
-                      sg=[SGE(rsp_addr, CQE_SIZE, q.rsp.lkey)], send_flags=e.IBV_SEND_SIGNALED,
-                      imm_data=m.key if inv else 0)  # imm_data is invalidate_rkey's storage
+        send = cmd.send_wr
+        send.opcode = e.IBV_WR_SEND_WITH_INV if inv else e.IBV_WR_SEND
+        send.imm_data = m.key if inv else 0  # imm_data is invalidate_rkey's storage
         if with_data:
-            write = SendWR(wr_id=_wr_id(_CMD, cmd.index), opcode=e.IBV_WR_RDMA_WRITE,
-                           num_sge=1, sg=[SGE(cmd.chunk.addr, m.length, cmd.lkey)])
-            write.set_wr_rdma(m.key, m.addr)
+            write = q.data_wr(cmd, e.IBV_WR_RDMA_WRITE)
             write.next_wr = send  # one post: the data lands before the completion
             q.qp.qp.post_send(write)
         else:

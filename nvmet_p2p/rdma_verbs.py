@@ -2,7 +2,8 @@
 
 Every resource is a context manager with an idempotent `close()`; owners close
 children first.  Nothing here blocks: QP creation and state changes are quick
-commands, and completions are only ever polled (`CQ.poll` never sleeps).
+commands, `CQ.poll` never sleeps, and a CQ's completion channel is non-blocking and
+read only when the reactor saw its fd readable.
 
 The QP is an "external" QP for librdmacm: `connect_qp` walks it INIT -> RTR -> RTS
 with the attributes the CM computed (`CmId.init_qp_attr`), overriding only the RDMA
@@ -13,15 +14,18 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Iterable
+import os
+from typing import Self
 
 import pyverbs.enums as e
 from pyverbs.addr import GID, AHAttr, GlobalRoute
-from pyverbs.cq import CQ
+from pyverbs.cq import CQ, CompChannel
 from pyverbs.device import Context
 from pyverbs.mr import MR
 from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+from pyverbs.wr import SGE, RecvWR, SendWR
 
 from .cmb import buffer_address
 from .errors import TransportError
@@ -57,7 +61,7 @@ class Device:
             self.ctx.close()
             self.ctx = None
 
-    def __enter__(self) -> Device:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,45 +98,89 @@ class RegisteredBuffer:
                 log.debug("registered buffer still exported at close")
             self._mm = None
 
-    def __enter__(self) -> RegisteredBuffer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class PoolRegistration:
-    """The MRs covering a buffer provider's regions: registered once, never per I/O."""
+EVENT_FD_LINK = "anon_inode:[infinibandevent]"  # what uverbs names a completion channel
 
-    def __init__(self, pd: PD, regions: Iterable[tuple[int, int, memoryview]]) -> None:
-        self.mrs: list[MR] = []
+
+def _event_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
         try:
-            for addr, length, _view in regions:
-                self.mrs.append(MR(pd, length, LOCAL_ACCESS, address=addr))
-        except Exception as err:
+            if os.readlink(f"/proc/self/fd/{name}") == EVENT_FD_LINK:
+                out.add(int(name))
+        except OSError:
+            continue  # closed meanwhile (the listing's own fd, a racing close)
+    return out
+
+
+class CompletionChannel:
+    """A completion channel for one CQ, with the fd the reactor watches.
+
+    pyverbs 44 does not expose the channel's fd, so it is found as the one uverbs
+    event fd that appeared while the channel was created (the reactor thread is the
+    only one creating verbs objects).  The fd is made non-blocking: `take_event` runs
+    only once the reactor saw it readable and never sleeps inside pyverbs holding the
+    GIL.  One channel per CQ because pyverbs' get_cq_event insists on knowing which
+    CQ fired.
+    """
+
+    def __init__(self, dev: Device) -> None:
+        before = _event_fds()
+        try:
+            self.cc: CompChannel | None = CompChannel(dev.ctx)
+        except PyverbsError as err:
+            raise TransportError(f"cannot create a completion channel on {dev.name}: {err}") \
+                from err
+        new = _event_fds() - before
+        if len(new) != 1:
             self.close()
-            raise TransportError(f"cannot register the buffer pool: {err}") from err
-        self.lkeys = [mr.lkey for mr in self.mrs]
+            raise TransportError(f"cannot find the completion channel's fd on {dev.name} "
+                                 f"(new uverbs event fds: {sorted(new)})")
+        self.fd = new.pop()
+        os.set_blocking(self.fd, False)
+
+    def take_event(self, cq: CQ) -> bool:
+        """Consume and acknowledge `cq`'s pending event; False when there was none."""
+        assert self.cc is not None
+        try:
+            self.cc.get_cq_event(cq)
+        except PyverbsError:
+            return False  # EAGAIN: a wake-up without an event
+        cq.ack_events(1)  # unacknowledged events would make destroying the CQ hang
+        return True
 
     def close(self) -> None:
-        while self.mrs:
-            self.mrs.pop().close()
-
-    def __enter__(self) -> PoolRegistration:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self.cc is not None:
+            self.cc.close()
+            self.cc = None
 
 
 class QueuePair:
-    """One RC QP and the single CQ that takes both its send and receive completions."""
+    """One RC QP and the single CQ that takes both its send and receive completions.
+
+    With `events`, the CQ has its own completion channel (`event_fd`) and is armed:
+    the owner watches the fd, calls `rearm()` when it is readable, then polls the CQ
+    until it is empty (arm first, then poll: no completion is ever missed).
+    """
 
     def __init__(self, dev: Device, *, send_depth: int, recv_depth: int,
-                 max_send_sge: int = 1) -> None:
+                 max_send_sge: int = 1, events: bool = False) -> None:
         self.send_depth = send_depth
         self.recv_depth = recv_depth
-        self.cq: CQ | None = CQ(dev.ctx, send_depth + recv_depth)
+        self.channel = CompletionChannel(dev) if events else None
+        cc = self.channel.cc if self.channel is not None else None
+        try:
+            self.cq: CQ | None = CQ(dev.ctx, send_depth + recv_depth, None, cc, 0)
+        except PyverbsError as err:
+            self._close_channel()
+            raise TransportError(f"cannot create a CQ of {send_depth + recv_depth}: {err}") \
+                from err
         try:
             cap = QPCap(max_send_wr=send_depth, max_recv_wr=recv_depth,
                         max_send_sge=max_send_sge, max_recv_sge=1)
@@ -142,10 +190,28 @@ class QueuePair:
         except Exception as err:
             self.cq.close()
             self.cq = None
+            self._close_channel()
             raise TransportError(f"cannot create a QP ({send_depth}/{recv_depth}): {err}") \
                 from err
         self.qp_num = self.qp.qp_num
         self.max_rd_atomic = 0  # RDMA READs this QP may have outstanding (set by connect_qp)
+        if self.channel is not None:
+            self.cq.req_notify()
+
+    @property
+    def event_fd(self) -> int | None:
+        return self.channel.fd if self.channel is not None else None
+
+    def rearm(self) -> None:
+        """Take the CQ's event and ask for the next one; poll the CQ after this."""
+        assert self.channel is not None and self.cq is not None
+        if self.channel.take_event(self.cq):
+            self.cq.req_notify()
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def connect(self, cm_id: CmId, *, max_rd_atomic: int, max_dest_rd_atomic: int) -> None:
         """INIT -> RTR -> RTS with the CM's path and PSNs (the passive side, before accept)."""
@@ -183,7 +249,7 @@ class QueuePair:
             attr.qp_state = IBV_QPS_ERR
             try:
                 self.qp.modify(attr, e.IBV_QP_STATE)
-            except Exception as err:
+            except PyverbsError as err:
                 log.debug("QP %d to ERR: %s", self.qp_num, err)
 
     def close(self) -> None:
@@ -193,12 +259,39 @@ class QueuePair:
         if self.cq is not None:
             self.cq.close()
             self.cq = None
+        self._close_channel()
 
-    def __enter__(self) -> QueuePair:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def recv_wr(wr_id: int, addr: int, length: int, lkey: int) -> RecvWR:
+    """A one-SGE RECV work request; its owner must `close()` it exactly once.
+
+    pyverbs 44 frees the memory behind a WR or an SGE only in `close()` (the
+    deallocator is misspelled `__dealloc`), so every WR built and dropped leaks its
+    scatter list.  We build WRs once, reuse them, and close the SGE after the WR has
+    copied it.
+    """
+    sge = SGE(addr, length, lkey)
+    try:
+        return RecvWR(wr_id=wr_id, num_sge=1, sg=[sge])
+    finally:
+        sge.close()
+
+
+def send_wr(wr_id: int, opcode: int, addr: int, length: int, lkey: int, *,
+            signaled: bool) -> SendWR:
+    """A one-SGE send-queue work request (SEND, RDMA READ/WRITE); see `recv_wr`."""
+    sge = SGE(addr, length, lkey)
+    try:
+        return SendWR(wr_id=wr_id, opcode=opcode, num_sge=1, sg=[sge],
+                      send_flags=e.IBV_SEND_SIGNALED if signaled else 0)
+    finally:
+        sge.close()
 
 
 def _gid_text(raw: bytes) -> str:

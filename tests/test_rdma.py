@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import struct
-from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -217,7 +216,7 @@ def env():
     target = SimpleNamespace(loop=loop, max_transfer=1 << 20, mqes=lambda port: 127,
                              register_transport=lambda ops: None)
     t = rdma.RdmaTransport(target, pool=pool)
-    t._registration = lambda dev, provider: SimpleNamespace(lkeys=[7])
+    t._registration = lambda dev, provider: SimpleNamespace(lkeys=[7], sge_addr=lambda c: c.addr)
     yield t, pool
     pool.close()
     loop.close()
@@ -237,10 +236,8 @@ def make_queue(t, *, depth=4, inline=4096, max_rd_atomic=4, send_credits=None, s
     q.rsp = FakeBuf(ncmds * CQE_SIZE)
     q.send_credits = send_credits if send_credits is not None else 2 * depth + 1
     q.reads_in_flight = 0
-    q.cmds = [rdma.RdmaCmd(i) for i in range(ncmds)]
-    q.free_cmds = deque(q.cmds)
-    q.inflight = set()
-    q.wait_read, q.wait_send = deque(), deque()
+    q.event_fd = None
+    q.build_wrs(ncmds)
     q.sq = FakeSQ(t, sync)
     q.sq.priv = q
     t.queues[q.cm_id.ptr] = q
@@ -417,17 +414,55 @@ def test_rdma_read_error_fails_the_command_and_the_queue(env):
     assert not req.executed
 
 
-def test_poller_backs_off_when_idle(env):
+class FakeCQ:
+    """Hands out `pending` completions POLL_BATCH at a time, like ibv_poll_cq."""
+
+    def __init__(self, pending):
+        self.pending = list(pending)
+        self.polls = 0
+
+    def poll(self, n):
+        self.polls += 1
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return len(out), out
+
+
+def test_cq_event_rearms_first_then_drains_every_batch(env):
     t, _ = env
-    make_queue(t)
-    t._start_poller()
-    t._poll_handle.cancel()
-    t._poll_handle = None
-    delays = []
-    for _ in range(12):
-        t._poll()
-        delays.append(t._idle_s)
-        t._poll_handle.cancel()
-        t._poll_handle = None
-    assert delays[0] == rdma.POLL_IDLE_MIN_S
-    assert delays == sorted(delays) and delays[-1] == rdma.POLL_IDLE_MAX_S
+    q = make_queue(t, depth=4)
+    order = []
+    q.qp.rearm = lambda: order.append("rearm")
+    flushed = [SimpleNamespace(wr_id=i % 4, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
+                               byte_len=0) for i in range(rdma.POLL_BATCH + 3)]
+    q.qp.cq = FakeCQ(flushed)
+    orig = t._poll_queue
+    t._poll_queue = lambda queue: order.append("poll") or orig(queue)
+    t._cq_ready(q)
+    # arm before polling, or a completion landing in between would never wake us
+    assert order == ["rearm", "poll", "poll"]
+    assert q.qp.cq.pending == [] and t.stats["completions"] == rdma.POLL_BATCH + 3
+    assert t.stats["cq_events"] == 1
+
+
+def test_cq_event_on_a_dead_queue_does_nothing(env):
+    t, _ = env
+    q = make_queue(t)
+    q.qp.rearm = lambda: pytest.fail("a dead queue's CQ is not re-armed")
+    q.dead = True
+    t._cq_ready(q)
+    assert t.stats["cq_events"] == 0
+
+
+def test_work_requests_are_reused(env):
+    t, _ = env
+    q = make_queue(t)
+    recv_wrs = list(q.recv_wrs)
+    for cid in (1, 2):  # the same chunk comes back from the pool for the second read
+        arrive(t, q, 0, IoOpcode.READ, cid, Sgl(KEYED, 0x9000 + cid, 512, 0x40 + cid))
+        c = cmd_of(q, cid)
+        t._completion(q, wc_for(q, c.index))
+    assert q.recv_wrs == recv_wrs and len(q.data_wrs) == 1
+    (wr,) = q.data_wrs.values()
+    assert wr.opcode == pv.IBV_WR_RDMA_WRITE and wr.wr_id == 1 << 32 | c.index
+    q.close_verbs()
+    assert q.recv_wrs == [] and q.data_wrs == {} and all(c.send_wr is None for c in q.cmds)
