@@ -4,8 +4,9 @@ Reactor discipline: everything runs on the target's asyncio loop and nothing eve
 blocks inside librdmacm or pyverbs.  The CM event channel's fd is non-blocking and
 watched with `loop.add_reader` (see rdma_cm for why the CM is driven through ctypes).
 Each queue's CQ has its own completion channel, watched the same way: when it is
-readable the CQ is re-armed and then polled until empty, so an idle target sleeps in
-epoll and a capsule is picked up as soon as it lands (no polling interval to wait out).
+readable the CQ is polled until empty and only then re-armed, so an idle target sleeps
+in epoll, a capsule is picked up as soon as it lands, and the completions our own posts
+produce meanwhile (rxe runs a user QP's sends inside post_send) cost no extra wake-up.
 
 Work requests are built once and reused: a RECV per ring slot, a response SEND per
 command context, and the RDMA READ/WRITE for a data chunk (kept per chunk address,
@@ -538,13 +539,18 @@ class RdmaTransport:
 
     # -- completions ------------------------------------------------------------------
     def _cq_ready(self, q: RdmaQueue) -> None:
-        """The queue's completion channel is readable: re-arm, then drain the CQ."""
-        if q.dead or q.qp is None:
+        """The queue's completion channel is readable: drain the CQ, then re-arm it."""
+        if q.dead or q.qp is None or not q.qp.take_event():
             return
-        q.qp.rearm()
         self.stats["cq_events"] += 1
-        while self._poll_queue(q) == POLL_BATCH:
-            pass
+        while True:
+            while self._poll_queue(q):
+                pass
+            if q.dead or q.qp is None:
+                return
+            q.qp.arm()
+            if not self._poll_queue(q):
+                return  # armed and empty: the next completion wakes us
 
     def _poll_queue(self, q: RdmaQueue) -> int:
         if q.dead or q.qp is None or q.qp.cq is None:

@@ -164,9 +164,10 @@ class CompletionChannel:
 class QueuePair:
     """One RC QP and the single CQ that takes both its send and receive completions.
 
-    With `events`, the CQ has its own completion channel (`event_fd`) and is armed:
-    the owner watches the fd, calls `rearm()` when it is readable, then polls the CQ
-    until it is empty (arm first, then poll: no completion is ever missed).
+    With `events`, the CQ has its own completion channel (`event_fd`) and starts armed.
+    The owner watches the fd; when it is readable: `take_event()`, poll the CQ until it
+    is empty, `arm()`, and poll once more (a completion that landed between the last
+    poll and the arm raised no event).
     """
 
     def __init__(self, dev: Device, *, send_depth: int, recv_depth: int,
@@ -202,11 +203,15 @@ class QueuePair:
     def event_fd(self) -> int | None:
         return self.channel.fd if self.channel is not None else None
 
-    def rearm(self) -> None:
-        """Take the CQ's event and ask for the next one; poll the CQ after this."""
+    def take_event(self) -> bool:
+        """Consume the CQ's pending event (it is disarmed now); False if there was none."""
         assert self.channel is not None and self.cq is not None
-        if self.channel.take_event(self.cq):
-            self.cq.req_notify()
+        return self.channel.take_event(self.cq)
+
+    def arm(self) -> None:
+        """Ask for an event on the next completion."""
+        assert self.cq is not None
+        self.cq.req_notify()
 
     def _close_channel(self) -> None:
         if self.channel is not None:

@@ -431,23 +431,42 @@ def test_cq_event_rearms_first_then_drains_every_batch(env):
     t, _ = env
     q = make_queue(t, depth=4)
     order = []
-    q.qp.rearm = lambda: order.append("rearm")
+    q.qp.take_event = lambda: order.append("take") or True
+    q.qp.arm = lambda: order.append("arm")
     flushed = [SimpleNamespace(wr_id=i % 4, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
                                byte_len=0) for i in range(rdma.POLL_BATCH + 3)]
     q.qp.cq = FakeCQ(flushed)
     orig = t._poll_queue
     t._poll_queue = lambda queue: order.append("poll") or orig(queue)
     t._cq_ready(q)
-    # arm before polling, or a completion landing in between would never wake us
-    assert order == ["rearm", "poll", "poll"]
+    # drained first, then armed and polled once more: a completion landing between the
+    # last poll and the arm raises no event and would otherwise wait for the next one
+    assert order == ["take", "poll", "poll", "poll", "arm", "poll"]
     assert q.qp.cq.pending == [] and t.stats["completions"] == rdma.POLL_BATCH + 3
     assert t.stats["cq_events"] == 1
+
+
+def test_cq_event_catches_a_completion_landing_before_the_arm(env):
+    t, _ = env
+    q = make_queue(t)
+    cq = q.qp.cq = FakeCQ([])
+    arms = []
+
+    def arm():
+        arms.append(1)
+        if len(arms) == 1:  # lands after the drain, before the CQ was armed: no event
+            cq.pending.append(SimpleNamespace(wr_id=0, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
+                                              byte_len=0))
+
+    q.qp.take_event, q.qp.arm = (lambda: True), arm
+    t._cq_ready(q)
+    assert cq.pending == [] and t.stats["completions"] == 1 and len(arms) == 2
 
 
 def test_cq_event_on_a_dead_queue_does_nothing(env):
     t, _ = env
     q = make_queue(t)
-    q.qp.rearm = lambda: pytest.fail("a dead queue's CQ is not re-armed")
+    q.qp.take_event = lambda: pytest.fail("a dead queue's CQ is not touched")
     q.dead = True
     t._cq_ready(q)
     assert t.stats["cq_events"] == 0
