@@ -17,7 +17,6 @@ from typing import Any
 
 import pyverbs.enums as e
 from pyverbs.mr import MR
-from pyverbs.wr import SGE, RecvWR, SendWR
 
 from .cmb import buffer_address
 from .errors import TransportError
@@ -32,7 +31,7 @@ from .rdma_cm import (
     decode_cm_accept,
     decode_cm_reject,
 )
-from .rdma_verbs import REMOTE_ACCESS, Device, QueuePair, RegisteredBuffer
+from .rdma_verbs import REMOTE_ACCESS, Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
 from .spec.command import CQE_SIZE, SQE_SIZE, Sgl, SglType
 
 HOST_RESPONDER_RESOURCES = 16  # RDMA READs the target may have outstanding against us
@@ -117,8 +116,11 @@ class RdmaConnection:
 
     # -- data path ---------------------------------------------------------------------
     def _post_recv(self, slot: int) -> None:
-        sge = SGE(self.recv.addr + slot * CQE_SIZE, CQE_SIZE, self.recv.lkey)
-        self.qp.qp.post_recv(RecvWR(wr_id=slot, num_sge=1, sg=[sge]))
+        wr = recv_wr(slot, self.recv.addr + slot * CQE_SIZE, CQE_SIZE, self.recv.lkey)
+        try:
+            self.qp.qp.post_recv(wr)
+        finally:
+            wr.close()  # posting copied it; see rdma_verbs.recv_wr on pyverbs' leak
 
     def send(self, capsule: bytes) -> None:
         if len(capsule) > CAPSULE_SLOT:
@@ -129,10 +131,12 @@ class RdmaConnection:
         slot = self.free_send.pop()
         base = slot * CAPSULE_SLOT
         self.send_ring.view[base:base + len(capsule)] = capsule
-        wr = SendWR(wr_id=1 << 32 | slot, opcode=e.IBV_WR_SEND, num_sge=1,
-                    sg=[SGE(self.send_ring.addr + base, len(capsule), self.send_ring.lkey)],
-                    send_flags=e.IBV_SEND_SIGNALED)
-        self.qp.qp.post_send(wr)
+        wr = send_wr(1 << 32 | slot, e.IBV_WR_SEND, self.send_ring.addr + base, len(capsule),
+                     self.send_ring.lkey, signaled=True)
+        try:
+            self.qp.qp.post_send(wr)
+        finally:
+            wr.close()
 
     def poll(self, on_cqe: Any, timeout: float) -> bool:
         """Poll until a CQE arrived (True) or `timeout` passed (False)."""
