@@ -13,9 +13,10 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nvmet_p2p.errors import VMError
 
@@ -258,3 +259,31 @@ def cmb_nvme_bdf(sysfs: Path = Path("/sys")) -> str:
     if not (on_root or bdfs):
         raise VMError("no QEMU NVMe with a CMB (boot the VM with --cmb)")
     return (on_root or bdfs)[0]
+
+
+def pci_driver(bdf: str, sysfs: Path = Path("/sys")) -> str | None:
+    """The driver bound to PCI function `bdf` ("nvme", "vfio-pci"), or None."""
+    link = sysfs / "bus/pci/devices" / bdf / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+@contextmanager
+def on_vfio(bdf: str, open_device: Callable[[str], C]) -> Iterator[C]:
+    """`open_device(bdf)` (a VFIO user such as VfioNvmeBackend), checked to have bound
+    vfio-pci; closed on exit, and the device must be back on the driver it had."""
+    before = pci_driver(bdf)
+    dev = open_device(bdf)
+    try:
+        assert pci_driver(bdf) == "vfio-pci", f"{bdf} is on {pci_driver(bdf)!r}"
+        yield dev
+    finally:
+        dev.close()
+        after = pci_driver(bdf)
+        assert after == before, f"{bdf}: driver after close {after!r}, before {before!r}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmet_p2p.guest import VM_SKIP_REASON, cmb_nvme_bdf, in_vm, setup_rxe
+from nvmet_p2p.guest import VM_SKIP_REASON, cmb_nvme_bdf, in_vm, on_vfio, setup_rxe
 from nvmet_p2p.host import LoopHost
 from nvmet_p2p.loop import LoopTransport
 from nvmet_p2p.p2p import REASON_EXHAUSTED, P2PPolicy
@@ -42,11 +42,6 @@ IO_TIMEOUT_S = 30.0  # TCG guests are slow; a healthy completion takes milliseco
 BENCH_S = 3.0
 QD = 32
 FIGURES: dict = {}
-
-
-def _driver(bdf: str) -> str | None:
-    link = SYS / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 def payload(n: int, seed: int) -> bytes:
@@ -111,15 +106,10 @@ def vt():
         pytest.skip(f"no QEMU NVMe with a CMB: {e}")
     if not (SYS / bdf / "iommu_group").exists():
         pytest.skip(f"{bdf} has no IOMMU group (the VM needs intel-iommu)")
-    before = _driver(bdf)
-    t = VmTarget(bdf)
     try:
-        assert _driver(bdf) == "vfio-pci"
-        yield t
+        with on_vfio(bdf, VmTarget) as t:
+            yield t
     finally:
-        t.close()
-        assert _driver(bdf) == before, f"driver after teardown {_driver(bdf)!r}, " \
-                                       f"before {before!r}"
         out = Path(os.environ.get("NVMET_P2P_FIGURES", "/tmp/p2p_vm_figures.json"))
         out.write_text(json.dumps(FIGURES, indent=2) + "\n")
         print("\nP2P VM FIGURES", json.dumps(FIGURES, indent=2))

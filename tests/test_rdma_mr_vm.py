@@ -25,7 +25,7 @@ import pytest
 
 from nvmet_p2p.cmb import Provider, SystemMemoryProvider, buffer_address, copy_from, copy_into
 from nvmet_p2p.errors import VMError
-from nvmet_p2p.guest import VM_SKIP_REASON, cmb_nvme_bdf, in_vm, modprobe, setup_rxe
+from nvmet_p2p.guest import VM_SKIP_REASON, cmb_nvme_bdf, in_vm, modprobe, on_vfio, setup_rxe
 from nvmet_p2p.rdma_mr import REG_MR, register_provider
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(not in_vm(), reason=VM_SKIP_REASON)]
@@ -162,11 +162,6 @@ def pd() -> Iterator:
         yield pd
 
 
-def _driver(bdf: str) -> str | None:
-    link = SYS / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
-
-
 @pytest.fixture(scope="module")
 def cmb_backend():
     from nvmet_p2p.backends.vfio_nvme import VfioNvmeBackend
@@ -176,14 +171,8 @@ def cmb_backend():
         pytest.skip(str(e))
     if not (SYS / bdf / "iommu_group").exists():
         pytest.skip(f"{bdf} has no IOMMU group (the VM needs intel-iommu)")
-    before = _driver(bdf)
-    backend = VfioNvmeBackend(bdf)
-    try:
-        assert _driver(bdf) == "vfio-pci"
+    with on_vfio(bdf, VfioNvmeBackend) as backend:
         yield backend
-    finally:
-        backend.close()
-        assert _driver(bdf) == before, f"driver after close {_driver(bdf)!r}, before {before!r}"
 
 
 def test_reg_mr_on_system_memory_succeeds(pd):

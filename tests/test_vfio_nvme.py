@@ -18,6 +18,7 @@ import pytest
 
 from nvmet_p2p.cmb import AccessRules, SysfsBarProvider, SystemMemoryProvider, copy_from, copy_into
 from nvmet_p2p.errors import P2PError
+from nvmet_p2p.guest import on_vfio, pci_driver
 
 _in_vm = pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
                             reason="needs the soft-RoCE VM (run: python -m nvmet_p2p.vm pytest)")
@@ -54,11 +55,6 @@ def bdf():
     return bdf
 
 
-def _driver(bdf: str) -> str | None:
-    drv = SYS / bdf / "driver"
-    return os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
-
-
 def _copy_bw(access: AccessRules, dst, n: int) -> float:
     """Best of three timed copies after a warm-up (TCG translates code on first use)."""
     data = pattern(n, 5)
@@ -78,7 +74,7 @@ def test_measure_sysfs_uc_vs_wc_copy_in(bdf):
     Runs before the driver takes the device: with CONFIG_IO_STRICT_DEVMEM (Debian) sysfs
     BAR mmap is refused (EINVAL) while any driver has the BAR claimed.
     """
-    before = _driver(bdf)
+    before = pci_driver(bdf)
     if before:
         (SYS / bdf / "driver/unbind").write_text(bdf)
     try:
@@ -101,21 +97,15 @@ def test_measure_sysfs_uc_vs_wc_copy_in(bdf):
     finally:
         if before:
             (Path("/sys/bus/pci/drivers") / before / "bind").write_text(bdf)
-            assert _driver(bdf) == before
+            assert pci_driver(bdf) == before
 
 
 @pytest.fixture(scope="module")
 def ctrl(bdf):
     from nvmet_p2p.backends.vfio_nvme import VfioNvmeBackend
-    drv = SYS / bdf / "driver"
-    before = os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
-    backend = VfioNvmeBackend(bdf)
-    assert os.path.basename(os.readlink(drv)) == "vfio-pci"
-    yield backend
-    backend.close()
-    backend.close()
-    after = os.path.basename(os.readlink(drv)) if drv.is_symlink() else None
-    assert after == before, f"driver after close {after!r}, before {before!r}"
+    with on_vfio(bdf, VfioNvmeBackend) as backend:
+        yield backend
+        backend.close()  # close() is idempotent: on_vfio closes it again
     out = Path(os.environ.get("NVMET_P2P_FIGURES", "/tmp/vfio_nvme_figures.json"))
     out.write_text(json.dumps(FIGURES, indent=2) + "\n")
     print("\nFIGURES", json.dumps(FIGURES, indent=2))
