@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from enum import Enum, auto
+from enum import IntEnum, auto
 from typing import TYPE_CHECKING, Any
 
 import pyverbs.enums as e
@@ -103,7 +103,7 @@ def _wr_id(kind: int, index: int) -> int:
     return kind << 32 | index
 
 
-class CmdState(Enum):
+class CmdState(IntEnum):  # int hashing: _STEPS is looked up at every step
     NEW = auto()  # capsule received; the core parses it, the SGL is mapped
     NEED_BUFFER = auto()  # waits for a data buffer from the pool
     DATA_TRANSFER_TO_TARGET_PENDING = auto()  # waits for an RDMA READ slot / send credit
@@ -577,8 +577,7 @@ class RdmaTransport:
             if not q.free_cmds:
                 self._teardown(q, "more capsules than the queue depth")
                 return
-            cmd = q.free_cmds.popleft()
-            cmd.reset()
+            cmd = q.free_cmds.popleft()  # reset when it went back to the free list
             cmd.state = CmdState.NEW
             cmd.slot, cmd.byte_len = index, wc.byte_len
             q.inflight.add(cmd)
