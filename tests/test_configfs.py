@@ -58,6 +58,9 @@ class Spy(TreeHooks):
     def port_changed(self, port):
         self.calls.append(("port_changed", port.portid))
 
+    def subsys_queues_changed(self, subsys):
+        self.calls.append(("subsys_queues_changed", subsys.nqn))
+
     def discovery_changed(self):
         self.calls.append(("discovery_changed",))
 
@@ -407,6 +410,41 @@ def test_enable_needs_a_device(root, spy):
     ns.device_create = True
     with refused("device_create needs device_size"):
         ns.enable = True
+
+
+IDENTITY_WRITES = [("serial", "SN-2"), ("model", "other model"), ("firmware", "2.0"),
+                   ("ieee_oui", "0x001b44"), ("version", "1.4")]
+
+
+@pytest.mark.parametrize("name, value", IDENTITY_WRITES)
+def test_identity_refused_once_a_host_identified(root, spy, name, value):
+    s = root.create_subsystem(SUB)
+    set_attr(s, "attr", name, value)  # writable until a host identifies a controller
+    assert not s.discovered
+    s.mark_discovered()
+    known = get_attr(s, "attr", name)
+    with refused(rf"^subsystem {SUB} has been identified by a host, so attr_{name} cannot "
+                 rf"change \(hosts know it as '{known}'\); delete and re-create the "
+                 "subsystem to change it$"):
+        set_attr(s, "attr", name, known)  # even the same value, as the kernel
+    assert get_attr(s, "attr", name) == known
+    # what is not part of the identity stays writable
+    s.attr_allow_any_host = True
+    s.attr_cntlid_min = 5
+    s.attr_qid_max = 4
+    root.delete_subsystem(SUB)
+    again = root.create_subsystem(SUB)
+    assert not again.discovered
+    set_attr(again, "attr", name, value)
+
+
+def test_qid_max_change_reported(root, spy):
+    s = root.create_subsystem(SUB)
+    s.attr_qid_max = 4
+    s.attr_qid_max = 4  # unchanged: no hook
+    s.mark_discovered()  # the queue limit is not part of the identity
+    s.attr_qid_max = 128
+    assert spy.calls == [("subsys_queues_changed", SUB)] * 2
 
 
 def ready_port(root, portid=1):

@@ -1,8 +1,9 @@
 """Stateful property test of the configuration tree.
 
-Random sequences of create/delete/link/unlink/enable/disable/set/save/restore either
-succeed or raise ConfigError leaving the tree exactly as it was, and the core's view
-(a hooks spy) always matches the tree.
+Random sequences of create/delete/link/unlink/enable/disable/set/save/restore (and a
+host identifying a subsystem) either succeed or raise ConfigError leaving the tree
+exactly as it was, the core's view (a hooks spy) always matches the tree, and an
+identified subsystem keeps the identity its hosts read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from nvmet_p2p.config.tree import IDENTITY_ATTRS
 from nvmet_p2p.configfs import ConfigError, Root, TreeHooks, attr_groups, set_attr
 
 SUBS = ["nqn.2024-01.io.example:a", "nqn.2024-01.io.example:b",
@@ -60,6 +62,7 @@ class TreeMachine(RuleBasedStateMachine):
         self.spy = SpyHooks()
         self.root = Root(self.spy)
         self.dir = Path(tempfile.mkdtemp(prefix="nvmet-cfg-"))
+        self.identified: dict[str, tuple] = {}  # nqn -> (subsystem, identity it had)
 
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -194,6 +197,15 @@ class TreeMachine(RuleBasedStateMachine):
         assert spec.group in attr_groups(obj)
         self.attempt(set_attr, obj, spec.group, spec.name, value)
 
+    @rule(data=st.data())
+    def host_identifies(self, data):
+        if self.root.subsystems:
+            subsys = data.draw(st.sampled_from(list(self.root.subsystems.values())))
+            subsys.mark_discovered()
+            identity = tuple(getattr(subsys, name) for name in IDENTITY_ATTRS)
+            if self.identified.get(subsys.nqn, (None,))[0] is not subsys:
+                self.identified[subsys.nqn] = (subsys, identity)
+
     @rule(portid=st.sampled_from(PORTS), name=st.sampled_from(["r1", "r2"]),
           create=st.booleans())
     def referral(self, portid, name, create):
@@ -228,6 +240,13 @@ class TreeMachine(RuleBasedStateMachine):
             for host in subsys.allowed_hosts:
                 assert host in self.root.hosts
             assert subsys.attr_cntlid_min <= subsys.attr_cntlid_max
+
+    @invariant()
+    def identified_subsystems_keep_their_identity(self):
+        for nqn, (subsys, identity) in self.identified.items():
+            if self.root.subsystems.get(nqn) is subsys:  # not deleted (or reloaded) since
+                assert subsys.discovered
+                assert tuple(getattr(subsys, name) for name in IDENTITY_ATTRS) == identity
 
     @invariant()
     def hooks_view_matches_tree(self):

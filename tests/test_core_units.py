@@ -1,5 +1,6 @@
 """Focused unit tests of the core over loop: registers, Identify, logs, features,
-keep-alive and namespace disable with I/O in flight."""
+keep-alive, namespace disable with I/O in flight and configuration changes under live
+controllers."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from conftest import SUBNQN, LoopEnv
 import nvmet_p2p.target.core as core_mod
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.backends.memory import MemoryBackend
+from nvmet_p2p.errors import ConfigError
 from nvmet_p2p.host import CC_ENABLE, LoopHost
 from nvmet_p2p.spec import identify as idf
 from nvmet_p2p.spec import log as lg
 from nvmet_p2p.spec.command import (
     ADMIN_CNTLID_DYNAMIC,
+    CONNECT_IPO_SQE_QID,
+    DISCOVERY_NQN,
     AdminOpcode,
     ConnectData,
     FabricsType,
     IoOpcode,
     Sqe,
+    connect_invalid_result,
     fabrics_sqe,
 )
 
@@ -278,6 +283,38 @@ def test_command_effects_log(target_env: LoopEnv) -> None:
     assert not eff.iocs[0x05]
 
 
+def _log_status(h: LoopHost, lid: int, length: int = 4096) -> int:
+    cqe, _ = h.admin_cmd(AdminOpcode.GET_LOG_PAGE, nsid=0xFFFFFFFF, read_len=length,
+                         cdw10=lid | (length // 4 - 1) << 16, check=False)
+    return cqe.status
+
+
+def test_supported_log_pages(target_env: LoopEnv) -> None:
+    h = target_env.connect()
+    page = h.get_log_page(lg.LogId.SUPPORTED, lg.SUPPORTED_LOG_SIZE)
+    supported = lg.SupportedLogPages.decode(page).lids
+    assert supported == {lid: lg.LidSupport.LSUPP for lid in (0x00, 0x01, 0x02, 0x03, 0x04,
+                                                               0x05)}
+    # exactly what Get Log Page serves: every listed LID reads, every other one is refused
+    for lid in range(256):
+        assert _log_status(h, lid) == (0 if lid in supported else 0x002 | DNR), hex(lid)
+    # Identify Controller LPA agrees: the effects log (bit 1), LPO/NUMDU (bit 2), nothing
+    # that would promise more (bit 0 SMART per namespace, bit 5 LIDs 12h and 13h)
+    assert h.identify_ctrl().lpa == 1 << 1 | 1 << 2
+    # a part of the page, as any log page
+    assert h.get_log_page(lg.LogId.SUPPORTED, 16, lpo=8) == page[8:24]
+    assert h.get_log_page(lg.LogId.SUPPORTED, 8, lpo=1024) == bytes(8)
+
+
+def test_discovery_controller_log_pages(target_env: LoopEnv) -> None:
+    d = target_env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    # as the kernel's discovery controller: the discovery log only (not even LID 00h)
+    for lid in range(256):
+        want = 0 if lid == lg.LogId.DISC else 0x002 | DNR
+        assert _log_status(d, lid, lg.DISC_HDR_SIZE) == want, hex(lid)
+    assert d.identify_ctrl().lpa == 1 << 2  # no effects log to promise
+
+
 def test_log_page_offset_and_length(target_env: LoopEnv) -> None:
     h = target_env.connect()
     full = h.get_log_page(lg.LogId.CMD_EFFECTS, 4096)
@@ -499,6 +536,63 @@ def test_unlink_subsystem_deletes_its_controllers(target_env: LoopEnv) -> None:
     h2 = env.connect()
     h2.write(1, 0, b"u" * 512)
     assert h2.read(1, 0, 1) == b"u" * 512
+
+
+def test_identify_ctrl_freezes_the_subsystem_identity(env: LoopEnv) -> None:
+    cfg = env.add_subsystem(attr_serial="SN-1", attr_ieee_oui=0x001B44)
+    other = env.add_subsystem("nqn.2026-11.io.nvmet-p2p:other", attr_serial="SN-O")
+    h = env.connect()
+    h.property_get(PROP_VS)
+    cfg.attr_serial = "SN-2"  # connected, not yet identified: still writable
+    cfg.attr_version = "1.4"
+    d = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    d.identify_ctrl()  # identifying the discovery controller fixes nothing configured
+    cfg.attr_model = "model 2"
+    ic = h.identify_ctrl()
+    assert (ic.sn, ic.mn, ic.ieee, ic.ver) == ("SN-2", "model 2", 0x001B44, 0x010400)
+    for name, value in (("attr_serial", "SN-3"), ("attr_model", "m3"), ("attr_firmware", "f3"),
+                        ("attr_ieee_oui", 0x123456), ("attr_version", "2.0")):
+        with pytest.raises(ConfigError, match=f"has been identified by a host, so {name} "
+                           "cannot change"):
+            setattr(cfg, name, value)
+    cfg.attr_allow_any_host = False  # the rest of the subsystem stays configurable
+    other.attr_serial = "SN-P"  # and so do subsystems no host identified
+    # a second controller identifies the same subsystem the first one did
+    cfg.attr_allow_any_host = True
+    assert env.connect().identify_ctrl().sn == "SN-2"
+    assert h.property_get(PROP_VS) == 0x010400
+
+
+def test_qid_max_change_forces_reconnect(env: LoopEnv) -> None:
+    cfg = env.add_subsystem(attr_qid_max=8)
+    bystander_cfg = env.add_subsystem("nqn.2026-11.io.nvmet-p2p:other")
+    h = env.connect(nr_io_queues=4)
+    bystander = env.connect(bystander_cfg.nqn)
+    disc = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    ctrl = env.target.get_subsys(SUBNQN).ctrls[h.cntlid]
+    cfg.attr_qid_max = 2  # as the kernel: every controller of the subsystem goes
+    assert ctrl.dead and not env.target.get_subsys(SUBNQN).ctrls
+    assert not ctrl.csts & CSTS_CFS  # a deletion, as the kernel's delete_ctrl
+    assert not h.admin.connected and not any(q.connected for q in h.io.values())
+    with pytest.raises(ConnectionError):
+        h.keep_alive()
+    bystander.write(1, 0, b"b" * 512)  # other subsystems and discovery are untouched
+    assert bystander.read(1, 0, 1) == b"b" * 512
+    disc.keep_alive()
+    # the host reconnects and gets the new limit
+    h2 = env.connect(nr_io_queues=2)
+    assert h2.get_features(0x07) == 1 | 1 << 16
+    q = h2.open_queue(3, 32)
+    cqe = h2.connect_queue(q, SUBNQN, h2.cntlid, check=False)
+    assert cqe.status == 0x182 | DNR  # Connect Invalid Parameters, pointing at the QID
+    assert cqe.result & 0xFFFFFFFF == connect_invalid_result(False, CONNECT_IPO_SQE_QID)
+    q.close()
+    # raising it reconnects too, and then more queues are allowed
+    cfg.attr_qid_max = 4
+    assert not h2.admin.connected
+    h3 = env.connect(nr_io_queues=4)
+    h3.write(1, 0, b"q" * 512, qid=4)
+    assert h3.read(1, 0, 1, qid=4) == b"q" * 512
 
 
 def test_changed_ns_list_overflow(target_env: LoopEnv) -> None:

@@ -633,3 +633,33 @@ def test_disallowed_host_keeps_live_controller_but_cannot_connect(env: LoopEnv) 
         assert env.connect(hostnqn=HOSTNQN).cntlid != h.cntlid
     finally:
         live.close()
+
+
+def test_identified_subsystem_refuses_identity_changes(live: InProcess) -> None:
+    path = f"/subsystems/{SUBNQN}"
+    live.call("set", path=path, group="attr", name="serial", value="SN-A")
+    h = live.env.connect()
+    live.call("set", path=path, group="attr", name="serial", value="SN-B")  # not identified
+    assert h.identify_ctrl().sn == "SN-B"
+    with pytest.raises(RpcError) as e:
+        live.call("set", path=path, group="attr", name="serial", value="SN-C")
+    assert e.value.code == CONFIG_ERROR
+    assert e.value.message == (f"subsystem {SUBNQN} has been identified by a host, so "
+                               "attr_serial cannot change (hosts know it as 'SN-B'); delete "
+                               "and re-create the subsystem to change it")
+    # all or nothing: cntlid_max, written first, goes back when model is refused
+    with pytest.raises(RpcError, match="attr_model cannot change"):
+        live.call("set", path=path, attrs={"attr": {"cntlid_max": 100, "model": "m2"}})
+    assert live.call("get", path=path, group="attr")["attr"]["cntlid_max"] == "65519"
+    assert live.call("get", path=path, group="attr", name="serial") == {
+        "attr": {"serial": "SN-B"}}
+    assert h.identify_ctrl().sn == "SN-B"
+
+
+def test_set_qid_max_reconnects_hosts(live: InProcess) -> None:
+    h = live.env.connect(nr_io_queues=2)
+    live.call("set", path=f"/subsystems/{SUBNQN}", group="attr", name="qid_max", value=1)
+    assert not h.admin.connected and not any(q.connected for q in h.io.values())
+    assert live.call("status")["controllers"] == []
+    h2 = live.env.connect(nr_io_queues=1)
+    assert h2.get_features(0x07) == 0

@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import pytest
 from configshell_fb import ConfigShell
 from configshell_fb import prefs as cs_prefs
 from configshell_fb import shell as cs_shell
-from test_rpc import RpcDaemon, daemon  # noqa: F401  the module-scoped daemon fixture
+from conftest import SUBNQN, LoopEnv
+from test_rpc import InProcess, RpcDaemon, daemon  # noqa: F401  the module-scoped daemon fixture
 
 from nvmet_p2p.shell import main, make_shell, run_command
 
@@ -133,6 +135,41 @@ def test_get_set(sh: ConfigShell, capfd: pytest.CaptureFixture[str]) -> None:
     # the shell's own preferences group still works
     assert "tree_round_nodes" in ok(sh, capfd, "set global tree_round_nodes=false")
     assert ok(sh, capfd, "get global tree_round_nodes").startswith("tree_round_nodes=false")
+
+
+LOOP_STOP_TIMEOUT_S = 5.0
+
+
+def test_identified_subsystem_refusal(target_env: LoopEnv, tmp_path: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """A refusal that needs a host: the daemon is the in-process target of a loop host,
+    its event loop run in a thread while the shell's blocking client talks to it."""
+    server = InProcess(target_env)
+    target_env.connect().identify_ctrl()
+    loop = target_env.loop
+    thread = threading.Thread(target=loop.run_forever, name="target-loop")
+    thread.start()
+    cs_prefs.Prefs._Prefs__borg_state.clear()  # type: ignore[attr-defined]
+    cs_prefs.Prefs._prefs = {}
+    shell = make_shell(server.path, str(tmp_path / "prefs"))
+    try:
+        capfd.readouterr()
+        path = f"/subsystems/{SUBNQN}"
+        serial = ok(shell, capfd, f"{path} get attr serial")
+        rc, out, err = run(shell, capfd, f"{path} set attr serial=SN-NEW")
+        assert rc == 1 and not out
+        assert err.strip() == (f"subsystem {SUBNQN} has been identified by a host, so "
+                               f"attr_serial cannot change (hosts know it as "
+                               f"'{serial.strip().split('=', 1)[1]}'); delete and re-create "
+                               "the subsystem to change it")
+        assert ok(shell, capfd, f"{path} get attr serial") == serial
+        assert ok(shell, capfd, f"{path} set attr qid_max=4") == (
+            "Parameter qid_max is now '4'.\n")
+    finally:
+        shell._root_node.rpc.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LOOP_STOP_TIMEOUT_S)
+        server.close()
 
 
 def test_enable_disable_delete(sh: ConfigShell, daemon: RpcDaemon,  # noqa: F811

@@ -28,12 +28,14 @@ from nvmet_p2p.spec.log import (
     ErrorLogEntry,
     FwSlotLog,
     GetLogPageCmd,
+    LidSupport,
     LogId,
     RdmaCms,
     RdmaPrtype,
     RdmaQptype,
     SmartLog,
     Subtype,
+    SupportedLogPages,
     Treq,
     Trtype,
     ana_log,
@@ -53,8 +55,9 @@ from nvmet_p2p.spec.log import (
 
 
 def test_log_ids() -> None:
-    assert [LogId.ERROR, LogId.SMART, LogId.FW_SLOT, LogId.CHANGED_NS, LogId.CMD_EFFECTS,
-            LogId.ANA, LogId.DISC] == [0x01, 0x02, 0x03, 0x04, 0x05, 0x0C, 0x70]
+    assert [LogId.SUPPORTED, LogId.ERROR, LogId.SMART, LogId.FW_SLOT, LogId.CHANGED_NS,
+            LogId.CMD_EFFECTS, LogId.ANA, LogId.DISC] == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05,
+                                                          0x0C, 0x70]
 
 
 # -- Get Log Page command fields ------------------------------------------------------------
@@ -137,6 +140,38 @@ def test_slice_log_property(page: bytes, lpo: int, length: int) -> None:
     else:
         assert got is not None and len(got) == length
         assert (page + bytes(length))[lpo:lpo + length] == got
+
+
+# -- supported log pages -----------------------------------------------------------------------
+
+def test_supported_log_pages_golden() -> None:
+    # NVMe base spec, Supported Log Pages: 256 dwords, the one for LID n at byte 4 * n;
+    # bit 0 LSUPP, bit 1 IOS, bits 31:16 the LID's own parameters
+    raw = golden(1024, {0x00: "01000000", 0x04: "01000000", 0x14: "01000000",
+                        0x30: "03000000", 0x1C0: "0100ab00", 0x3FC: "01000000"})
+    log = SupportedLogPages({0x00: LidSupport.LSUPP, 0x01: LidSupport.LSUPP,
+                             0x05: LidSupport.LSUPP, 0x0C: LidSupport.LSUPP | LidSupport.IOS,
+                             0x70: 0xAB << 16 | LidSupport.LSUPP, 0xFF: LidSupport.LSUPP})
+    assert log.encode() == raw
+    assert SupportedLogPages.decode(raw) == log
+    assert SupportedLogPages().encode() == bytes(1024)
+    assert SupportedLogPages.decode(bytes(1024)) == SupportedLogPages()
+    assert (LidSupport.LSUPP, LidSupport.IOS) == (1, 2)
+
+
+def test_supported_log_pages_bad() -> None:
+    for lids in ({256: LidSupport.LSUPP}, {-1: LidSupport.LSUPP}, {0: 2**32}):
+        with pytest.raises(ValueError):
+            SupportedLogPages(lids).encode()
+    with pytest.raises(ValueError, match="1024 bytes, got 1020"):
+        SupportedLogPages.decode(bytes(1020))
+
+
+@settings(max_examples=30)
+@given(st.dictionaries(st.integers(0, 255), st.integers(1, 2**32 - 1), max_size=256))
+def test_supported_log_pages_roundtrip(lids: dict[int, int]) -> None:
+    log = SupportedLogPages(lids)
+    assert SupportedLogPages.decode(log.encode()) == log
 
 
 # -- error information --------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 One class per configfs directory, attribute names as the kernel spells them, and the
 kernel's refusal rules (writes refused while a namespace is enabled or a port has
-subsystems linked, allow_any_host versus explicit hosts, duplicate links, the
-discovery NQN).  Changes that alter live state go through TreeHooks, which the core
-implements: a hook that raises ConfigError vetoes the change and the tree stays as it
-was.  Where the kernel would leave a dangling link (deleting a host that a subsystem
-still allows, or a subsystem a port still exports) the tree refuses instead and says
-what to remove first; deleting a subsystem or a port removes its own children
-(namespaces, allowed-host links, port links, referrals) as nvmetcli's delete does.
+subsystems linked, a subsystem's identity once a host has identified it,
+allow_any_host versus explicit hosts, duplicate links, the discovery NQN).  Changes
+that alter live state go through TreeHooks, which the core implements: a hook that
+raises ConfigError vetoes the change and the tree stays as it was.  Where the kernel
+would leave a dangling link (deleting a host that a subsystem still allows, or a
+subsystem a port still exports) the tree refuses instead and says what to remove
+first; deleting a subsystem or a port removes its own children (namespaces,
+allowed-host links, port links, referrals) as nvmetcli's delete does.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class TreeHooks:
     def port_remove_subsys(self, port: Port, subsys: Subsystem) -> None: ...
     def subsys_hosts_changed(self, subsys: Subsystem) -> None: ...
     def port_changed(self, port: Port) -> None: ...
+    def subsys_queues_changed(self, subsys: Subsystem) -> None: ...
     def discovery_changed(self) -> None: ...
 
 
@@ -188,6 +190,12 @@ class Namespace(Node):
                               f"multiple of device_block_size {bs}; round it")
 
 
+# What Identify Controller (and the VS property) report of a subsystem.  As the kernel's
+# subsys_discovered: once a host has identified a controller these stay as it read them.
+IDENTITY_ATTRS = ("attr_firmware", "attr_ieee_oui", "attr_model", "attr_serial",
+                  "attr_version")
+
+
 class Subsystem(Node):
     KIND = "subsystem"
     ATTRS = (
@@ -214,6 +222,7 @@ class Subsystem(Node):
         self._nqn = nqn
         self._namespaces: dict[int, Namespace] = {}
         self._allowed_hosts: list[str] = []
+        self._discovered = False
 
     @property
     def nqn(self) -> str:
@@ -227,8 +236,26 @@ class Subsystem(Node):
     def allowed_hosts(self) -> list[str]:
         return list(self._allowed_hosts)
 
+    @property
+    def discovered(self) -> bool:
+        """A host has identified a controller of this subsystem: its identity is fixed."""
+        return self._discovered
+
+    def mark_discovered(self) -> None:
+        """The core calls this on Identify Controller; only deleting the subsystem undoes it
+        (a host that cached the serial must not meet another one under the same NQN)."""
+        self._discovered = True
+
     def describe(self) -> str:
         return f"subsystem {self._nqn}"
+
+    def _check_writable(self, spec: AttrSpec) -> None:
+        # The kernel answers EINVAL once subsys_discovered is set.
+        if self._discovered and spec.pyname in IDENTITY_ATTRS:
+            known = spec.show(self._values[spec.pyname])
+            raise ConfigError(f"{self.describe()} has been identified by a host, so "
+                              f"{spec.pyname} cannot change (hosts know it as {known!r}); "
+                              "delete and re-create the subsystem to change it")
 
     def _apply(self, spec: AttrSpec, old: Any, new: Any) -> None:
         v = self._values
@@ -246,6 +273,8 @@ class Subsystem(Node):
         if spec.name == "allow_any_host":
             self._root.hooks.subsys_hosts_changed(self)
             self._root.hooks.discovery_changed()
+        elif spec.name == "qid_max":
+            self._root.hooks.subsys_queues_changed(self)
 
     def create_namespace(self, nsid: int) -> Namespace:
         self._check_live()

@@ -1,7 +1,7 @@
 """Log pages and the Get Log Page command's fields.
 
-Owns: log page identifiers, `GetLogPageCmd` (the fields of CDW10-14), the error
-information, SMART / health, firmware slot, changed namespace list, command effects
+Owns: log page identifiers, `GetLogPageCmd` (the fields of CDW10-14), the supported
+log pages, error information, SMART / health, firmware slot, changed namespace list, command effects
 and ANA log pages, the discovery log page (header + entries, with the transport
 constants its entries carry), and `slice_log`, which cuts the part of a page a Get
 Log Page asks for.  Layouts follow the kernel's include/linux/nvme.h.  Bytes in,
@@ -77,6 +77,47 @@ def slice_log(page: bytes, lpo: int, length: int, limit: int = MAX_LOG_LEN) -> b
     if lpo % 4 or lpo < 0 or lpo > len(page) or length <= 0 or length > limit:
         return None
     return page[lpo:lpo + length].ljust(length, b"\0")
+
+
+# -- supported log pages (00h) ---------------------------------------------------------
+
+SUPPORTED_LOG_SIZE = 1024  # one 32-bit LID descriptor for each of the 256 LIDs
+LIDS = 256
+
+
+class LidSupport(IntFlag):
+    """A LID Supported and Effects descriptor (kernel NVME_LIDS_*); bits 31:16 are the
+    log page's own parameters (LIDSP)."""
+
+    LSUPP = 1 << 0  # the log page is supported
+    IOS = 1 << 1  # index offset supported: LPO may count entries instead of bytes
+
+
+@dataclass
+class SupportedLogPages:
+    """The Supported Log Pages log: `lids[lid]` is the descriptor of each LID that has
+    one (a LID left out reads 0, not supported)."""
+
+    lids: dict[int, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        words = [0] * LIDS
+        for lid, desc in self.lids.items():
+            if not 0 <= lid < LIDS:
+                raise ValueError(f"log identifier {lid} is not 0..{LIDS - 1}")
+            words[lid] = desc
+        try:
+            return struct.pack(f"<{LIDS}I", *words)
+        except struct.error as e:
+            raise ValueError(f"LID descriptors must be 32-bit: {e}") from e
+
+    @classmethod
+    def decode(cls, b: bytes | memoryview) -> SupportedLogPages:
+        if len(b) < SUPPORTED_LOG_SIZE:
+            raise ValueError(f"supported log pages log needs {SUPPORTED_LOG_SIZE} bytes, "
+                             f"got {len(b)}")
+        words = struct.unpack_from(f"<{LIDS}I", b)
+        return cls({lid: desc for lid, desc in enumerate(words) if desc})
 
 
 # -- error information (01h) ----------------------------------------------------------

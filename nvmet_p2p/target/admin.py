@@ -7,6 +7,7 @@ controllers accept the subset the discovery service needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..spec import identify as idf
@@ -19,6 +20,7 @@ from .request import DataDir
 
 if TYPE_CHECKING:
     from .request import Handler, Request
+    from .subsys import Subsys
 
 NVMET_MAX_NAMESPACES = 1024  # NN: NSIDs a subsystem may hold (the kernel's limit)
 KAS_100MS = 10  # keep-alive granularity: 10 x 100 ms = 1 s
@@ -91,11 +93,10 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
         sgls |= idf.CTRL_SGLS_OFFSET
     ident = idf.IdCtrl(
         sn=subsys.serial, mn=subsys.model, fr=subsys.firmware[:8], rab=6,
-        cmic=idf.CTRL_CMIC_MULTI_PORT | idf.CTRL_CMIC_MULTI_CTRL,
+        ieee=subsys.ieee_oui, cmic=idf.CTRL_CMIC_MULTI_PORT | idf.CTRL_CMIC_MULTI_CTRL,
         mdts=target.mdts, cntlid=ctrl.cntlid, ver=subsys.version,
         cntrltype=idf.CntrlType.DISC if subsys.is_discovery else idf.CntrlType.IO,
-        acl=3, aerl=ASYNC_EVENTS - 1, frmw=3,
-        lpa=idf.CTRL_LPA_CMD_EFFECTS_LOG | idf.CTRL_LPA_EXTENDED_DATA,
+        acl=3, aerl=ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
         elpe=ERROR_LOG_SLOTS - 1, kas=KAS_100MS, maxcmd=target.mqes(req.sq.port) + 1,
         sgls=sgls, subnqn=subsys.nqn, msdbd=getattr(ops, "msdbd", 1),
         ctratt=1 << 0 | 1 << 6,  # 128-bit host identifier, traffic-based keep-alive
@@ -140,6 +141,7 @@ def _identify(req: Request) -> None:
         req.complete(Status.INVALID_FIELD | DNR)
         return
     if cmd.cns == idf.Cns.CTRL:
+        ctrl.subsys.mark_discovered()  # as the kernel: the host now knows serial, model, ...
         _reply(req, id_ctrl(req).encode())
     elif cmd.cns == idf.Cns.NS:
         if nsid in (0, NSID_ALL):
@@ -167,6 +169,16 @@ def _identify(req: Request) -> None:
 
 # -- Get Log Page ------------------------------------------------------------
 
+def _supported_log(req: Request) -> bytes:
+    lids = log_pages(req.ctrl.subsys)
+    return lg.SupportedLogPages({lid: lg.LidSupport.LSUPP for lid in lids}).encode()
+
+
+def _error_log(req: Request) -> bytes:
+    entries = [lg.ErrorLogEntry(**e) for e in req.ctrl.errors]
+    return lg.error_log(entries, ERROR_LOG_SLOTS)
+
+
 def _smart_log(req: Request) -> bytes:
     totals = {"read_bytes": 0, "write_bytes": 0, "read_cmds": 0, "write_cmds": 0}
     for ns in req.ctrl.subsys.ns.values():
@@ -181,7 +193,15 @@ def _smart_log(req: Request) -> bytes:
     ).encode()
 
 
-def _cmd_effects() -> bytes:
+def _fw_slot_log(req: Request) -> bytes:
+    return lg.FwSlotLog(afi=1, frs=[req.ctrl.subsys.firmware[:8]]).encode()
+
+
+def _changed_ns_log(req: Request) -> bytes:
+    return lg.changed_ns_list(req.ctrl.changed_ns)
+
+
+def _cmd_effects_log(req: Request) -> bytes:
     csupp, lbcc = lg.CmdEffects.CSUPP, lg.CmdEffects.LBCC
     acs = [0] * 256
     for op in (AdminOpcode.GET_LOG_PAGE, AdminOpcode.IDENTIFY, AdminOpcode.ABORT,
@@ -196,30 +216,52 @@ def _cmd_effects() -> bytes:
     return lg.CmdEffectsLog(acs, iocs).encode()
 
 
+def _disc_log(req: Request) -> bytes:
+    return discovery.disc_log_page(req.sq.target, req.sq.port, req.ctrl.hostnqn)
+
+
+# The log pages each kind of controller serves, LID -> the whole page.  Get Log Page
+# dispatches through these tables, and Supported Log Pages and Identify Controller LPA
+# are derived from them, so what a host is told is what it can read.
+_IO_LOG_PAGES: dict[int, Callable[[Request], bytes]] = {
+    lg.LogId.SUPPORTED: _supported_log,
+    lg.LogId.ERROR: _error_log,
+    lg.LogId.SMART: _smart_log,
+    lg.LogId.FW_SLOT: _fw_slot_log,
+    lg.LogId.CHANGED_NS: _changed_ns_log,
+    lg.LogId.CMD_EFFECTS: _cmd_effects_log,
+}
+# as the kernel's discovery controller: the discovery log page and nothing else
+_DISC_LOG_PAGES: dict[int, Callable[[Request], bytes]] = {lg.LogId.DISC: _disc_log}
+
+
+def log_pages(subsys: Subsys) -> Mapping[int, Callable[[Request], bytes]]:
+    """The log pages a controller of `subsys` serves."""
+    return _DISC_LOG_PAGES if subsys.is_discovery else _IO_LOG_PAGES
+
+
+def _lpa(lids: Mapping[int, object]) -> int:
+    """Identify Controller LPA for the log pages `lids`.
+
+    Every page honours LPO and NUMDU (bit 2).  Bit 0 (SMART per namespace) stays clear:
+    the SMART log is the subsystem's whatever the NSID.  Bit 5 would promise LIDs 12h and
+    13h and command scopes in the effects log, which we do not serve.
+    """
+    lpa = idf.CTRL_LPA_EXTENDED_DATA
+    if lg.LogId.CMD_EFFECTS in lids:
+        lpa |= idf.CTRL_LPA_CMD_EFFECTS_LOG
+    return lpa
+
+
 def _get_log_page(req: Request) -> None:
     cmd = lg.GetLogPageCmd.from_sqe(req.sqe)
     ctrl = req.ctrl
-    if ctrl.subsys.is_discovery:
-        if cmd.lid != lg.LogId.DISC:
-            req.set_error_loc(40)
-            req.complete(Status.INVALID_FIELD | DNR)
-            return
-        page = discovery.disc_log_page(req.sq.target, req.sq.port, ctrl.hostnqn)
-    elif cmd.lid == lg.LogId.ERROR:
-        page = lg.error_log([lg.ErrorLogEntry(**e) for e in ctrl.errors], ERROR_LOG_SLOTS)
-    elif cmd.lid == lg.LogId.SMART:
-        page = _smart_log(req)
-    elif cmd.lid == lg.LogId.FW_SLOT:
-        page = lg.FwSlotLog(afi=1, frs=[ctrl.subsys.firmware[:8]]).encode()
-    elif cmd.lid == lg.LogId.CHANGED_NS:
-        page = lg.changed_ns_list(ctrl.changed_ns)
-    elif cmd.lid == lg.LogId.CMD_EFFECTS:
-        page = _cmd_effects()
-    else:
+    build = log_pages(ctrl.subsys).get(cmd.lid)
+    if build is None:
         req.set_error_loc(40)
         req.complete(Status.INVALID_FIELD | DNR)
         return
-    data = lg.slice_log(page, cmd.lpo, cmd.length)
+    data = lg.slice_log(build(req), cmd.lpo, cmd.length)
     if data is None:
         req.set_error_loc(48)
         req.complete(Status.INVALID_FIELD | DNR)

@@ -203,6 +203,17 @@ class Target(TreeHooks):
     def port_changed(self, port: Port) -> None:
         pass  # attributes take effect for controllers created afterwards
 
+    def subsys_queues_changed(self, subsys_cfg: Subsystem) -> None:
+        # as the kernel's attr_qid_max store: every controller is deleted so that its host
+        # reconnects and learns the new number of I/O queues (Connect checks qid_max)
+        subsys = self._subsystems.get(subsys_cfg.nqn)
+        if subsys is None or subsys.cfg is not subsys_cfg:
+            return
+        for ctrl in list(subsys.ctrls.values()):
+            log.info("ctrl %d: qid_max of %s is now %d; deleting so that %s reconnects",
+                     ctrl.cntlid, subsys.nqn, subsys.qid_max, ctrl.hostnqn)
+            ctrl.delete()
+
     def discovery_changed(self) -> None:
         self.disc_genctr += 1
         for ctrl in list(self.discovery.ctrls.values()):

@@ -111,12 +111,21 @@ class Subsys:
         return self._attr("attr_firmware", "0.1.0")
 
     @property
+    def ieee_oui(self) -> int:
+        return self._attr("attr_ieee_oui", 0)
+
+    @property
     def version(self) -> int:
         return parse_version(self._attr("attr_version", "1.3"))
 
     @property
     def qid_max(self) -> int:
         return self._attr("attr_qid_max", 128)
+
+    def mark_discovered(self) -> None:
+        """A host identified a controller: the configuration keeps the identity it read."""
+        if self.cfg is not None:
+            self.cfg.mark_discovered()
 
     def allows_host(self, hostnqn: str) -> bool:
         if self.cfg is None:
