@@ -36,6 +36,7 @@ from typing import Any, Self
 
 import pytest
 import vm_target as vt  # tests/ is on sys.path under pytest
+from capsules import cm_pdata, write_capsule
 
 from nvmet_p2p import guest
 from nvmet_p2p.errors import VMError
@@ -571,8 +572,6 @@ BAD_FIO_SIZE = 4 * MiB
 
 
 def test_bad_input_with_concurrent_linux_fio(target: vt.VmTarget) -> None:
-    from test_rdma_vm import _pdata, _write_capsule
-
     from nvmet_p2p.host_rdma import RdmaHost
     from nvmet_p2p.spec.command import Sgl, SglType
 
@@ -587,9 +586,9 @@ def test_bad_input_with_concurrent_linux_fio(target: vt.VmTarget) -> None:
             vt.wait_until(lambda: _ns_write_cmds(target, 1) > writes + 20 or loop.errors, 60,
                           "Linux-host fio writes reaching the target")
             probe = RdmaHost(guest.TRADDR, PORT)
-            for pdata, sts in ((_pdata(recfmt=1), 0x02), (_pdata(qid=1000), 0x03),
-                               (_pdata(hsqsize=0), 0x04), (_pdata(hrqsize=0), 0x05),
-                               (_pdata(qid=1, hsqsize=4096, hrqsize=128), 0x04)):
+            for pdata, sts in ((cm_pdata(recfmt=1), 0x02), (cm_pdata(qid=1000), 0x03),
+                               (cm_pdata(hsqsize=0), 0x04), (cm_pdata(hrqsize=0), 0x05),
+                               (cm_pdata(qid=1, hsqsize=4096, hrqsize=128), 0x04)):
                 assert probe.connect_raw(pdata) == ("rejected", sts)
             host = RdmaHost(guest.TRADDR, PORT).connect(SUBNQN, python_hostnqn,
                                                         nr_io_queues=1, queue_size=32)
@@ -604,11 +603,11 @@ def test_bad_input_with_concurrent_linux_fio(target: vt.VmTarget) -> None:
                          2 * MiB // 512, 0x0F),
                         (Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, 1024, 0x1234), b"", 1, 0x0F),
                 ), start=20):
-                    cqe = q.raw(_write_capsule(cid, sgl, payload, nlb=nlb))
+                    cqe = q.raw(write_capsule(cid, sgl, payload, nlb=nlb))
                     assert cqe.status & 0x7FF == sc, (cid, hex(cqe.status))
                 # A bad rkey: the RC QP breaks and the target drops that queue only.
                 with pytest.raises(ConnectionError):
-                    q.raw(_write_capsule(30, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, 512,
+                    q.raw(write_capsule(30, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, 512,
                                                  0xBAD0BAD), nlb=1), timeout=20)
                 host.io.pop(1).close()
                 assert host.property_get(0x1C) & 1

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from capsules import cm_pdata, write_capsule  # tests/ is on sys.path under pytest
 
 from nvmet_p2p.guest import TRADDR, VM_SKIP_REASON, in_vm
 
@@ -93,21 +94,15 @@ def host(target):
     h.disconnect()
 
 
-def _pdata(recfmt=0, qid=0, hrqsize=32, hsqsize=31) -> bytes:
-    from nvmet_p2p.rdma_cm import CmRequest
-
-    return CmRequest(recfmt, qid, hrqsize, hsqsize).encode()
-
-
 # -- CM -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pdata,status", [
-    pytest.param(_pdata(recfmt=1), 0x02, id="recfmt"),
-    pytest.param(_pdata(qid=1000), 0x03, id="qid"),
-    pytest.param(_pdata(hsqsize=0), 0x04, id="hsqsize-0"),
-    pytest.param(_pdata(hsqsize=32, hrqsize=32), 0x04, id="admin-hsqsize-33"),
-    pytest.param(_pdata(qid=1, hsqsize=4096, hrqsize=128), 0x04, id="io-hsqsize-too-big"),
-    pytest.param(_pdata(hrqsize=0), 0x05, id="hrqsize-0"),
+    pytest.param(cm_pdata(recfmt=1), 0x02, id="recfmt"),
+    pytest.param(cm_pdata(qid=1000), 0x03, id="qid"),
+    pytest.param(cm_pdata(hsqsize=0), 0x04, id="hsqsize-0"),
+    pytest.param(cm_pdata(hsqsize=32, hrqsize=32), 0x04, id="admin-hsqsize-33"),
+    pytest.param(cm_pdata(qid=1, hsqsize=4096, hrqsize=128), 0x04, id="io-hsqsize-too-big"),
+    pytest.param(cm_pdata(hrqsize=0), 0x05, id="hrqsize-0"),
 ])
 def test_cm_reject(host, pdata, status):
     assert host.connect_raw(pdata) == ("rejected", status)
@@ -121,8 +116,8 @@ def test_cm_reject_short_private_data(host):
 
 
 def test_cm_accept_crqsize(host):
-    assert host.connect_raw(_pdata(qid=0, hrqsize=32, hsqsize=31)) == ("accepted", 32)
-    assert host.connect_raw(_pdata(qid=1, hrqsize=16, hsqsize=15)) == ("accepted", 16)
+    assert host.connect_raw(cm_pdata(qid=0, hrqsize=32, hsqsize=31)) == ("accepted", 32)
+    assert host.connect_raw(cm_pdata(qid=1, hrqsize=16, hsqsize=15)) == ("accepted", 16)
 
 
 # -- fabrics and I/O ---------------------------------------------------------------------
@@ -174,21 +169,13 @@ def test_write_with_invalidate(host):
     assert host.read(1, 200, len(data) // BS) == bytes(data)
 
 
-def _write_capsule(cid, sgl, payload=b"", nlb=1) -> bytes:
-    from nvmet_p2p.spec.command import IoOpcode, Psdt, Sqe
-
-    sqe = Sqe(opcode=IoOpcode.WRITE, flags=Psdt.SGL_MPTR_CONTIG << 6, cid=cid, nsid=1,
-              cdw12=nlb - 1, dptr=sgl.encode())
-    return sqe.encode() + payload
-
-
 @pytest.mark.parametrize("offset", [4095, 8192, (1 << 64) - 512])
 def test_inline_offset_invalid(host, offset):
     from nvmet_p2p.spec.command import Sgl, SglType
 
     host.connect(NQN, nr_io_queues=1, queue_size=32)
     sgl = Sgl(SglType.DATA_BLOCK_OFFSET, offset, BS)
-    cqe = host.io[1].raw(_write_capsule(7, sgl, bytes(BS)))
+    cqe = host.io[1].raw(write_capsule(7, sgl, bytes(BS)))
     assert cqe.status & 0x7FF == 0x16
 
 
@@ -196,7 +183,7 @@ def test_unknown_sgl_type(host):
     from nvmet_p2p.spec.command import Sgl
 
     host.connect(NQN, nr_io_queues=1, queue_size=32)
-    cqe = host.io[1].raw(_write_capsule(8, Sgl(0x50, 0, BS)))
+    cqe = host.io[1].raw(write_capsule(8, Sgl(0x50, 0, BS)))
     assert cqe.status & 0x7FF == 0x11
 
 
@@ -205,7 +192,7 @@ def test_keyed_length_over_mdts(host):
 
     host.connect(NQN, nr_io_queues=1, queue_size=32)
     length = 2 << 20  # MDTS is 1 MiB
-    cqe = host.io[1].raw(_write_capsule(9, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, length,
+    cqe = host.io[1].raw(write_capsule(9, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, length,
                                                 0x1234), nlb=length // BS))
     assert cqe.status & 0x7FF == 0x0F
 
@@ -214,7 +201,7 @@ def test_nlb_mismatch_sgl_length(host):
     from nvmet_p2p.spec.command import Sgl, SglType
 
     host.connect(NQN, nr_io_queues=1, queue_size=32)
-    cqe = host.io[1].raw(_write_capsule(10, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, 2 * BS,
+    cqe = host.io[1].raw(write_capsule(10, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, 2 * BS,
                                                  0x1234), nlb=1))
     assert cqe.status & 0x7FF == 0x0F
 
@@ -224,7 +211,7 @@ def test_bad_rkey_tears_queue_down(host):
 
     host.connect(NQN, nr_io_queues=1, queue_size=32)
     with pytest.raises((ConnectionError, TimeoutError)) as exc:
-        host.io[1].raw(_write_capsule(11, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, BS,
+        host.io[1].raw(write_capsule(11, Sgl(SglType.KEYED_DATA_BLOCK, 0x1000, BS,
                                               0xBAD0BAD), nlb=1), timeout=20)
     assert exc.type is ConnectionError  # the RC QP failed, the target dropped the queue
     host.io.pop(1).close()
