@@ -1,17 +1,21 @@
 """NVMe over PCIe for a userspace driver: registers, CMB decode, PRPs and queue rings.
 
 Owns the controller register layout (CAP, CC, CSTS, AQA/ASQ/ACQ, CMBLOC/CMBSZ/CMBMSC,
-doorbells), the decode of those values, PRP construction, SQE packing and the SQ/CQ ring
-logic (tail, head, phase).  Pure logic over integers and memoryviews: the same code runs on
-a bytearray in the unit tests and on an mmap'ed BAR and DMA memory in the driver
-(`backends/vfio_nvme.py`).  Register offsets and fields follow NVMe base spec 1.4, §3.1.
+doorbells), the decode of those values, PRP construction, SQE packing, the SQ/CQ ring
+logic (tail, head, phase) and the command table of a queue pair (free command ids, what
+each busy one carries and since when, which one has outlived the I/O timeout, and
+completing them all at once when the controller is reset).  Pure logic over integers and
+memoryviews: the same code runs on a bytearray in the unit tests and on an mmap'ed BAR and
+DMA memory in the driver (`backends/vfio_nvme.py`).  Register offsets and fields follow NVMe base spec 1.4, §3.1.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 # Register offsets and bits live in spec.regs (shared with the fabrics properties); the
 # names are re-exported here because the driver reads them as `pci.REG_CC` and so on.
@@ -62,6 +66,8 @@ IO_READ = 0x02
 IO_WRITE_ZEROES = 0x08
 IO_DSM = 0x09
 FEAT_NUM_QUEUES = 0x07
+IO_OPCODE_NAMES = {IO_FLUSH: "Flush", IO_WRITE: "Write", IO_READ: "Read",
+                   IO_WRITE_ZEROES: "Write Zeroes", IO_DSM: "Dataset Management"}
 RW_FUA = 1 << 30  # CDW12 bit 30
 DSM_ATTR_DEALLOCATE = 1 << 2  # CDW11 AD
 
@@ -319,3 +325,111 @@ class CompletionRing:
 
     def close(self) -> None:
         self._dw3.release()
+
+
+# -- the commands of a queue pair ------------------------------------------------------------
+
+NVME_IO_TIMEOUT_S = 30.0  # the Linux nvme_core.io_timeout default
+
+
+class DmaBuffer(Protocol):
+    """What a command may hold in DMA memory until it completes (a `cmb.Chunk`)."""
+
+    @property
+    def view(self) -> memoryview: ...
+
+    def free(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Cmd:
+    """One command between submission and completion: whom to tell, what to give back."""
+
+    cb: Callable[[int], None]
+    bounce: DmaBuffer | None = None  # freed at completion
+    read_into: memoryview | None = None  # a read's bounce data is copied here on success
+    nbytes: int = 0
+    opcode: int = -1  # set by CommandTable.start, as is `started`
+    started: float = 0.0
+
+    def complete(self, status: int, release: bool = True) -> None:
+        """Copy a bounced read out, free the bounce buffer, call back with `status`.
+
+        `release=False` keeps the bounce buffer allocated: for a controller whose DMA could
+        not be stopped, the memory must not be handed to another command.
+        """
+        bounce, self.bounce = self.bounce, None
+        if bounce is not None and release:
+            if self.read_into is not None and not status:
+                self.read_into[:self.nbytes] = bounce.view[:self.nbytes]
+            bounce.free()
+        self.cb(status)
+
+
+Issue = Callable[[], bool]  # puts a waiting command on the SQ; False: still no room
+
+
+class CommandTable:
+    """The commands of one I/O queue pair, and the submissions waiting for room.
+
+    A busy command id maps to its `Cmd`; `pending` holds (issue, cb) pairs of submissions
+    that found no free id (or no bounce memory) yet.  Every command gets the same time
+    limit, so the oldest busy command is the first to expire: `busy` keeps submission
+    order (dicts keep insertion order, and a reused id goes to the end) and `expired` looks
+    at its first entry only, which keeps the check cheap enough for every poll.
+    """
+
+    def __init__(self, depth: int, timeout_s: float = NVME_IO_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"I/O timeout must be positive, not {timeout_s}")
+        if depth < 2:
+            raise ValueError(f"a queue of {depth} entries holds no command")
+        self.depth, self.timeout_s = depth, timeout_s
+        self.busy: dict[int, Cmd] = {}
+        self.pending: deque[tuple[Issue, Callable[[int], None]]] = deque()
+        self._free = list(range(depth - 1))  # one SQ slot stays empty
+
+    def __len__(self) -> int:
+        return len(self.busy) + len(self.pending)
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def start(self, cmd: Cmd, opcode: int, now: float) -> int | None:
+        """A free command id for `cmd`, its clock started; None when every id is busy."""
+        if not self._free:
+            return None
+        cid = self._free.pop()
+        cmd.opcode, cmd.started = opcode, now
+        self.busy[cid] = cmd
+        return cid
+
+    def finish(self, cid: int) -> Cmd | None:
+        """The command a completion names, its id free again; None if `cid` is not busy."""
+        cmd = self.busy.pop(cid, None)
+        if cmd is not None:
+            self._free.append(cid)
+        return cmd
+
+    def expired(self, now: float) -> tuple[int, Cmd] | None:
+        """(cid, command) of the oldest busy command if it is past its deadline."""
+        oldest = next(iter(self.busy.items()), None)
+        if oldest is not None and now - oldest[1].started >= self.timeout_s:
+            return oldest
+        return None
+
+    def fail_all(self, status: int, release: bool = True) -> int:
+        """Complete every busy and every pending command with `status`; returns how many.
+
+        Only for a controller that can no longer DMA (see `Cmd.complete` for `release`).
+        The table is emptied first, so a callback that submits again finds it empty.
+        """
+        busy, pending = list(self.busy.values()), list(self.pending)
+        self.busy.clear()
+        self.pending.clear()
+        self._free = list(range(self.depth - 1))
+        for cmd in busy:
+            cmd.complete(status, release)
+        for _issue, cb in pending:
+            cb(status)
+        return len(busy) + len(pending)

@@ -359,6 +359,18 @@ class VfioDevice:
         cmd = self.config_read(PCI_COMMAND, 2)
         self.config_write(PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
 
+    def stop_dma(self) -> None:
+        """Bus mastering off: the function can no longer read or write memory.
+
+        The last resort for a device that does not stop on its own terms (an NVMe
+        controller that never reports CSTS.RDY = 0); `enable()` turns it back on.
+        """
+        try:
+            cmd = self.config_read(PCI_COMMAND, 2)
+            self.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER)
+        except OSError as e:
+            raise P2PError(f"{self.bdf}: cannot turn bus mastering off: {e.strerror}") from e
+
     def bar_address(self, bar: int) -> int:
         """The BAR's bus address as programmed in config space (64-bit BARs combined)."""
         lo = self.config_read(PCI_BASE_ADDRESS_0 + 4 * bar, 4)
