@@ -246,10 +246,24 @@ def pci_devices(vendor: str, device: str, sysfs: Path = Path("/sys")) -> list[st
             if _read(d / "vendor") == vendor and _read(d / "device") == device]
 
 
+def qemu_nvmes(sysfs: Path = Path("/sys")) -> list[str]:
+    """Every QEMU NVMe controller (1b36:0010), in BDF order."""
+    return pci_devices(*QEMU_NVME_ID, sysfs=sysfs)
+
+
+def vfio_nvme_bdf(sysfs: Path = Path("/sys")) -> str:
+    """The first QEMU NVMe, checked to sit in an IOMMU group (VFIO needs one)."""
+    bdfs = qemu_nvmes(sysfs)
+    if not bdfs:
+        raise VMError("no QEMU NVMe (1b36:0010) in this VM (boot with --cmb)")
+    if not (sysfs / "bus/pci/devices" / bdfs[0] / "iommu_group").exists():
+        raise VMError(f"{bdfs[0]} has no IOMMU group (boot with --iommu)")
+    return bdfs[0]
+
+
 def cmb_nvme_bdfs(sysfs: Path = Path("/sys")) -> list[str]:
     """Every QEMU NVMe whose BAR2 (the CMB) is implemented."""
-    return [bdf for bdf in pci_devices(*QEMU_NVME_ID, sysfs=sysfs)
-            if pci_bar(bdf, CMB_BAR, sysfs)[1] > 0]
+    return [bdf for bdf in qemu_nvmes(sysfs) if pci_bar(bdf, CMB_BAR, sysfs)[1] > 0]
 
 
 def cmb_nvme_bdf(sysfs: Path = Path("/sys")) -> str:

@@ -21,7 +21,7 @@ import pytest
 import vm_target as vt  # tests/ is on sys.path under pytest
 
 from nvmet_p2p import guest
-from nvmet_p2p.rpc import CONFIG_ERROR, RpcClient, RpcError
+from nvmet_p2p.rpc import CONFIG_ERROR, RpcError
 from nvmet_p2p.spec import log as lg
 
 pytestmark = [pytest.mark.vm,
@@ -58,11 +58,6 @@ def no_ctrl_left(target: vt.VmTarget) -> Iterator[None]:
     assert target.alive(), target.log_tail()
 
 
-def _rpc(target: vt.VmTarget, method: str, **params: object) -> Any:
-    with RpcClient(str(target.rpc_path), timeout=vt.RPC_TIMEOUT) as client:
-        return client.call(method, **params)
-
-
 def _our_ctrls(target: vt.VmTarget) -> list[dict[str, Any]]:
     return [c for c in target.controllers() if c["subsys"] == SUBNQN]
 
@@ -86,10 +81,10 @@ def test_supported_log_pages_from_nvme_cli(target: vt.VmTarget) -> None:
 
 def test_serial_refused_after_the_linux_host_identified(target: vt.VmTarget) -> None:
     path = f"/subsystems/{SUBNQN}"
-    serial = _rpc(target, "get", path=path, group="attr", name="serial")["attr"]["serial"]
+    serial = target.rpc("get", path=path, group="attr", name="serial")["attr"]["serial"]
     ctrl = guest.nvme_connect(SUBNQN, trsvcid=PORT, hostnqn=HOSTNQN, nr_io_queues=1)
     with pytest.raises(RpcError) as e:
-        _rpc(target, "set", path=path, group="attr", name="serial", value="SN-CHANGED")
+        target.rpc("set", path=path, group="attr", name="serial", value="SN-CHANGED")
     assert e.value.code == CONFIG_ERROR
     assert "has been identified by a host, so attr_serial cannot change" in e.value.message
     ident = json.loads(guest.sh("nvme", "id-ctrl", f"/dev/{ctrl}", "-o", "json").stdout)
@@ -100,7 +95,7 @@ def test_qid_max_change_reconnects_the_linux_host(target: vt.VmTarget) -> None:
     ctrl = guest.nvme_connect(SUBNQN, trsvcid=PORT, hostnqn=HOSTNQN, nr_io_queues=2)
     [before] = _our_ctrls(target)
     assert before["queues"] == [0, 1, 2]
-    _rpc(target, "set", path=f"/subsystems/{SUBNQN}", group="attr", name="qid_max", value=1)
+    target.rpc("set", path=f"/subsystems/{SUBNQN}", group="attr", name="qid_max", value=1)
     state = Path("/sys/class/nvme", ctrl, "state")
 
     def reconnected() -> dict[str, Any] | None:
@@ -114,4 +109,4 @@ def test_qid_max_change_reconnects_the_linux_host(target: vt.VmTarget) -> None:
     blk = guest.namespace_block_device(SUBNQN, 1)
     guest.sh("dd", "if=/dev/zero", f"of={blk}", "bs=4k", "count=16", "oflag=direct")
     guest.nvme_disconnect(SUBNQN)
-    _rpc(target, "set", path=f"/subsystems/{SUBNQN}", group="attr", name="qid_max", value=128)
+    target.rpc("set", path=f"/subsystems/{SUBNQN}", group="attr", name="qid_max", value=128)

@@ -19,7 +19,6 @@ import vm_target as vt  # tests/ is on sys.path under pytest
 
 from nvmet_p2p import guest
 from nvmet_p2p.errors import VMError
-from nvmet_p2p.rpc import RpcClient
 
 pytestmark = [pytest.mark.vm,
               pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)]
@@ -53,11 +52,6 @@ def no_ctrl_left(target: vt.VmTarget) -> Iterator[None]:
     assert target.alive(), target.log_tail()
 
 
-def _rpc(target: vt.VmTarget, method: str, **params: object) -> object:
-    with RpcClient(str(target.rpc_path), timeout=vt.RPC_TIMEOUT) as client:
-        return client.call(method, **params)
-
-
 def _host_nsids(subnqn: str) -> set[int]:
     out = set()
     for base in Path("/sys/class/nvme-subsystem").glob("nvme-subsys*"):
@@ -71,17 +65,17 @@ def test_namespace_added_live_appears_on_the_host(target: vt.VmTarget) -> None:
     guest.nvme_connect(SUBNQN, trsvcid=PORT, hostnqn=HOSTNQN, nr_io_queues=1)
     assert guest.wait_for(lambda: _host_nsids(SUBNQN) == {1} or None, 30, "ns 1 on the host")
     path = "/dev/shm/live-ns2.img"
-    _rpc(target, "create", path=f"/subsystems/{SUBNQN}/namespaces", name=2,
+    target.rpc("create", path=f"/subsystems/{SUBNQN}/namespaces", name=2,
          attrs={"device": {"path": path, "size": str(32 * MiB), "create": "1"},
                 "": {"buffered_io": "1"}})
-    _rpc(target, "enable", path=f"/subsystems/{SUBNQN}/namespaces/2")
+    target.rpc("enable", path=f"/subsystems/{SUBNQN}/namespaces/2")
     # the AEN makes the host rescan: the new namespace shows up without a reconnect
     guest.wait_for(lambda: _host_nsids(SUBNQN) == {1, 2} or None, 60,
                    "namespace 2 on the Linux host after the AEN")
     listed = guest.sh("nvme", "list").stdout
     dev = guest.namespace_block_device(SUBNQN, nsid=2)
     assert Path(dev).name in listed
-    _rpc(target, "disable", path=f"/subsystems/{SUBNQN}/namespaces/2")
+    target.rpc("disable", path=f"/subsystems/{SUBNQN}/namespaces/2")
     guest.wait_for(lambda: _host_nsids(SUBNQN) == {1} or None, 60,
                    "namespace 2 gone from the Linux host")
 
@@ -95,18 +89,18 @@ def test_port_linked_live_shows_up_in_discovery(target: vt.VmTarget) -> None:
         return {r["subnqn"] for r in recs}
 
     assert SUBNQN not in subnqns(LIVE_PORT)
-    _rpc(target, "create", path="/ports", name=2,
+    target.rpc("create", path="/ports", name=2,
          attrs={"addr": {"trtype": "rdma", "adrfam": "ipv4", "traddr": guest.TRADDR,
                          "trsvcid": str(LIVE_PORT)}})
-    _rpc(target, "link", port=2, subsystem=SUBNQN)
+    target.rpc("link", port=2, subsystem=SUBNQN)
     assert SUBNQN in subnqns(LIVE_PORT)
-    _rpc(target, "unlink", port=2, subsystem=SUBNQN)
+    target.rpc("unlink", port=2, subsystem=SUBNQN)
     assert SUBNQN not in subnqns(LIVE_PORT)
-    _rpc(target, "delete", path="/ports/2")
+    target.rpc("delete", path="/ports/2")
 
 
 def test_allow_p2pmem_on_rxe_falls_back_with_the_reason(target: vt.VmTarget) -> None:
-    explained = _rpc(target, "p2p_explain")
+    explained = target.rpc("p2p_explain")
     mine = [d for d in explained if d["subnqn"] == SUBNQN and d["nsid"] == 1]
     assert mine and not mine[0]["p2p"] and RXE_REASON in mine[0]["reason"], explained
     guest.nvme_connect(SUBNQN, trsvcid=PORT, hostnqn=HOSTNQN, nr_io_queues=1)

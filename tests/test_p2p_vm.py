@@ -25,6 +25,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from backend_io import pattern  # tests/ is on sys.path under pytest
 
 from nvmet_p2p.guest import VM_SKIP_REASON, cmb_nvme_bdf, in_vm, on_vfio, setup_rxe
 from nvmet_p2p.host import LoopHost
@@ -42,10 +43,6 @@ IO_TIMEOUT_S = 30.0  # TCG guests are slow; a healthy completion takes milliseco
 BENCH_S = 3.0
 QD = 32
 FIGURES: dict = {}
-
-
-def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 class VmTarget:
@@ -135,7 +132,7 @@ def test_writes_pass_through_the_cmb_to_the_media(vt):
     total = 0
     cases = [(0, 4096), (1000, 65536), (5000, 512), (9000, 1 << 20)]
     for i, (slba, n) in enumerate(cases):
-        data = payload(n, i)
+        data = pattern(n, i)
         p2p_host.write(1, slba, data)
         assert sys_host.read(1, slba, n // 512) == data  # through system memory
         assert p2p_host.read(1, slba, n // 512) == data  # media -> CMB -> host
@@ -163,7 +160,7 @@ def test_nearly_full_cmb_falls_back_per_request(vt):
     try:
         st0 = dict(ns.stats)
         ex0 = ns.stats.get("sysmem_by_reason", {}).get(REASON_EXHAUSTED, 0)
-        datas = [payload(65536, 50 + i) for i in range(8)]
+        datas = [pattern(65536, 50 + i) for i in range(8)]
         pend = [q.submit(Sqe(opcode=IoOpcode.WRITE, nsid=1, cdw10=20000 + i * 128,
                              cdw12=127), data=d) for i, d in enumerate(datas)]
         for p in pend:
@@ -228,7 +225,7 @@ def test_p2pmem_0_means_system_memory(vt):
     vt.reenable(p2pmem="0")
     try:
         host = vt.connect(P2P_PORT)
-        data = payload(8192, 77)
+        data = pattern(8192, 77)
         host.write(1, 30000, data)
         assert host.read(1, 30000, 16) == data
         st = vt.ns.stats

@@ -503,17 +503,10 @@ def test_cli_errors_are_one_line(switch_tree, capsys, argv, message):
 needs_vm = pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)
 
 
-def qemu_nvmes() -> list[str]:
-    sysfs = Path("/sys/bus/pci/devices")
-    return sorted(p.name for p in sysfs.iterdir()
-                  if (p / "vendor").read_text().strip() == guest.QEMU_NVME_ID[0]
-                  and (p / "device").read_text().strip() == guest.QEMU_NVME_ID[1])
-
-
 @pytest.mark.vm
 @needs_vm
 def test_qemu_nvme_in_the_vm():
-    nvmes = qemu_nvmes()
+    nvmes = guest.qemu_nvmes()
     assert nvmes, "the VM has no QEMU NVMe (1b36:0010)"
     nvme = nvmes[0]
     topo = Topology("/sys")
@@ -561,7 +554,7 @@ def test_qemu_switch_in_the_vm():
     """Needs the switch: python -m nvmet_p2p.vm run --switch -- python -m pytest -m vm
     tests/test_topology.py -k switch"""
     topo = Topology("/sys")
-    behind = [b for b in qemu_nvmes() if len(topo.upstream_chain(b)) == 4]
+    behind = [b for b in guest.qemu_nvmes() if len(topo.upstream_chain(b)) == 4]
     if len(behind) < 2:
         pytest.skip("no PCIe switch with two NVMe (boot the VM with --switch)")
     a, b = behind[:2]

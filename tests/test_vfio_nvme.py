@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from backend_io import COMPLETION_TIMEOUT_S as DEADLINE_S  # tests/ is on sys.path
+from backend_io import pattern, run
 
 from nvmet_p2p.cmb import AccessRules, SysfsBarProvider, SystemMemoryProvider, copy_from, copy_into
-from nvmet_p2p.errors import P2PError
-from nvmet_p2p.guest import on_vfio, pci_driver
+from nvmet_p2p.errors import P2PError, VMError
+from nvmet_p2p.guest import on_vfio, pci_driver, vfio_nvme_bdf
 
 _in_vm = pytest.mark.skipif(os.environ.get("NVMET_P2P_IN_VM") != "1",
                             reason="needs the soft-RoCE VM (run: python -m nvmet_p2p.vm pytest)")
@@ -29,30 +31,15 @@ def vm(f):
     return pytest.mark.vm(_in_vm(f))
 
 SYS = Path("/sys/bus/pci/devices")
-QEMU_NVME = ("0x1b36", "0x0010")
 FIGURES: dict = {}
-DEADLINE_S = 30.0
-
-
-def find_qemu_nvme() -> str | None:
-    for d in sorted(SYS.glob("*")):
-        try:
-            if (d / "vendor").read_text().strip() == QEMU_NVME[0] and \
-                    (d / "device").read_text().strip() == QEMU_NVME[1]:
-                return d.name
-        except OSError:
-            continue
-    return None
 
 
 @pytest.fixture(scope="module")
 def bdf():
-    bdf = find_qemu_nvme()
-    if bdf is None:
-        pytest.skip("no QEMU NVMe (1b36:0010) in this VM (boot with --cmb)")
-    if not (SYS / bdf / "iommu_group").exists():
-        pytest.skip(f"{bdf} has no IOMMU group (boot with --iommu)")
-    return bdf
+    try:
+        return vfio_nvme_bdf()
+    except VMError as e:
+        pytest.skip(str(e))
 
 
 def _copy_bw(access: AccessRules, dst, n: int) -> float:
@@ -109,21 +96,6 @@ def ctrl(bdf):
     out = Path(os.environ.get("NVMET_P2P_FIGURES", "/tmp/vfio_nvme_figures.json"))
     out.write_text(json.dumps(FIGURES, indent=2) + "\n")
     print("\nFIGURES", json.dumps(FIGURES, indent=2))
-
-
-def run(ctrl, submit) -> int:
-    """Submit one request through `submit(cb)` and poll for its status, with a deadline."""
-    got: list[int] = []
-    submit(got.append)
-    deadline = time.monotonic() + DEADLINE_S
-    while not got:
-        ctrl.poll()
-        assert time.monotonic() < deadline, "completion never arrived"
-    return got[0]
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 @vm

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from pathlib import Path
 
 import pytest
+from backend_io import COMPLETION_TIMEOUT_S as DEADLINE_S  # tests/ is on sys.path
+from backend_io import pattern, run
 
 from nvmet_p2p import nvme_pci as pci
 from nvmet_p2p.cmb import copy_from, copy_into
-from nvmet_p2p.errors import BackendError
-from nvmet_p2p.guest import on_vfio, pci_driver
+from nvmet_p2p.errors import BackendError, VMError
+from nvmet_p2p.guest import on_vfio, pci_driver, vfio_nvme_bdf
 from nvmet_p2p.spec.status import DNR, Status
 from nvmet_p2p.target.clock import FakeClock
 
@@ -33,19 +34,15 @@ def vm(f):
 
 
 SYS = Path("/sys/bus/pci/devices")
-DEADLINE_S = 30.0  # real time for one command of a healthy controller under TCG
 DEPTH = 4  # three command ids: a fourth submission has to wait
 
 
 @pytest.fixture
 def bdf():
-    from test_vfio_nvme import find_qemu_nvme  # tests/ is on sys.path under pytest
-    bdf = find_qemu_nvme()
-    if bdf is None:
-        pytest.skip("no QEMU NVMe (1b36:0010) in this VM (boot with --cmb)")
-    if not (SYS / bdf / "iommu_group").exists():
-        pytest.skip(f"{bdf} has no IOMMU group (boot with --iommu)")
-    return bdf
+    try:
+        return vfio_nvme_bdf()
+    except VMError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture
@@ -79,20 +76,6 @@ def _wait_kernel_ctrl_live(bdf: str) -> None:
 def hold_doorbell(ctrl, monkeypatch) -> None:
     """Submissions from now on reach the SQ but the controller is never told (until reset)."""
     monkeypatch.setattr(ctrl._sq, "ring", lambda: None)
-
-
-def run(ctrl, submit) -> int:
-    got: list[int] = []
-    submit(got.append)
-    deadline = time.monotonic() + DEADLINE_S
-    while not got:
-        ctrl.poll()
-        assert time.monotonic() < deadline, "completion never arrived"
-    return got[0]
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 @vm

@@ -150,10 +150,14 @@ class VmTarget:
             return st if want <= listening else None
         return guest.wait_for(probe, timeout, "our target's ports to listen", interval=0.5)
 
+    def rpc(self, method: str, *, timeout: float = RPC_TIMEOUT, **params: Any) -> Any:
+        """One JSON-RPC call on the target's control socket."""
+        with RpcClient(str(self.rpc_path), timeout=timeout) as client:
+            return client.call(method, **params)
+
     def status(self, timeout: float = RPC_TIMEOUT) -> dict[str, Any]:
         """The `status` RPC (controllers, namespaces with stats, ports, transports)."""
-        with RpcClient(str(self.rpc_path), timeout=timeout) as client:
-            return dict(client.call("status"))
+        return dict(self.rpc("status", timeout=timeout))
 
     def rdma_resources(self) -> dict[str, int]:
         return dict(self.status()["transports"].get("rdma", {}))
