@@ -319,8 +319,8 @@ class RdmaTransport:
         self.listeners: dict[int, Listener] = {}  # portid -> listener
         self.queues: dict[int, RdmaQueue] = {}  # rdma_cm_id* -> queue
         self.devices: dict[str, Device] = {}
-        self.registrations: dict[tuple[str, int], PoolRegistration | None] = {}
-        self.registration_errors: dict[tuple[str, int], str] = {}
+        # (device, id(provider)) -> its MRs, or None and why the device refused them
+        self.registrations: dict[tuple[str, int], tuple[PoolRegistration | None, str]] = {}
         self.wait_buffer: deque[tuple[RdmaQueue, RdmaCmd]] = deque()
         self.stats = {"cq_events": 0, "completions": 0, "buffer_waits": 0,
                       "send_waits": 0, "read_waits": 0, "p2p_fallbacks": 0}
@@ -374,8 +374,9 @@ class RdmaTransport:
                 dev = self._device(lst.cm_id.device_name)
             except TransportError:
                 continue
-            if self._registration(dev, provider) is None:
-                return self.registration_errors[(dev.name, id(provider))]
+            reg, why = self._registration(dev, provider)
+            if reg is None:
+                return why
         return None
 
     def delete_ctrl(self, ctrl: Ctrl) -> None:
@@ -386,7 +387,7 @@ class RdmaTransport:
     def resources(self) -> dict[str, int]:
         qps = sum(q.counts()["qps"] for q in self.queues.values())
         mrs = sum(q.counts()["mrs"] for q in self.queues.values())
-        mrs += sum(len(r.mrs) for r in self.registrations.values() if r is not None)
+        mrs += sum(len(r.mrs) for r, _ in self.registrations.values() if r is not None)
         return {"qps": qps, "mrs": mrs, "queues": len(self.queues),
                 "cm_ids": len(self.queues) + len(self.listeners)}
 
@@ -399,11 +400,10 @@ class RdmaTransport:
             self.loop.remove_reader(self.channel.fd)
             self.channel.close()
             self.channel = None
-        for reg in self.registrations.values():
+        for reg, _ in self.registrations.values():
             if reg is not None:
                 reg.close()
         self.registrations.clear()
-        self.registration_errors.clear()
         for dev in self.devices.values():
             dev.close()
         self.devices.clear()
@@ -687,27 +687,25 @@ class RdmaTransport:
         size = cmd.dmap.length
         p2p = getattr(cmd.req, "p2p_dev", None)
         if p2p is not None:
-            reg = self._registration(q.dev, p2p)
+            reg, _ = self._registration(q.dev, p2p)
             chunk = p2p.alloc(size) if reg is not None else None
             if chunk is not None:
                 return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
             self.stats["p2p_fallbacks"] += 1
-        reg = self._registration(q.dev, self.pool)
+        reg, _ = self._registration(q.dev, self.pool)
         chunk = self.pool.alloc(size) if reg is not None else None
         if chunk is None:
             return None, 0, 0
         return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
 
-    def _registration(self, dev: Device, provider: Any) -> PoolRegistration | None:
-        """The device's MRs over `provider` (registered once); None when refused, with
-        the reason in `registration_errors`."""
+    def _registration(self, dev: Device, provider: Any) -> tuple[PoolRegistration | None, str]:
+        """(the device's MRs over `provider`, "") or (None, why it refused them); asked of
+        the device once per provider."""
         key = (dev.name, id(provider))
         if key not in self.registrations:
-            reg, why = register_provider(dev.pd, provider, dev.name)
-            if reg is None:
-                log.warning("rdma: %s", why)
-                self.registration_errors[key] = why
-            self.registrations[key] = reg
+            self.registrations[key] = register_provider(dev.pd, provider, dev.name)
+            if self.registrations[key][0] is None:
+                log.warning("rdma: %s", self.registrations[key][1])
         return self.registrations[key]
 
     def _st_read_pending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:

@@ -216,7 +216,8 @@ def env():
     target = SimpleNamespace(loop=loop, max_transfer=1 << 20, mqes=lambda port: 127,
                              register_transport=lambda ops: None)
     t = rdma.RdmaTransport(target, pool=pool)
-    t._registration = lambda dev, provider: SimpleNamespace(lkeys=[7], sge_addr=lambda c: c.addr)
+    reg = SimpleNamespace(lkeys=[7], sge_addr=lambda c: c.addr)
+    t._registration = lambda dev, provider: (reg, "")
     yield t, pool
     pool.close()
     loop.close()
