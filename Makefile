@@ -7,22 +7,24 @@ setup:
 	@tools/setup.sh
 
 demo: setup
-	$(PY) -m nvmet_p2p.demo
+	$(PY) -m nvmet_p2p.testbed.demo
 
 # Host-side tests first (seconds), then every vm-marked test inside one VM boot.
 test: setup
 	$(PY) -m pytest -q -m "not vm" tests
-	$(PY) -m nvmet_p2p.vm pytest -q
+	$(PY) -m nvmet_p2p.testbed.vm pytest -q
 
 test-host: setup
 	$(PY) -m pytest -q -m "not vm" tests
 
 test-vm: setup
-	$(PY) -m nvmet_p2p.vm pytest -q
+	$(PY) -m nvmet_p2p.testbed.vm pytest -q
 
 bench: setup
 	$(PY) -m nvmet_p2p.cli bench $(BENCH_ARGS)
 
+# ruff everywhere, mypy on the typed layers, and the layer contracts (pyproject.toml).
 lint: setup
-	$(PY) -m ruff check nvmet_p2p tests
-	$(PY) -m mypy nvmet_p2p/target nvmet_p2p/spec
+	$(PY) -m ruff check nvmet_p2p tests bench tools
+	$(PY) -m mypy nvmet_p2p/core nvmet_p2p/wire
+	.venv/bin/lint-imports --no-cache

@@ -17,10 +17,10 @@ import json
 import os
 import time
 
-from nvmet_p2p.host import LoopHost
-from nvmet_p2p.loop import LoopTransport
-from nvmet_p2p.spec.command import IoOpcode, Sqe
-from nvmet_p2p.target.core import Target
+from nvmet_p2p.core.target import Target
+from nvmet_p2p.host.loop import LoopHost
+from nvmet_p2p.transports.loop import LoopTransport
+from nvmet_p2p.wire.command import IoOpcode, Sqe
 
 SUBNQN = "nqn.2026-11.io.nvmet-p2p:bench"
 

@@ -6,19 +6,20 @@ import argparse
 import logging
 import sys
 
-from . import bench, p2p_cli
+from nvmet_p2p.control import p2p_cli
+from nvmet_p2p.testbed import bench
 
 DEFAULT_RPC_SOCKET = "/run/nvmet-p2p.sock"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from nvmet_p2p.control.daemon import Daemon
 
     return Daemon(args.config, args.rpc_socket).run()
 
 
 def _rpc(args: argparse.Namespace) -> int:
-    from .rpc import cli_call
+    from nvmet_p2p.control.rpc import cli_call
 
     return cli_call(args.rpc_socket, args.method, args.params)
 

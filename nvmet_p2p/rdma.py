@@ -40,9 +40,11 @@ from typing import TYPE_CHECKING, Any
 import pyverbs.enums as e
 from pyverbs.wr import RecvWR, SendWR
 
-from .cmb import SystemMemoryProvider
-from .errors import NvmetError, TransportError
-from .rdma_cm import (
+from nvmet_p2p.cmb import SystemMemoryProvider
+from nvmet_p2p.core.request import DataDir
+from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
+from nvmet_p2p.errors import NvmetError, TransportError
+from nvmet_p2p.transports.rdma_cm import (
     NVMF_RDMA_MAX_INLINE,
     CmEvent,
     CmEventType,
@@ -55,17 +57,15 @@ from .rdma_cm import (
     encode_cm_reject,
     parse_cm_request,
 )
-from .rdma_mr import PoolRegistration, register_provider
-from .rdma_verbs import Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
-from .spec.command import CQE_SIZE, SQE_SIZE
-from .spec.status import DNR, Status
-from .target.request import DataDir
-from .target.sgl import DataMap, SglKind, map_sgl
+from nvmet_p2p.transports.rdma_mr import PoolRegistration, register_provider
+from nvmet_p2p.transports.rdma_verbs import Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
+from nvmet_p2p.wire.command import CQE_SIZE, SQE_SIZE
+from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
-    from .target.core import Target
-    from .target.ctrl import Ctrl
-    from .target.request import Request
+    from nvmet_p2p.core.ctrl import Ctrl
+    from nvmet_p2p.core.request import Request
+    from nvmet_p2p.core.target import Target
 
 log = logging.getLogger("nvmet_p2p.rdma")
 
@@ -302,7 +302,7 @@ class RdmaQueue:
 
 
 class RdmaTransport:
-    """TransportOps for trtype "rdma" (see nvmet_p2p.target.transport)."""
+    """TransportOps for trtype "rdma" (see nvmet_p2p.core.transport)."""
 
     trtype = "rdma"
     keyed_sgls = True

@@ -12,11 +12,11 @@ import os
 import stat
 from typing import Any
 
-from ..errors import BackendError, P2PError
-from .base import Backend, Completion
-from .bdev import BdevBackend, open_bdev
-from .file import CompletionLoop, FileBackend, open_file
-from .memory import MemoryBackend
+from nvmet_p2p.backends.base import Backend, Completion
+from nvmet_p2p.backends.bdev import BdevBackend, open_bdev
+from nvmet_p2p.backends.file import CompletionLoop, FileBackend, open_file
+from nvmet_p2p.backends.memory import MemoryBackend
+from nvmet_p2p.errors import BackendError, P2PError
 
 __all__ = ["Backend", "BdevBackend", "Completion", "CompletionLoop", "FileBackend",
            "MemoryBackend", "open_backend"]
@@ -100,7 +100,7 @@ def open_backend(path: str, *, kind: str = "auto", block_size: int = 512,
 
 def open_vfio_nvme(path: str, *, block_size: int, size: int | None, loop: Any) -> Backend:
     """Namespace 1 of the PCIe NVMe controller at PCI address ``path``, through VFIO."""
-    from ..topology import normalize_bdf
+    from nvmet_p2p.pci import normalize_bdf
 
     bdf = normalize_bdf(path)
     if bdf is None:
@@ -108,7 +108,7 @@ def open_vfio_nvme(path: str, *, block_size: int, size: int | None, loop: Any) -
                            f"device.path set to the controller's address, e.g. 0000:00:0a.0 "
                            f"(see lspci -D)")
     # Imported here: the VFIO driver needs numpy and ioctls no other backend does.
-    from .vfio_nvme import VfioNvmeBackend
+    from nvmet_p2p.backends.vfio_nvme.backend import VfioNvmeBackend
 
     try:
         backend = VfioNvmeBackend(bdf)

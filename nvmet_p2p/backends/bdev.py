@@ -15,12 +15,12 @@ import os
 import re
 import struct
 
-from ..errors import BackendError
-from .file import (
+from nvmet_p2p.backends.file import (
     CompletionLoop,
     FileBackend,
     open_fd,
 )
+from nvmet_p2p.errors import BackendError
 
 log = logging.getLogger("nvmet_p2p.backend")
 

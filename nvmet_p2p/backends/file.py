@@ -26,10 +26,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from ..errors import BackendError
-from ..spec.status import DNR, Status
-from .aligned import AlignedPool, is_aligned
-from .base import Backend, Completion
+from nvmet_p2p.backends.aligned import AlignedPool, is_aligned
+from nvmet_p2p.backends.base import Backend, Completion
+from nvmet_p2p.errors import BackendError
+from nvmet_p2p.wire.status import DNR, Status
 
 log = logging.getLogger("nvmet_p2p.backend")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import mmap
 
-from ..errors import BackendError
-from ..spec.status import DNR, Status
-from .base import Backend, Completion
+from nvmet_p2p.backends.base import Backend, Completion
+from nvmet_p2p.errors import BackendError
+from nvmet_p2p.wire.status import DNR, Status
 
 LBA_RANGE = Status.LBA_RANGE | DNR
 DATA_LEN = Status.SGL_INVALID_DATA | DNR  # buffer length is not nlb * block_size

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from nvmet_p2p.config.values import Parser
 from nvmet_p2p.errors import ConfigError
-
-from .values import Parser
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,9 @@ from types import MappingProxyType
 from typing import Any
 
 import nvmet_p2p
-from nvmet_p2p.errors import ConfigError
-
-from . import jsonfile
-from .attrs import AttrSpec, Node
-from .values import (
+from nvmet_p2p.config import jsonfile
+from nvmet_p2p.config.attrs import AttrSpec, Node
+from nvmet_p2p.config.values import (
     NVME_DISC_SUBSYS_NAME,
     ascii_text,
     check_nqn,
@@ -48,6 +46,7 @@ from .values import (
     show_size,
     token,
 )
+from nvmet_p2p.errors import ConfigError
 
 # Limits from drivers/nvme/target/nvmet.h and include/linux/nvme.h.
 NVME_CNTLID_MAX = 0xFFEF  # 0xFFF0..0xFFFF are reserved; 0xFFFF requests dynamic allocation

@@ -1,7 +1,7 @@
 """Baseline: fio against the Linux kernel target (nvmet-rdma over rxe0), run inside the VM.
 
 From the host:
-    python -m nvmet_p2p.vm run --cmb -- python tools/vm/kernel_target_fio.py --runtime 10
+    python -m nvmet_p2p.testbed.vm run --cmb -- python tools/vm/kernel_target_fio.py --runtime 10
 Prints one JSON line: the job, IOPS, bandwidth and mean completion latency.
 """
 
@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from nvmet_p2p import guest
-from nvmet_p2p.kernel_target import KernelTarget
+from nvmet_p2p.testbed import guest
+from nvmet_p2p.testbed.kernel_target import KernelTarget
 
 SUBNQN = "nqn.2014-08.org.nvmexpress:nvmet-p2p-kernel-baseline"
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:5f1c1c3e-6a3a-4d4e-9e0c-0b5a1e4d2cff"

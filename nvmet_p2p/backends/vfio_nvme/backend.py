@@ -1,0 +1,906 @@
+"""The userspace NVMe driver backend: a PCIe NVMe controller owned through VFIO.
+
+Owns one controller for the lifetime of a namespace: binding it to vfio-pci, reset,
+admin queue, Identify, one I/O queue pair, Read/Write/Flush/Write Zeroes/DSM with PRPs,
+completion polling, the CMB (enabled through CMBMSC, published as `NvmeCmbProvider`),
+clean shutdown and giving the device back to its kernel driver.
+
+Data path: no syscalls per I/O.  A submission packs an SQE into the DMA-mapped SQ and
+writes the tail doorbell; completions are found by polling the CQ's phase bits.  System
+buffers are used in place when they lie in memory this controller has mapped
+(`map_provider`), otherwise they bounce through an IOVA-mapped pool.  P2P-flagged
+requests (`submit_read_p2p` / `submit_write_p2p`) put a chunk's bus address in the PRPs,
+so the controller moves data between its CMB (or another BAR it can reach) and the media
+itself.
+
+Completions: nothing interrupts us.  Call `poll()` (returns the number reaped), or
+`attach(loop)` once: an adaptive poller then runs on that asyncio loop while commands are
+in flight (call_soon while completions keep coming, backing off with call_later up to
+`POLL_MAX_DELAY_S` when they do not) and stops when the queue is idle.  Callbacks run
+inside `poll()`, on the loop's thread.
+
+Timeouts, as the kernel's nvme_timeout() ends up handling them: every I/O command has a
+deadline (`io_timeout`, 30 s by default like nvme_core.io_timeout), checked by every
+`poll()` (so by the attached poller too) against an injected clock (`target.clock`), after
+the CQ has been reaped so that a late completion is not a timeout.  A command past its
+deadline, or a completion naming a command that is not in flight, means the controller is
+no longer trusted:
+
+1. it is disabled (CC.EN = 0, CSTS.RDY = 0 within CAP.TO; bus mastering off when it does
+   not get there), so it can no longer DMA into our buffers;
+2. then every command in flight or waiting completes with Command Abort Requested, DNR
+   clear (the host retries), bounce buffers go back, and one error names the device, the
+   command (opcode, cid) and its age;
+3. then the controller is brought up by the code that started it (`_bring_up`: function
+   reset, admin queue, Identify, the I/O queue pair, the CMB at the same bus address).
+   Submissions made meanwhile wait, and go out once it serves again.
+
+If the bring-up fails the backend is failed: every submission completes at once with
+Internal Error + DNR, `describe()` says why, and `close()` still gives the device back.
+With a loop attached, steps 1 and 3 run on a thread (they may wait for CAP.TO and the admin
+timeouts; the reactor keeps serving other namespaces meanwhile); completions still run on
+the loop.  `stats` counts `timeouts`, `resets` (bring-ups that succeeded), `aborted` and
+`refused` commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from nvmet_p2p.backends.base import Backend, Completion
+from nvmet_p2p.backends.vfio_nvme import nvme_pci as pci
+from nvmet_p2p.backends.vfio_nvme.nvme_pci import Cmd
+from nvmet_p2p.backends.vfio_nvme.vfio import VfioBinding, VfioContainer, open_device
+from nvmet_p2p.cmb import (
+    Chunk,
+    NvmeCmbProvider,
+    Provider,
+    SystemMemoryProvider,
+    buffer_address,
+    wmb,
+)
+from nvmet_p2p.core.clock import Clock
+from nvmet_p2p.errors import BackendError, P2PError
+from nvmet_p2p.wire.identify import IdCtrl, IdNs
+from nvmet_p2p.wire.status import DNR, Status, status_name
+
+log = logging.getLogger(__name__)
+
+NVME_AQ_DEPTH = 32  # admin commands are issued one at a time; 32 as the kernel uses
+NVME_IO_DEPTH = 128  # I/O SQ/CQ entries: QD32 plus headroom, one slot stays empty
+IOVA_BASE = 0x1000_0000  # our DMA memory; far below typical BAR windows and the MSI range
+CMB_CBA_FALLBACK = 0x8000_0000  # controller base address when the BAR's own does not stick
+ADMIN_TIMEOUT_S = 10.0  # TCG guests are slow; a healthy controller answers in milliseconds
+POLL_MAX_DELAY_S = 0.001  # idle back-off cap of the attached poller
+DRAIN_TIMEOUT_S = 5.0  # how long close() waits for in-flight I/O before shutting down
+MAX_XFER = 1 << 20  # per-command cap: one PRP list page per command id covers it
+
+# What the commands caught by a timeout reset complete with: Command Abort Requested, DNR
+# clear.  It is what they are (aborted by us, not failed by the media) and what SPDK's
+# target reports for bdev I/O aborted by a reset; a Linux host retries any status without
+# DNR (nvme_decide_disposition), and this one is not a path error (SCT 3), so multipath does
+# not fail the path over for one stuck command.
+ABORTED = Status.ABORT_REQ
+# Once the controller could not be brought back, nothing sent to it can succeed: Internal
+# Error with DNR, as the kernel target reports a failed backing device (blk_to_nvme_status).
+FAILED = Status.INTERNAL | DNR
+
+
+class _State(enum.Enum):
+    """Where the controller stands for us, and what each state waits for."""
+
+    LIVE = "live"  # serving: commands go to the SQ; waits for completions and deadlines
+    RESETTING = "resetting"  # disabled after a timeout; waits for the bring-up to end
+    FAILED = "failed"  # the bring-up failed; waits only for close()
+
+
+_LIVE = _State.LIVE  # a module global: poll() compares with it on every call
+
+
+class _Regs:
+    """32-bit (and one 64-bit) loads and stores on the mmap'ed BAR0."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.r32 = view.cast("I")
+        self.r64 = view.cast("Q")
+
+    def read32(self, off: int) -> int:
+        return self.r32[off >> 2]
+
+    def write32(self, off: int, v: int) -> None:
+        self.r32[off >> 2] = v
+
+    def read64(self, off: int) -> int:  # low dword first, as lo_hi_readq
+        return self.r32[off >> 2] | self.r32[(off >> 2) + 1] << 32
+
+    def write64_lo_hi(self, off: int, v: int) -> None:
+        self.r32[off >> 2] = v & 0xFFFFFFFF
+        self.r32[(off >> 2) + 1] = v >> 32
+
+    def write64(self, off: int, v: int) -> None:  # one 8-byte store
+        self.r64[off >> 3] = v
+
+    def release(self) -> None:
+        self.r32.release()
+        self.r64.release()
+
+
+NVME_CLASS = 0x010802  # PCI class: mass storage, non-volatile memory, NVM Express
+
+
+def check_nvme_class(sysfs_root: str, bdf: str) -> None:
+    """Refuse any function that is not an NVMe controller before unbinding its driver.
+
+    Taking a device away from its driver is destructive: a wrong address could be the
+    disk or the network the machine runs on.
+    """
+    path = os.path.join(sysfs_root, "bus/pci/devices", bdf, "class")
+    try:
+        with open(path) as f:
+            cls = int(f.read().strip(), 16)
+    except FileNotFoundError as e:
+        raise BackendError(f"no PCI device {bdf} (see lspci -D)") from e
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot read the PCI class of {bdf}: {e}") from e
+    if cls != NVME_CLASS:
+        raise BackendError(f"{bdf} is not an NVMe controller (PCI class {cls:#08x}, NVMe is "
+                           f"{NVME_CLASS:#08x}); refusing to take it from its driver")
+
+
+class _BusRange(Protocol):
+    """What a P2P request needs of its buffer: a Chunk, or a _SubChunk of an MDTS split."""
+
+    @property
+    def bus_addr(self) -> int | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+def _iova(chunk: Chunk) -> int:
+    """The bus address of a chunk of a provider this backend mapped (map_provider set it)."""
+    assert chunk.bus_addr is not None
+    return chunk.bus_addr
+
+
+class VfioNvmeBackend(Backend):
+    """Namespace `nsid` of the PCIe NVMe controller at `bdf`, driven from userspace.
+
+    `io_timeout` (seconds) is the deadline of every I/O command, measured on `clock`
+    (monotonic time unless a test injects one); see the module docstring for what expiry does.
+    """
+
+    kind = "vfio-nvme"
+    accepts_p2p = True
+    _binding: VfioBinding | None
+    _container: VfioContainer | None
+    cba: int  # the CMB's controller base address, once enabled
+    _cba_store: Callable[[int, int], None]  # the CMBMSC store the controller accepted it by
+
+    def __init__(self, bdf: str, nsid: int = 1, *, sysfs_root: str = "/sys",
+                 dev_root: str = "/dev/vfio", dma_size: int = 32 << 20,
+                 io_depth: int = NVME_IO_DEPTH, enable_cmb: bool = True,
+                 io_timeout: float = pci.NVME_IO_TIMEOUT_S, clock: Clock | None = None) -> None:
+        self.bdf, self.nsid, self.p2p_client = bdf, nsid, bdf
+        self._init_state(io_depth, io_timeout, clock)
+        self._want_cmb = enable_cmb
+        check_nvme_class(sysfs_root, bdf)
+        try:
+            self._binding, self._container, self._device = open_device(bdf, sysfs_root,
+                                                                       dev_root)
+            self._start(dma_size, io_depth)
+        except Exception:
+            self._teardown(shutdown=False)
+            raise
+
+    def _init_state(self, io_depth: int, io_timeout: float, clock: Clock | None) -> None:
+        """Everything but the device: bookkeeping, counters, the clock deadlines run on."""
+        if not io_timeout > 0:
+            raise BackendError(f"{self.bdf}: io_timeout must be a positive number of seconds, "
+                               f"not {io_timeout}")
+        self.io_timeout = io_timeout
+        # Read on every submission and poll: the bound method, or time.monotonic itself.
+        self._now = clock.now if clock is not None else time.monotonic
+        self._table = pci.CommandTable(io_depth, io_timeout)
+        self._state = _State.LIVE
+        self.failed_reason = ""
+        self._reset_thread: threading.Thread | None = None
+        self._dma_stopped = True  # False while a controller's DMA could not be stopped
+        self.cmb: NvmeCmbProvider | None = None
+        self.cmb_reason = "not probed"
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poll_handle: asyncio.Handle | None = None
+        self._poll_delay = 0.0
+        self._iova_next = IOVA_BASE
+        self._mapped: list[tuple[Provider, list[int]]] = []
+        self.stats = {"submitted": 0, "completed": 0, "bounced": 0, "p2p": 0, "errors": 0,
+                      "timeouts": 0, "resets": 0, "aborted": 0, "refused": 0}
+        self._binding = None
+        self._container = None
+        self._regs: _Regs | None = None
+        self._dma: SystemMemoryProvider | None = None
+
+    # -- bring-up ----------------------------------------------------------------------------
+
+    def _start(self, dma_size: int, io_depth: int) -> None:
+        """Map the registers and allocate every queue once, then bring the controller up."""
+        dev = self._device
+        dev.enable()  # memory decoding, so that CAP can be read
+        try:
+            bar0, _ = dev.map_region(0)
+        except P2PError:
+            # The MSI-X table may share BAR0 and refuse mmap: registers and the first
+            # doorbells fit in two pages at the default stride.
+            bar0, _ = dev.map_region(0, 0, 0x2000)
+        self._regs = regs = _Regs(memoryview(bar0))
+        self.cap = cap = pci.Cap.decode(regs.read64(pci.REG_CAP))
+        self.vs = regs.read32(pci.REG_VS)
+        if not cap.css_nvm or cap.mpsmin > 0:
+            raise BackendError(f"{self.bdf}: controller lacks the NVM command set or 4 KiB "
+                               f"pages (CAP {regs.read64(pci.REG_CAP):#x})")
+
+        self._dma = SystemMemoryProvider(dma_size, slab_size=dma_size, name=f"{self.bdf}/dma")
+        self.map_provider(self._dma)
+        self.io_depth = io_depth = min(io_depth, cap.mqes + 1)
+        self._table = pci.CommandTable(io_depth, self.io_timeout)
+        self._asq_mem = self._zeroed(NVME_AQ_DEPTH * pci.SQE_SIZE)
+        self._acq_mem = self._zeroed(NVME_AQ_DEPTH * pci.CQE_SIZE)
+        self._sq_mem = self._zeroed(io_depth * pci.SQE_SIZE)
+        self._cq_mem = self._zeroed(io_depth * pci.CQE_SIZE)
+        self._id_buf = self._zeroed(4096)
+        # One PRP list area per command id, sized for the largest transfer.
+        list_pages = pci.prp_list_pages(MAX_XFER)
+        self._prp_lists = [self._zeroed(list_pages * pci.NVME_PAGE_SIZE)
+                           for _ in range(io_depth)]
+        self._bring_up()
+        log.info("%s: ns %d, %d x %d-byte blocks, mdts %d KiB, vwc %s, CMB %s, io_timeout "
+                 "%g s", self.bdf, self.nsid, self.nblocks, self.block_size,
+                 self.max_xfer >> 10, self.vwc, self.cmb.size if self.cmb else self.cmb_reason,
+                 self.io_timeout)
+
+    def _bring_up(self) -> None:
+        """Reset the controller and make it serve: at open, and again after a timeout.
+
+        Function-level reset (when VFIO offers one), CC.EN = 0, the admin queue, Identify,
+        the I/O queue pair, the CMB.  The queues' memory is reused, zeroed.
+        """
+        dev, regs, cap = self._device, self._regs, self.cap
+        assert regs is not None
+        try:
+            dev.reset()
+        except P2PError as e:  # a controller reset (CC.EN=0) follows anyway
+            log.info("%s: %s; continuing with a controller reset", self.bdf, e)
+        dev.enable()
+        self._disable()
+        self._close_rings()
+        for mem in (self._asq_mem, self._acq_mem, self._sq_mem, self._cq_mem):
+            mem.view[:] = bytes(len(mem.view))
+
+        aq_depth, io_depth = NVME_AQ_DEPTH, self.io_depth
+        regs.write32(pci.REG_AQA, pci.aqa_value(aq_depth, aq_depth))
+        regs.write64_lo_hi(pci.REG_ASQ, _iova(self._asq_mem))
+        regs.write64_lo_hi(pci.REG_ACQ, _iova(self._acq_mem))
+        regs.write32(pci.REG_CC, pci.cc_value(enable=True))
+        self._wait_csts(pci.CSTS_RDY, pci.CSTS_RDY, "enable")
+        self._asq = pci.SubmissionRing(0, self._asq_mem.view, aq_depth, self._doorbell(
+            pci.sq_doorbell(0, cap.dstrd)))
+        self._acq = pci.CompletionRing(0, self._acq_mem.view, aq_depth, self._doorbell(
+            pci.cq_doorbell(0, cap.dstrd)))
+        self._identify_ns()
+
+        sq, cq = self._sq_mem, self._cq_mem
+        self._admin(pci.ADMIN_CREATE_CQ, prp1=_iova(cq), cdw10=(io_depth - 1) << 16 | 1,
+                    cdw11=1)  # physically contiguous, interrupts off
+        self._admin(pci.ADMIN_CREATE_SQ, prp1=_iova(sq), cdw10=(io_depth - 1) << 16 | 1,
+                    cdw11=1 << 16 | 1)  # CQ 1, physically contiguous
+        self._sq = pci.SubmissionRing(1, sq.view, io_depth, self._doorbell(
+            pci.sq_doorbell(1, cap.dstrd)))
+        self._cq = pci.CompletionRing(1, cq.view, io_depth, self._doorbell(
+            pci.cq_doorbell(1, cap.dstrd)))
+        if self._want_cmb:
+            self._enable_cmb()
+
+    def _identify_ns(self) -> None:
+        """Identify the controller and the namespace; after a reset it must be the same one."""
+        self.id_ctrl = IdCtrl.decode(self._identify(cns=1, nsid=0))
+        id_ns = IdNs.decode(self._identify(cns=0, nsid=self.nsid))
+        if id_ns.nsze == 0:
+            raise BackendError(f"{self.bdf}: namespace {self.nsid} does not exist")
+        if self.nblocks and (id_ns.nsze, 1 << id_ns.lba_shift) != (self.nblocks,
+                                                                   self.block_size):
+            raise BackendError(f"{self.bdf}: namespace {self.nsid} is now {id_ns.nsze} x "
+                               f"{1 << id_ns.lba_shift}-byte blocks, not {self.nblocks} x "
+                               f"{self.block_size}")
+        self.id_ns = id_ns
+        self.block_size = 1 << id_ns.lba_shift
+        self.nblocks = id_ns.nsze
+        self.vwc = bool(self.id_ctrl.vwc & 1)
+        mdts = self.id_ctrl.mdts
+        self.max_xfer = min((1 << mdts) * pci.NVME_PAGE_SIZE if mdts else MAX_XFER, MAX_XFER)
+
+    def _close_rings(self) -> None:
+        for ring in ("_acq", "_cq"):  # they hold a cast of the CQ memory
+            if hasattr(self, ring):
+                getattr(self, ring).close()
+
+    def _zeroed(self, size: int) -> Chunk:
+        assert self._dma is not None
+        c = self._dma.alloc(size)
+        if c is None:
+            raise BackendError(f"{self.bdf}: DMA pool too small for controller queues")
+        c.view[:] = bytes(size)
+        return c
+
+    def _doorbell(self, off: int) -> Callable[[int], None]:
+        assert self._regs is not None
+        r32, idx = self._regs.r32, off >> 2
+
+        def ring(value: int) -> None:
+            wmb()  # SQEs (or consumed CQEs) before the doorbell
+            r32[idx] = value
+        return ring
+
+    def _wait_csts(self, mask: int, want: int, what: str) -> None:
+        # Hardware waits are real time, not the injected clock: they sleep for the device.
+        regs = self._regs
+        assert regs is not None
+        deadline = time.monotonic() + max(self.cap.to_ms / 1000, 0.5)
+        while True:
+            csts = regs.read32(pci.REG_CSTS)
+            if csts & mask == want:
+                return
+            if csts & pci.CSTS_CFS and what != "disable":
+                raise BackendError(f"{self.bdf}: controller fatal status during {what}")
+            if csts == 0xFFFFFFFF:
+                raise BackendError(f"{self.bdf}: controller does not respond (CSTS all ones)")
+            if time.monotonic() > deadline:
+                raise BackendError(f"{self.bdf}: {what} timed out after {self.cap.to_ms} ms "
+                                   f"(CSTS {csts:#x})")
+            time.sleep(0.001)
+
+    def _disable(self) -> None:
+        regs = self._regs
+        assert regs is not None
+        cc = regs.read32(pci.REG_CC)
+        if cc & pci.CC_EN:
+            regs.write32(pci.REG_CC, cc & ~pci.CC_EN)
+        self._wait_csts(pci.CSTS_RDY, 0, "disable")
+
+    def _admin(self, opcode: int, **fields: int) -> int:
+        """Issue one admin command and poll for it; returns CQE dword 0."""
+        self._asq.push(opcode, 0, **fields)
+        self._asq.ring()
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while True:
+            done = self._acq.reap()
+            if done:
+                c = done[0]
+                self._asq.head = c.sq_head
+                if c.status:
+                    raise BackendError(f"{self.bdf}: admin opcode {opcode:#x} failed, status "
+                                       f"{c.status:#x}")
+                return c.result
+            if time.monotonic() > deadline:
+                raise BackendError(f"{self.bdf}: admin opcode {opcode:#x} timed out")
+            time.sleep(0.0002)
+
+    def _identify(self, cns: int, nsid: int) -> bytes:
+        self._admin(pci.ADMIN_IDENTIFY, nsid=nsid, prp1=_iova(self._id_buf), cdw10=cns)
+        return bytes(self._id_buf.view)
+
+    def _enable_cmb(self) -> None:
+        regs, dev = self._regs, self._device
+        assert regs is not None
+        if self.cmb is not None:
+            # After a reset: the same CMB at the same bus address, since peers hold chunks.
+            if not self._set_cba(self.cba, self._cba_store):
+                raise BackendError(f"{self.bdf}: the CMB did not take its base address "
+                                   f"{self.cba:#x} again")
+            return
+        if not self.cap.cmbs:
+            self.cmb_reason = "controller has no CMB (CAP.CMBS clear)"
+            return
+        regs.write32(pci.REG_CMBMSC, pci.CMBMSC_CRE)  # makes CMBLOC/CMBSZ readable
+        cmbloc, cmbsz = regs.read32(pci.REG_CMBLOC), regs.read32(pci.REG_CMBSZ)
+        if not cmbsz:
+            self.cmb_reason = "CMBSZ reads 0 after CMBMSC.CRE"
+            return
+        bir = cmbloc & 7
+        _, bar_size, _ = dev.region_info(bir)
+        info = pci.CmbInfo.decode(cmbloc, cmbsz, bar_size)
+        self.cmb_info = info
+        if info.size == 0:
+            self.cmb_reason = f"CMB at offset {info.offset:#x} lies outside BAR {bir}"
+            return
+        # The BAR's own bus address is what a peer (the RDMA NIC) uses, so make the
+        # controller decode the same; keep it clear of our IOVAs.
+        cba, store = self._pick_cba(dev.bar_address(bir) + info.offset, info.size), regs.write64
+        if not self._set_cba(cba, store):
+            # A 64-bit store may be split or refused; a CBA below 4 GiB needs one dword.
+            cba, store = self._pick_cba(CMB_CBA_FALLBACK, info.size), regs.write64_lo_hi
+            if not self._set_cba(cba, store):
+                self.cmb_reason = "controller did not accept a CMB base address"
+                return
+        self.cba, self._cba_store = cba, store
+        self.cmb = NvmeCmbProvider(dev, bir, offset=info.offset, size=info.size, bus_base=cba,
+                                   wds=info.wds, rds=info.rds)
+        self.cmb_reason = self.cmb.publish_reason or ""
+        log.info("%s: CMB %d MiB in BAR %d at %#x (CBA %#x), WDS %s RDS %s%s", self.bdf,
+                 info.size >> 20, bir, info.offset, cba, info.wds, info.rds,
+                 " (clipped to the BAR)" if info.clipped else "")
+
+    def _set_cba(self, cba: int, store: Callable[[int, int], None]) -> bool:
+        """Program CMBMSC with base `cba` through `store`; True if the controller took it."""
+        regs = self._regs
+        assert regs is not None
+        store(pci.REG_CMBMSC, pci.cmbmsc_value(cba))
+        return (regs.read64(pci.REG_CMBMSC) & ~0xFFF == cba
+                and not regs.read32(pci.REG_CMBSTS) & pci.CMBSTS_CBAI)
+
+    def _pick_cba(self, want: int, size: int) -> int:
+        iova_end = self._iova_next + (1 << 30)  # room for later map_provider calls
+        if want & 0xFFF or (want < iova_end and want + size > IOVA_BASE):
+            return CMB_CBA_FALLBACK
+        return want
+
+    # -- memory the controller can reach -----------------------------------------------------
+
+    def map_provider(self, provider: Provider) -> None:
+        """IOMMU-map every region of a system-memory provider and give its chunks IOVAs.
+
+        Buffers from such a provider are used in place (no bounce).
+        """
+        assert self._container is not None
+        iovas = []
+        for idx, (_addr, length, view) in enumerate(provider.regions()):
+            iova = self._iova_next
+            try:
+                self._container.map_dma(view, iova, length)
+            except P2PError as e:
+                raise BackendError(f"{self.bdf}: cannot map {provider.name}: {e}") from e
+            provider.set_region_bus_addr(idx, iova)
+            iovas.append(iova)
+            self._iova_next += -(-length // (2 << 20)) * (2 << 20)
+        self._mapped.append((provider, iovas))
+
+    def unmap_provider(self, provider: Provider) -> None:
+        """Undo `map_provider` (before the provider closes, or its addresses could be reused)."""
+        assert self._container is not None
+        for i, (p, iovas) in enumerate(self._mapped):
+            if p is provider:
+                for idx, iova in enumerate(iovas):
+                    self._container.unmap_dma(iova)
+                    provider.set_region_bus_addr(idx, None)
+                del self._mapped[i]
+                return
+
+    def _iova_of(self, buf: memoryview, nbytes: int) -> int | None:
+        if buf.readonly:
+            return None
+        try:
+            addr = buffer_address(buf)
+        except (TypeError, ValueError):
+            return None
+        for provider, iovas in self._mapped:
+            for (raddr, length, _), iova in zip(provider.regions(), iovas):
+                if raddr <= addr and addr + nbytes <= raddr + length:
+                    return iova + addr - raddr
+        return None
+
+    # -- data path ---------------------------------------------------------------------------
+
+    def _issue(self, opcode: int, cmd: Cmd, slba: int = 0, nlb: int = 0, fua: bool = False,
+               bus: int | None = None, nbytes: int = 0, **extra: int) -> bool:
+        """Put one command on the SQ; False when no command id is free (the caller queues it)."""
+        cid = self._table.start(cmd, opcode, self._now())
+        if cid is None:
+            return False
+        fields = dict(extra)
+        if nlb:
+            fields["cdw10"], fields["cdw11"], fields["cdw12"] = pci.rw_cdws(slba, nlb, fua)
+        if bus is not None:
+            lst = self._prp_lists[cid]
+            prp1, prp2, entries = pci.prp_layout(bus, nbytes, lst.bus_addr)
+            if entries:
+                struct.pack_into(f"<{len(entries)}Q", lst.view, 0, *entries)
+            fields["prp1"], fields["prp2"] = prp1, prp2
+        self._sq.push(opcode, cid, nsid=self.nsid, **fields)
+        self._sq.ring()
+        self.stats["submitted"] += 1
+        self._arm_poller()
+        return True
+
+    def _submit(self, issue: pci.Issue, cb: Completion) -> None:
+        if self._closed:
+            raise BackendError(f"{self.bdf}: backend is closed")
+        table = self._table
+        if self._state is _LIVE:
+            if not table.pending and issue():
+                return
+        elif self._state is _State.FAILED:
+            self.stats["refused"] += 1
+            cb(FAILED)
+            return
+        table.pending.append((issue, cb))  # no room yet, or the controller is being reset
+        self._arm_poller()
+
+    def _check_range(self, slba: int, nlb: int, cb: Completion) -> bool:
+        if nlb <= 0 or slba < 0 or slba + nlb > self.nblocks:
+            cb(Status.LBA_RANGE | DNR)
+            return False
+        return True
+
+    def _rw(self, opcode: int, slba: int, nlb: int, buf: memoryview | None, fua: bool,
+            cb: Completion, chunk: _BusRange | None = None) -> None:
+        if not self._check_range(slba, nlb, cb):
+            return
+        nbytes = nlb * self.block_size
+        per_cmd = self.max_xfer // self.block_size
+        if nlb > per_cmd:  # split at MDTS, complete once with the first error
+            parts = [(s, min(per_cmd, slba + nlb - s)) for s in range(slba, slba + nlb, per_cmd)]
+            join = _Join(len(parts), cb)
+            for s, n in parts:
+                off = (s - slba) * self.block_size
+                sub_buf = None if buf is None else buf[off:off + n * self.block_size]
+                sub_chunk = None if chunk is None else _SubChunk(chunk, off)
+                self._rw(opcode, s, n, sub_buf, fua, join.part, sub_chunk)
+            return
+        if chunk is not None:
+            if chunk.bus_addr is None or chunk.size < nbytes:
+                cb(Status.INVALID_FIELD | DNR)
+                return
+            self.stats["p2p"] += 1
+            self._submit(lambda: self._issue(opcode, Cmd(cb), slba, nlb, fua, chunk.bus_addr,
+                                             nbytes), cb)
+            return
+        assert buf is not None
+        if len(buf) < nbytes:
+            cb(Status.SGL_INVALID_DATA | DNR)
+            return
+        self._submit(lambda: self._issue_sys(opcode, slba, nlb, buf, fua, cb, nbytes), cb)
+
+    def _issue_sys(self, opcode: int, slba: int, nlb: int, buf: memoryview, fua: bool,
+                   cb: Completion, nbytes: int) -> bool:
+        if not self._table.has_free():
+            return False
+        bus = self._iova_of(buf, nbytes)
+        if bus is not None and bus & 3 == 0:
+            return self._issue(opcode, Cmd(cb), slba, nlb, fua, bus, nbytes)
+        assert self._dma is not None
+        bounce = self._dma.alloc(nbytes)
+        if bounce is None:
+            return False  # retried after completions return bounce memory
+        self.stats["bounced"] += 1
+        if opcode == pci.IO_WRITE:
+            bounce.view[:nbytes] = buf[:nbytes]
+            cmd = Cmd(cb, bounce)
+        else:
+            cmd = Cmd(cb, bounce, buf, nbytes)
+        return self._issue(opcode, cmd, slba, nlb, fua, bounce.bus_addr, nbytes)
+
+    def submit_read(self, slba: int, nlb: int, buf: memoryview, cb: Completion) -> None:
+        self._rw(pci.IO_READ, slba, nlb, buf, False, cb)
+
+    def submit_write(self, slba: int, nlb: int, buf: memoryview, fua: bool,
+                     cb: Completion) -> None:
+        self._rw(pci.IO_WRITE, slba, nlb, buf, fua, cb)
+
+    def submit_read_p2p(self, slba: int, nlb: int, chunk: Chunk, cb: Completion) -> None:
+        """Read from the media straight into `chunk` (PRPs carry its bus address)."""
+        self._rw(pci.IO_READ, slba, nlb, None, False, cb, chunk)
+
+    def submit_write_p2p(self, slba: int, nlb: int, chunk: Chunk, fua: bool,
+                         cb: Completion) -> None:
+        """Write `chunk` (already filled, e.g. by the RDMA NIC) to the media."""
+        self._rw(pci.IO_WRITE, slba, nlb, None, fua, cb, chunk)
+
+    def submit_flush(self, cb: Completion) -> None:
+        self._submit(lambda: self._issue(pci.IO_FLUSH, Cmd(cb)), cb)
+
+    def submit_write_zeroes(self, slba: int, nlb: int, cb: Completion) -> None:
+        if not self._check_range(slba, nlb, cb):
+            return
+        per_cmd = 0x10000
+        parts = [(s, min(per_cmd, slba + nlb - s)) for s in range(slba, slba + nlb, per_cmd)]
+        join = _Join(len(parts), cb)
+        for s, n in parts:
+            def issue(s: int = s, n: int = n) -> bool:
+                return self._issue(pci.IO_WRITE_ZEROES, Cmd(join.part), s, n)
+            self._submit(issue, join.part)
+
+    def submit_discard(self, ranges: list[tuple[int, int]], cb: Completion) -> None:
+        if not ranges or len(ranges) > 256:
+            cb(Status.INVALID_FIELD | DNR)
+            return
+        for slba, nlb in ranges:
+            if nlb <= 0 or slba < 0 or slba + nlb > self.nblocks or nlb > 0xFFFFFFFF:
+                cb(Status.LBA_RANGE | DNR)
+                return
+        payload = b"".join(pci_dsm_range(s, n) for s, n in ranges)
+
+        def issue() -> bool:
+            assert self._dma is not None
+            if not self._table.has_free():
+                return False
+            buf = self._dma.alloc(len(payload))
+            if buf is None:
+                return False
+            buf.view[:] = payload
+            return self._issue(pci.IO_DSM, Cmd(cb, buf), bus=buf.bus_addr, nbytes=len(payload),
+                               cdw10=len(ranges) - 1, cdw11=pci.DSM_ATTR_DEALLOCATE)
+        self._submit(issue, cb)
+
+    # -- completions -------------------------------------------------------------------------
+
+    def poll(self, limit: int = 1 << 30) -> int:
+        """Reap completions, run their callbacks, check deadlines, submit what waited.
+
+        Returns the number of commands completed, including those a timeout aborted here.
+        """
+        if self._state is not _LIVE or self._closed:
+            return 0
+        table = self._table
+        done = self._cq.reap(limit)
+        n = len(done)
+        if n:
+            for i, c in enumerate(done):
+                self._sq.head = c.sq_head
+                cmd = table.finish(c.cid)
+                if cmd is None:
+                    return i + self._recover(f"completion for command id {c.cid}, which is "
+                                             f"not in flight (status {c.status:#x})")
+                self.stats["completed"] += 1
+                if c.status:
+                    self.stats["errors"] += 1
+                cmd.complete(c.status)
+            if self._state is not _LIVE or self._closed:  # a callback closed us
+                return n
+        if table.busy and n < limit:  # a full reap may have left completions in the CQ
+            expired = table.expired(self._now())
+            if expired is not None:
+                return n + self._time_out(*expired)
+        pending = table.pending
+        while pending and pending[0][0]():
+            pending.popleft()
+        return n
+
+    @property
+    def inflight(self) -> int:
+        return len(self._table)
+
+    @property
+    def state(self) -> str:
+        """"live", "resetting" (after a timeout) or "failed" (see failed_reason)."""
+        return self._state.value
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Poll on `loop` whenever commands are in flight (see the module docstring)."""
+        self._loop = loop
+        self._arm_poller()
+
+    def detach(self) -> None:
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        self._loop = None
+
+    def _arm_poller(self) -> None:
+        if self._loop is not None and self._poll_handle is None and self.inflight:
+            self._poll_delay = 0.0
+            self._poll_handle = self._loop.call_soon(self._poll_tick)
+
+    def _poll_tick(self) -> None:
+        self._poll_handle = None
+        if self._loop is None or self._closed:
+            return
+        if self.poll():
+            self._poll_delay = 0.0
+        else:
+            self._poll_delay = min(POLL_MAX_DELAY_S, self._poll_delay * 2 or 0.00002)
+        if self.inflight:
+            self._poll_handle = (self._loop.call_soon(self._poll_tick) if not self._poll_delay
+                                 else self._loop.call_later(self._poll_delay, self._poll_tick))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Poll until nothing is in flight or `timeout` passes; True when idle."""
+        deadline = time.monotonic() + timeout
+        while self.inflight:
+            if not self.poll() and time.monotonic() > deadline:
+                return False
+        return True
+
+    # -- timeouts and recovery ---------------------------------------------------------------
+
+    def _time_out(self, cid: int, cmd: Cmd) -> int:
+        self.stats["timeouts"] += 1
+        name = pci.IO_OPCODE_NAMES.get(cmd.opcode, "I/O command")
+        age = self._now() - cmd.started
+        return self._recover(f"{name} (opcode {cmd.opcode:#04x}, cid {cid}) timed out after "
+                             f"{age:.1f} s (io_timeout {self.io_timeout:g} s)")
+
+    def _recover(self, reason: str) -> int:
+        """The controller is not trusted any more: stop its DMA, abort everything, reset it.
+
+        Returns the number of commands completed before returning (none when the reset runs
+        on a thread: they complete on the loop once the controller is disabled).
+        """
+        table = self._table
+        log.error("%s: %s; disabling the controller, completing %d commands in flight and %d "
+                  "waiting with %s (the host retries), then resetting it", self.bdf, reason,
+                  len(table.busy), len(table.pending), status_name(ABORTED))
+        self._state = _State.RESETTING
+        loop = self._loop
+        if loop is None:
+            aborted = self.stats["aborted"]
+            self._reset(lambda fn: fn())
+            return self.stats["aborted"] - aborted
+
+        def post(fn: Callable[[], None]) -> None:
+            try:
+                loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop is closed: close() finishes the job
+                log.debug("%s: loop closed during a reset", self.bdf)
+
+        self._reset_thread = threading.Thread(target=self._reset, args=(post,), daemon=True,
+                                              name=f"nvme-reset {self.bdf}")
+        self._reset_thread.start()
+        return 0
+
+    def _reset(self, post: Callable[[Callable[[], None]], None]) -> None:
+        """Stop DMA, have the commands aborted, bring the controller up, report back.
+
+        `post(fn)` runs `fn` on the loop's thread (at once when no loop is attached), in
+        order.  This may run on the reset thread: it touches only the controller, which
+        the loop leaves alone while the state is RESETTING.
+        """
+        self._dma_stopped = self._stop_dma()
+        post(self._abort_all)
+        if self._closed:  # a callback closed the backend
+            return
+        try:
+            self._bring_up()
+        except Exception as e:  # noqa: BLE001  a reset that does not report back hangs waiters
+            post(functools.partial(self._reset_failed, str(e) or type(e).__name__))
+            return
+        post(self._reset_done)
+
+    def _stop_dma(self) -> bool:
+        """Make sure the controller no longer touches our memory; False if that is not sure.
+
+        CC.EN = 0 answered by CSTS.RDY = 0 within CAP.TO is the controller's word that it
+        stopped; one that does not get there loses bus mastering, which stops any DMA.
+        """
+        try:
+            self._disable()
+            return True
+        except BackendError as e:
+            log.error("%s: %s; turning bus mastering off", self.bdf, e)
+        try:
+            self._device.stop_dma()
+            return True
+        except P2PError as e:
+            log.error("%s: %s; its bounce buffers stay allocated until close", self.bdf, e)
+            return False
+
+    def _abort_all(self) -> None:
+        if not self._closed:
+            self.stats["aborted"] += self._table.fail_all(ABORTED, release=self._dma_stopped)
+
+    def _reset_done(self) -> None:
+        self._reset_thread = None
+        if self._closed:
+            return
+        self._state = _State.LIVE
+        self.stats["resets"] += 1
+        log.warning("%s: controller reset; serving again (%d resets so far, %d submissions "
+                    "waited for this one)", self.bdf, self.stats["resets"],
+                    len(self._table.pending))
+        self.poll()  # sends what waited
+        self._arm_poller()
+
+    def _reset_failed(self, why: str) -> None:
+        self._reset_thread = None
+        if self._closed:
+            return
+        self._state = _State.FAILED
+        self.failed_reason = f"controller reset after an I/O error failed: {why}"
+        log.error("%s: %s; the namespace is failed: every command completes at once with %s "
+                  "until it is disabled", self.bdf, self.failed_reason, status_name(FAILED))
+        self.stats["refused"] += self._table.fail_all(FAILED)  # those that waited for the reset
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drain, delete the I/O queues, shut the controller down, give the device back."""
+        if self._closed:
+            return
+        if self._reset_thread is not None:
+            self._reset_thread.join()  # bounded: every wait of a reset has a deadline
+        if self._state is _State.RESETTING:  # the aborts the reset posted have not run yet
+            self._abort_all()
+        elif self._state is _State.LIVE and self._regs is not None and hasattr(
+                self, "_cq") and not self.wait_idle(DRAIN_TIMEOUT_S):
+            log.warning("%s: %d commands still in flight at close; dropped", self.bdf,
+                        self.inflight)
+        self._teardown(shutdown=True)
+
+    def _teardown(self, shutdown: bool) -> None:
+        self._closed = True
+        self.detach()
+        self._table.busy.clear()
+        self._table.pending.clear()
+        regs = self._regs
+        if regs is not None and shutdown:
+            try:
+                if self._state is _State.LIVE:
+                    if hasattr(self, "_sq"):
+                        self._admin(pci.ADMIN_DELETE_SQ, cdw10=1)
+                        self._admin(pci.ADMIN_DELETE_CQ, cdw10=1)
+                    cc = regs.read32(pci.REG_CC)
+                    regs.write32(pci.REG_CC, (cc & ~pci.CC_SHN_MASK) | pci.CC_SHN_NORMAL)
+                    self._wait_csts(pci.CSTS_SHST_MASK, pci.CSTS_SHST_CMPLT, "shutdown")
+                else:  # the admin queue of a failed reset is not to be trusted: just stop
+                    self._disable()
+            except BackendError as e:
+                log.warning("%s: unclean shutdown: %s", self.bdf, e)
+        if self.cmb is not None:
+            self.cmb.close()
+        self._close_rings()
+        if regs is not None:
+            regs.release()
+            self._regs = None
+        if self._container is not None:
+            self._container.close()  # unmaps DMA, closes group and device
+        if self._dma is not None:
+            self._dma.close()
+        if self._binding is not None:
+            try:
+                self._binding.close()  # back to the kernel nvme driver
+            except P2PError as e:
+                log.warning("%s", e)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(bdf=self.bdf, nsid=self.nsid, cmb=self.cmb.describe() if self.cmb else None,
+                 cmb_reason=self.cmb_reason, state=self.state, io_timeout=self.io_timeout,
+                 **self.stats)
+        if self.failed_reason:
+            d["failed_reason"] = self.failed_reason
+        return d
+
+
+def pci_dsm_range(slba: int, nlb: int) -> bytes:
+    """One 16-byte DSM range: context attributes 0, length, starting LBA."""
+    return (0).to_bytes(4, "little") + nlb.to_bytes(4, "little") + slba.to_bytes(8, "little")
+
+
+class _Join:
+    """Completes `cb` once after `n` parts, with the first non-zero status."""
+
+    def __init__(self, n: int, cb: Completion) -> None:
+        self.left, self.cb, self.status = n, cb, 0
+
+    def part(self, status: int) -> None:
+        if status and not self.status:
+            self.status = status
+        self.left -= 1
+        if self.left == 0:
+            self.cb(self.status)
+
+
+class _SubChunk:
+    """The tail of a chunk from `off`, for MDTS splits of P2P requests."""
+
+    def __init__(self, chunk: _BusRange, off: int) -> None:
+        self.bus_addr = None if chunk.bus_addr is None else chunk.bus_addr + off
+        self.size = chunk.size - off

@@ -1,0 +1,203 @@
+"""A controller: one host's association with one subsystem, and its state.
+
+Owns the controller registers (CC/CSTS), features, keep-alive, asynchronous event
+requests and their pending events, the changed-namespace list and the error log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from nvmet_p2p.wire.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
+from nvmet_p2p.wire.status import Status
+
+if TYPE_CHECKING:
+    from nvmet_p2p.configfs import Port
+    from nvmet_p2p.core.queue import SQ
+    from nvmet_p2p.core.request import Request
+    from nvmet_p2p.core.subsys import Subsys
+    from nvmet_p2p.core.target import Target
+    from nvmet_p2p.core.transport import TransportOps
+    from nvmet_p2p.p2p.policy import Decision
+
+log = logging.getLogger("nvmet_p2p.core")
+
+NVME_AQ_DEPTH = 32  # admin queue entries the Linux host uses; also the discovery ASQSZ
+ASYNC_EVENTS = 4  # outstanding AERs we hold (AERL + 1), as the kernel target
+ERROR_LOG_SLOTS = 128  # error log entries kept (ELPE + 1)
+MAX_CHANGED_NS = 1024  # changed-namespace log holds 1024 NSIDs; beyond: 0xFFFFFFFF
+DISC_KATO_S = 120  # discovery controllers keep alive 120 s when the host asks for 0
+
+# Asynchronous event configuration bits (Set Features 0x0B) and event encodings
+AEN_CFG_NS_ATTR = 1 << 8
+AEN_CFG_DISC_CHANGE = 1 << 31
+AER_TYPE_NOTICE = 2
+AER_NOTICE_NS_CHANGED = 0x00
+AER_NOTICE_DISC_CHANGED = 0xF0
+LOG_CHANGED_NS = 0x04
+LOG_DISC = 0x70
+
+
+class Ctrl:
+    def __init__(self, target: Target, subsys: Subsys, port: Port, cntlid: int,
+                 hostnqn: str, hostid: bytes, kato_ms: int, ops: TransportOps) -> None:
+        self.target = target
+        self.subsys = subsys
+        self.port = port
+        self.cntlid = cntlid
+        self.hostnqn = hostnqn
+        self.hostid = hostid
+        self.ops = ops  # the transport that created the admin queue
+        self.cc = 0
+        self.csts = 0
+        self.kato = kato_ms // 1000 if kato_ms % 1000 == 0 else kato_ms // 1000 + 1
+        if self.kato == 0 and subsys.is_discovery:
+            self.kato = DISC_KATO_S
+        self.aen_enabled = AEN_CFG_NS_ATTR | (AEN_CFG_DISC_CHANGE if subsys.is_discovery else 0)
+        self.aen_masked = 0  # events sent and not yet cleared by reading their log
+        self.sqs: dict[int, SQ] = {}
+        self.aer_reqs: deque[Request] = deque()
+        self.pending_events: deque[int] = deque()
+        self.changed_ns: list[int] = []
+        self.err_counter = 0
+        self.errors: deque[dict] = deque(maxlen=ERROR_LOG_SLOTS)
+        self.last_seen = target.clock.now()
+        self.dead = False
+        self.p2p: dict[int, Decision] = {}  # nsid -> P2P decision, made at Connect
+
+    # -- registers ------------------------------------------------------------
+    def update_cc(self, new: int) -> None:
+        old, self.cc = self.cc, new
+        if new & CC_EN and not old & CC_EN:
+            self._start()
+        if not new & CC_EN and old & CC_EN:
+            self._clear()
+        if new & CC_SHN_MASK and not old & CC_SHN_MASK:
+            self._clear()
+            self.csts |= CSTS_SHST_CMPLT
+        if not new & CC_SHN_MASK and old & CC_SHN_MASK:
+            self.csts &= ~CSTS_SHST_CMPLT
+
+    def _start(self) -> None:
+        iosqes, iocqes = (self.cc >> 16) & 0xF, (self.cc >> 20) & 0xF
+        mps, ams, css = (self.cc >> 7) & 0xF, (self.cc >> 11) & 0x7, (self.cc >> 4) & 0x7
+        if (not self.subsys.is_discovery and (iosqes != 6 or iocqes != 4)) or mps or ams or css:
+            self.csts = CSTS_CFS  # an invalid configuration is a controller fatal status
+            return
+        self.csts = CSTS_RDY
+        self.last_seen = self.target.clock.now()
+
+    def _clear(self) -> None:
+        self.csts &= ~CSTS_RDY
+        self.cc = 0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.cc & CC_EN and self.csts & CSTS_RDY)
+
+    # -- keep-alive -------------------------------------------------------------
+    def touch(self) -> None:
+        """Traffic-based keep-alive: any command proves the host is alive."""
+        self.last_seen = self.target.clock.now()
+
+    def kato_expired(self, now: float) -> bool:
+        return bool(self.kato) and not self.dead and now - self.last_seen > self.kato
+
+    def fatal_error(self, why: str) -> None:
+        """Controller fatal status and teardown of every queue (keep-alive expiry)."""
+        if self.dead:
+            return
+        log.warning("ctrl %d (%s on %s): %s; tearing down", self.cntlid, self.hostnqn,
+                    self.subsys.nqn, why)
+        self.csts |= CSTS_CFS
+        self.delete()
+
+    def delete(self) -> None:
+        """End the association: every transport tears this controller's queues down."""
+        if self.dead:
+            return
+        self.dead = True
+        transports = {id(sq.ops): sq.ops for sq in self.sqs.values()} or {id(self.ops): self.ops}
+        for ops in transports.values():
+            ops.delete_ctrl(self)
+        self.target.remove_ctrl(self)
+
+    # -- queues ---------------------------------------------------------------
+    def sq_destroyed(self, sq: SQ) -> None:
+        if self.sqs.get(sq.qid) is sq:
+            del self.sqs[sq.qid]
+        if sq.qid == 0:
+            self.fail_aers()
+            if self.sqs and not self.dead:
+                # the admin queue is gone: the association is over for its I/O queues too
+                self.dead = True
+                for ops in {id(s.ops): s.ops for s in self.sqs.values()}.values():
+                    ops.delete_ctrl(self)
+            self.target.remove_ctrl(self)
+
+    # -- asynchronous events --------------------------------------------------
+    def queue_aer(self, req: Request) -> int:
+        if len(self.aer_reqs) >= ASYNC_EVENTS:
+            return Status.ASYNC_LIMIT
+        self.aer_reqs.append(req)
+        self._deliver_events()
+        return 0
+
+    def add_event(self, event_type: int, info: int, log_page: int) -> None:
+        self.pending_events.append(event_type | info << 8 | log_page << 16)
+        self._deliver_events()
+
+    def _deliver_events(self) -> None:
+        while self.aer_reqs and self.pending_events:
+            self.aer_reqs.popleft().complete(0, self.pending_events.popleft())
+
+    def fail_aers(self) -> None:
+        while self.aer_reqs:
+            self.aer_reqs.popleft().complete(Status.ABORT_REQ)
+
+    def ns_changed(self, nsid: int) -> None:
+        # as nvmet_add_to_changed_ns_log(): once more than 1024 changed, the list is the
+        # single entry 0xFFFFFFFF until the host reads it
+        if self.changed_ns != [0xFFFFFFFF] and nsid not in self.changed_ns:
+            if len(self.changed_ns) < MAX_CHANGED_NS:
+                self.changed_ns.append(nsid)
+            else:
+                self.changed_ns = [0xFFFFFFFF]
+        if self.aen_enabled & AEN_CFG_NS_ATTR and not self.aen_masked & AEN_CFG_NS_ATTR:
+            self.aen_masked |= AEN_CFG_NS_ATTR  # one event until the host reads log 0x04
+            self.add_event(AER_TYPE_NOTICE, AER_NOTICE_NS_CHANGED, LOG_CHANGED_NS)
+
+    def disc_changed(self) -> None:
+        if self.aen_enabled & AEN_CFG_DISC_CHANGE and not self.aen_masked & AEN_CFG_DISC_CHANGE:
+            self.aen_masked |= AEN_CFG_DISC_CHANGE
+            self.add_event(AER_TYPE_NOTICE, AER_NOTICE_DISC_CHANGED, LOG_DISC)
+
+    def log_read(self, lid: int, rae: bool) -> None:
+        """Reading a log page clears its event mask unless the host asked to retain it."""
+        if rae:
+            return
+        if lid == LOG_CHANGED_NS:
+            self.aen_masked &= ~AEN_CFG_NS_ATTR
+            self.changed_ns = []
+        elif lid == LOG_DISC:
+            self.aen_masked &= ~AEN_CFG_DISC_CHANGE
+
+    # -- error log --------------------------------------------------------------
+    def log_error(self, req: Request) -> None:
+        self.err_counter += 1
+        cmd = req.cmd
+        self.errors.appendleft({
+            "error_count": self.err_counter,
+            "sqid": req.sq.qid,
+            "cmdid": cmd.cid if cmd else 0xFFFF,
+            "status_field": req.cqe.status << 1,  # bits 15:1, as in a CQE (bit 0: phase)
+            "param_error_location": req.error_loc,
+            "nsid": cmd.nsid if cmd else 0,
+        })
+
+    def describe(self) -> dict:
+        return {"cntlid": self.cntlid, "subsys": self.subsys.nqn, "hostnqn": self.hostnqn,
+                "portid": getattr(self.port, "portid", None), "kato": self.kato,
+                "ready": self.ready, "queues": sorted(self.sqs)}

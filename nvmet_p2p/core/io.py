@@ -1,0 +1,126 @@
+"""I/O commands: Read, Write (FUA), Flush, Write Zeroes, Dataset Management.
+
+Parse checks everything that needs no data (namespace, LBA range) so a bad command
+costs no data transfer; execution hands the namespace backend its job and completes
+the request from the backend's completion callback.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from nvmet_p2p.core.request import DataDir
+from nvmet_p2p.p2p.policy import P2PPolicy, is_p2p_chunk
+from nvmet_p2p.wire.command import IoOpcode
+from nvmet_p2p.wire.status import DNR, Status
+
+if TYPE_CHECKING:
+    from nvmet_p2p.core.request import Request
+
+RW_FUA = 1 << 30  # cdw12
+DSM_AD = 1 << 2  # cdw11: attribute deallocate
+DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB (1's based), SLBA
+
+
+def parse(req: Request) -> int:
+    cmd = req.sqe
+    ctrl = req.ctrl
+    if not ctrl.ready:
+        req.set_error_loc(0)
+        return Status.CMD_SEQ_ERROR | DNR
+    if cmd.opcode == IoOpcode.FABRICS:
+        req.set_error_loc(0)
+        return Status.INVALID_OPCODE | DNR  # a second Connect on a live queue, or anything else
+    ns = ctrl.subsys.find_ns(cmd.nsid)
+    if ns is None:
+        req.set_error_loc(4)
+        return Status.INVALID_NS | DNR
+    op = cmd.opcode
+    if op in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.WRITE_ZEROES):
+        slba = cmd.cdw10 | cmd.cdw11 << 32
+        nlb = (cmd.cdw12 & 0xFFFF) + 1
+        if slba + nlb > ns.nblocks:  # Python ints: a range wrapping 2^64 is simply too far
+            req.set_error_loc(40)
+            return Status.LBA_RANGE | DNR
+        if op == IoOpcode.READ:
+            req.transfer_len, req.data_dir, req.handler = nlb << ns.blksize_shift, \
+                DataDir.FROM_CTRL, _read
+        elif op == IoOpcode.WRITE:
+            req.transfer_len, req.data_dir, req.handler = nlb << ns.blksize_shift, \
+                DataDir.TO_CTRL, _write
+        else:
+            req.handler = _write_zeroes
+    elif op == IoOpcode.FLUSH:
+        req.handler = _flush
+    elif op == IoOpcode.DSM:
+        req.transfer_len = ((cmd.cdw10 & 0xFF) + 1) * DSM_RANGE.size
+        req.data_dir, req.handler = DataDir.TO_CTRL, _dsm
+    else:
+        req.set_error_loc(0)
+        return Status.INVALID_OPCODE | DNR
+    ns.get()
+    req.ns = ns
+    if req.transfer_len and op in (IoOpcode.READ, IoOpcode.WRITE) and cmd.sgl.keyed:
+        # P2P only for data the transport moves itself (keyed SGLs), never in-capsule data
+        req.p2p_dev = req.sq.target.p2p.provider_for(ctrl, ns)
+    return 0
+
+
+def _rw_args(req: Request) -> tuple[int, int]:
+    cmd = req.sqe
+    return cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
+
+
+def _read(req: Request) -> None:
+    slba, nlb = _rw_args(req)
+    ns = req.ns
+    ns.stats["read_cmds"] += 1
+    ns.stats["read_bytes"] += req.transfer_len
+    P2PPolicy.account(req)
+    if is_p2p_chunk(req.chunk):  # the P2P-flagged request: the device moves the data
+        ns.backend.submit_read_p2p(slba, nlb, req.chunk, req.complete)
+    else:
+        ns.backend.submit_read(slba, nlb, req.buf, req.complete)
+
+
+def _write(req: Request) -> None:
+    slba, nlb = _rw_args(req)
+    ns = req.ns
+    fua = bool(req.sqe.cdw12 & RW_FUA)
+    ns.stats["write_cmds"] += 1
+    ns.stats["write_bytes"] += req.transfer_len
+    P2PPolicy.account(req)
+    if is_p2p_chunk(req.chunk):
+        ns.backend.submit_write_p2p(slba, nlb, req.chunk, fua, req.complete)
+    else:
+        ns.backend.submit_write(slba, nlb, req.buf, fua, req.complete)
+
+
+def _write_zeroes(req: Request) -> None:
+    slba, nlb = _rw_args(req)
+    req.ns.backend.submit_write_zeroes(slba, nlb, req.complete)
+
+
+def _flush(req: Request) -> None:
+    req.ns.backend.submit_flush(req.complete)
+
+
+def _dsm(req: Request) -> None:
+    if not req.sqe.cdw11 & DSM_AD:
+        req.complete(0)  # only deallocate has an effect; other attributes are hints
+        return
+    assert req.buf is not None  # parse set DataDir.TO_CTRL: the transport fetched the ranges
+    ns = req.ns
+    ranges = []
+    for _attr, nlb, slba in DSM_RANGE.iter_unpack(bytes(req.buf[:req.transfer_len])):
+        if slba + nlb > ns.nblocks:
+            req.set_error_loc(40)
+            req.complete(Status.LBA_RANGE | DNR)
+            return
+        if nlb:
+            ranges.append((slba, nlb))
+    if not ranges:
+        req.complete(0)
+        return
+    ns.backend.submit_discard(ranges, req.complete)

@@ -1,0 +1,125 @@
+"""One NVMe command from capsule to completion, as the core sees it.
+
+The transport creates a Request per received capsule, calls `init()` (parse: the
+core decides what the command is, how much data it moves and in which direction),
+moves the data, calls `execute()`, and sends what `queue_response` hands back.
+Everything the core reports is in `cqe`; nothing raises out of here to a transport.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from nvmet_p2p.wire.command import SQE_SIZE, Cqe, Sqe
+from nvmet_p2p.wire.status import DNR, Status
+
+if TYPE_CHECKING:
+    from nvmet_p2p.core.ctrl import Ctrl
+    from nvmet_p2p.core.queue import SQ
+
+log = logging.getLogger("nvmet_p2p.core")
+
+
+class DataDir(IntEnum):
+    NONE = 0
+    TO_CTRL = 1  # host write: data flows host -> target before execution
+    FROM_CTRL = 2  # host read: data flows target -> host after execution
+
+
+Handler = Callable[["Request"], None]
+
+
+class Request:
+    __slots__ = (
+        "buf",
+        "capsule",
+        "chunk",
+        "cmd",
+        "completed",
+        "cqe",
+        "data_dir",
+        "error_loc",
+        "handler",
+        "ns",
+        "p2p_dev",
+        "priv",
+        "sq",
+        "transfer_len",
+    )
+
+    def __init__(self, sq: SQ, capsule: bytes | memoryview) -> None:
+        self.sq = sq
+        self.capsule = capsule
+        self.cmd: Sqe | None = None
+        self.cqe = Cqe(sq_id=sq.qid)
+        self.transfer_len = 0
+        self.data_dir = DataDir.NONE
+        self.buf: memoryview | None = None
+        self.ns: Any = None  # the namespace runtime for I/O commands
+        self.priv: Any = None  # the transport's own per-request state
+        self.p2p_dev: Any = None  # provider to take the data buffer from (P2P policy)
+        self.chunk: Any = None  # the buffer chunk the transport allocated, if any
+        self.handler: Handler | None = None
+        self.error_loc = 0xFFFF  # byte offset of the bad field in the SQE, for the error log
+        self.completed = False
+
+    @property
+    def sqe(self) -> Sqe:
+        """`cmd` for the parse and execute handlers, which run only after init() decoded it."""
+        assert self.cmd is not None, "command handler before init()"
+        return self.cmd
+
+    @property
+    def ctrl(self) -> Ctrl:
+        """The queue's controller, for admin and I/O handlers: SQ.parse hands a queue
+        without one only to Connect, and transports execute nothing after sq.destroy()."""
+        ctrl = self.sq.ctrl
+        assert ctrl is not None, "admin or I/O command on a queue without a controller"
+        return ctrl
+
+    @property
+    def in_capsule(self) -> memoryview:
+        """The in-capsule data area that arrived behind the SQE."""
+        return memoryview(self.capsule)[SQE_SIZE:]
+
+    def init(self) -> bool:
+        """Parse the command. False: it failed and is already completed."""
+        if len(self.capsule) < SQE_SIZE:
+            self.complete(Status.INVALID_FIELD | DNR)
+            return False
+        self.cmd = Sqe.decode(self.capsule)
+        self.cqe.cid = self.cmd.cid
+        try:
+            status = self.sq.parse(self)
+        except Exception:  # a bug of ours must not take the queue down
+            log.exception("parse of opcode 0x%02x failed", self.cmd.opcode)
+            status = Status.INTERNAL | DNR
+        if status:
+            self.complete(status)
+            return False
+        return True
+
+    def execute(self) -> None:
+        assert self.handler is not None
+        try:
+            self.handler(self)
+        except Exception:
+            log.exception("execute of opcode 0x%02x failed", self.cmd.opcode if self.cmd else -1)
+            if not self.completed:
+                self.complete(Status.INTERNAL | DNR)
+
+    def complete(self, status: int, result: int | None = None) -> None:
+        """Finish the command: fill the CQE and hand it to the transport, exactly once."""
+        if self.completed:
+            return
+        self.completed = True
+        if result is not None:
+            self.cqe.result = result
+        self.cqe.status = status
+        self.sq.complete(self)
+
+    def set_error_loc(self, offset: int) -> None:
+        self.error_loc = offset

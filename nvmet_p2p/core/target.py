@@ -1,0 +1,247 @@
+"""The target: the configuration tree brought to life.
+
+`Target` implements the configfs tree's hooks (a namespace enabled opens its backend,
+a subsystem linked to a port starts that port's listener), registers transports, owns
+the run-time subsystems and controllers, the discovery generation counter and
+keep-alive.  It never imports a transport: transports register themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nvmet_p2p.backends import open_backend
+from nvmet_p2p.configfs import Namespace, Port, Root, Subsystem, TreeHooks
+from nvmet_p2p.core.clock import Clock
+from nvmet_p2p.core.ctrl import Ctrl
+from nvmet_p2p.core.queue import SQ
+from nvmet_p2p.core.subsys import Ns, Subsys
+from nvmet_p2p.core.transport import TransportOps
+from nvmet_p2p.errors import BackendError, ConfigError, NvmetError
+from nvmet_p2p.p2p.policy import P2PPolicy
+from nvmet_p2p.wire.command import DISCOVERY_NQN
+
+log = logging.getLogger("nvmet_p2p.core")
+
+MDTS = 8  # maximum data transfer 2^8 pages of 4 KiB = 1 MiB, as the kernel RDMA target
+PAGE_SIZE = 4096  # CAP.MPSMIN: 4 KiB memory pages
+MAX_QUEUE_SIZE = 1024  # entries of an I/O queue, whatever a port allows (kernel limit)
+CAP_TO = 15  # CAP.TO: 7.5 s (500 ms units) for the host to wait for CSTS.RDY
+CAP_CSS_NVM = 1 << 37
+
+
+class Target(TreeHooks):
+    def __init__(self, root: Root | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Clock | None = None, p2p: P2PPolicy | None = None) -> None:
+        self.root = root if root is not None else Root()
+        self.loop = loop if loop is not None else asyncio.get_event_loop()
+        self.clock = clock or Clock()
+        self.transports: dict[str, TransportOps] = {}
+        self._subsystems: dict[str, Subsys] = {}
+        self.discovery = Subsys(DISCOVERY_NQN)
+        self.listening: dict[int, TransportOps] = {}  # portid -> transport serving it
+        self.disc_genctr = 0
+        self.mdts = MDTS
+        self.max_transfer = PAGE_SIZE << MDTS
+        self.p2p = p2p if p2p is not None else P2PPolicy()
+        self.root.hooks = self
+
+    # -- setup ----------------------------------------------------------------
+    def register_transport(self, ops: TransportOps) -> None:
+        self.transports[ops.trtype] = ops
+
+    def shutdown(self) -> None:
+        """Tear every controller down, stop listeners, close backends."""
+        for subsys in list(self._subsystems.values()) + [self.discovery]:
+            for ctrl in list(subsys.ctrls.values()):
+                ctrl.fatal_error("target shutting down")
+        for portid, ops in list(self.listening.items()):
+            port = self.root.ports.get(portid)
+            if port is not None:
+                ops.remove_port(port)
+        self.listening.clear()
+        for subsys in self._subsystems.values():
+            for ns in subsys.ns.values():
+                ns.disable()
+            subsys.ns.clear()
+
+    # -- queues and controllers, for transports and the fabrics commands --------
+    def create_sq(self, port: Port, ops: TransportOps, qid: int = 0, size: int = 0) -> SQ:
+        return SQ(self, port, ops, qid, size)
+
+    def get_subsys(self, nqn: str) -> Subsys | None:
+        """The run-time subsystem for a configured NQN (made on first use)."""
+        if nqn == DISCOVERY_NQN:
+            return self.discovery
+        cfg = self.root.subsystems.get(nqn)
+        if cfg is None:
+            return None
+        rt = self._subsystems.get(nqn)
+        if rt is None or rt.cfg is not cfg:  # deleted and created again: a new subsystem
+            rt = self._subsystems[nqn] = Subsys(nqn, cfg)
+        return rt
+
+    def find_subsys(self, port: Port, nqn: str) -> Subsys | None:
+        """The subsystem a host may reach through `port` by this NQN."""
+        if nqn != DISCOVERY_NQN and nqn not in port.subsystems:
+            return None
+        return self.get_subsys(nqn)
+
+    def create_ctrl(self, subsys: Subsys, sq: SQ, hostnqn: str, hostid: bytes,
+                    kato_ms: int) -> Ctrl | None:
+        cntlid = subsys.alloc_cntlid()
+        if cntlid is None:
+            return None
+        ctrl = Ctrl(self, subsys, sq.port, cntlid, hostnqn, hostid, kato_ms, sq.ops)
+        subsys.ctrls[cntlid] = ctrl
+        ctrl.sqs[0] = sq
+        sq.ctrl = ctrl
+        log.info("ctrl %d: %s connected to %s (kato %ss)", cntlid, hostnqn, subsys.nqn,
+                 ctrl.kato)
+        for ns in list(subsys.ns.values()):  # the P2P choice is made per controller at Connect
+            self.p2p.provider_for(ctrl, ns)
+        return ctrl
+
+    def remove_ctrl(self, ctrl: Ctrl) -> None:
+        if ctrl.subsys.ctrls.get(ctrl.cntlid) is ctrl:
+            del ctrl.subsys.ctrls[ctrl.cntlid]
+            ctrl.dead = True
+            log.info("ctrl %d: %s left %s", ctrl.cntlid, ctrl.hostnqn, ctrl.subsys.nqn)
+
+    def controllers(self) -> list[Ctrl]:
+        out = list(self.discovery.ctrls.values())
+        for subsys in self._subsystems.values():
+            out.extend(subsys.ctrls.values())
+        return out
+
+    # -- per-port limits --------------------------------------------------------
+    def mqes(self, port: Port) -> int:
+        """CAP.MQES (0's based): the largest I/O queue a host may create on `port`."""
+        # resolved: the configured value may be -1, "the transport's default"
+        return min(port.resolved_max_queue_size(), MAX_QUEUE_SIZE) - 1
+
+    def cap(self, port: Port) -> int:
+        return CAP_CSS_NVM | CAP_TO << 24 | self.mqes(port)
+
+    def inline_data_size(self, port: Port) -> int:
+        return port.resolved_inline_data_size()
+
+    # -- keep-alive -------------------------------------------------------------
+    def tick(self) -> None:
+        """Check keep-alive timers; the daemon calls this about once a second."""
+        now = self.clock.now()
+        for ctrl in self.controllers():
+            if ctrl.kato_expired(now):
+                ctrl.fatal_error(f"keep-alive timer ({ctrl.kato}s) expired")
+
+    # -- TreeHooks: the configuration changed --------------------------------------
+    def ns_enable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
+        subsys = self.get_subsys(subsys_cfg.nqn)
+        assert subsys is not None  # the tree enables namespaces of its own subsystems only
+        try:
+            backend = open_backend(
+                ns_cfg.device_path, kind=ns_cfg.device_backend, block_size=ns_cfg.device_block_size, size=ns_cfg.device_size,
+                create=ns_cfg.device_create, buffered_io=ns_cfg.buffered_io, loop=self.loop)
+        except BackendError as e:
+            raise ConfigError(f"namespace {ns_cfg.nsid} of {subsys_cfg.nqn}: {e}") from e
+        subsys.ns[ns_cfg.nsid] = Ns(subsys, ns_cfg.nsid, backend, ns_cfg)
+        log.info("namespace %d of %s enabled: %s", ns_cfg.nsid, subsys.nqn, backend.describe())
+        for ctrl in subsys.ctrls.values():
+            ctrl.ns_changed(ns_cfg.nsid)
+
+    def ns_disable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
+        subsys = self.get_subsys(subsys_cfg.nqn)
+        if subsys is None:
+            return
+        ns = subsys.ns.pop(ns_cfg.nsid, None)
+        if ns is None:
+            return
+        ns.disable()
+        log.info("namespace %d of %s disabled (%d in flight)", ns.nsid, subsys.nqn, ns.inflight)
+        for ctrl in subsys.ctrls.values():
+            ctrl.ns_changed(ns.nsid)
+
+    def _start_port(self, port: Port) -> None:
+        if port.portid in self.listening:
+            return
+        ops = self.transports.get(port.addr_trtype)
+        if ops is None:
+            raise ConfigError(f"port {port.portid}: transport {port.addr_trtype!r} is not "
+                              f"available in this target (have: {', '.join(self.transports)})")
+        try:
+            ops.add_port(port)
+        except NvmetError as e:
+            raise ConfigError(f"port {port.portid}: cannot listen on {port.addr_traddr}:"
+                              f"{port.addr_trsvcid}: {e}") from e
+        self.listening[port.portid] = ops
+        log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
+                 port.addr_traddr, port.addr_trsvcid)
+
+    def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
+        self._start_port(port)  # a port listens once its first subsystem is linked
+        self.discovery_changed()
+
+    def port_remove_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
+        # as nvmet_port_del_ctrls(): controllers reached through this link go with it
+        subsys = self._subsystems.get(subsys_cfg.nqn)
+        if subsys is not None:
+            for ctrl in list(subsys.ctrls.values()):
+                if ctrl.port is port:
+                    log.info("ctrl %d: %s unlinked from port %d; deleting", ctrl.cntlid,
+                             subsys.nqn, port.portid)
+                    ctrl.delete()
+        remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
+        if not remaining and port.portid in self.listening:
+            self.listening.pop(port.portid).remove_port(port)
+            log.info("port %d: stopped listening", port.portid)
+        self.discovery_changed()
+
+    def subsys_hosts_changed(self, subsys_cfg: Subsystem) -> None:
+        self.discovery_changed()
+
+    def port_changed(self, port: Port) -> None:
+        pass  # attributes take effect for controllers created afterwards
+
+    def subsys_queues_changed(self, subsys_cfg: Subsystem) -> None:
+        # as the kernel's attr_qid_max store: every controller is deleted so that its host
+        # reconnects and learns the new number of I/O queues (Connect checks qid_max)
+        subsys = self._subsystems.get(subsys_cfg.nqn)
+        if subsys is None or subsys.cfg is not subsys_cfg:
+            return
+        for ctrl in list(subsys.ctrls.values()):
+            log.info("ctrl %d: qid_max of %s is now %d; deleting so that %s reconnects",
+                     ctrl.cntlid, subsys.nqn, subsys.qid_max, ctrl.hostnqn)
+            ctrl.delete()
+
+    def discovery_changed(self) -> None:
+        self.disc_genctr += 1
+        for ctrl in list(self.discovery.ctrls.values()):
+            ctrl.disc_changed()
+
+    # -- status -----------------------------------------------------------------
+    def p2p_status(self) -> dict:
+        """The P2P decision of every live (controller, namespace), and the providers."""
+        decisions = [dict(d.to_json(), cntlid=c.cntlid) for c in self.controllers()
+                     for d in c.p2p.values()]
+        namespaces = [ns for s in self._subsystems.values() for ns in s.ns.values()]
+        providers = [c.provider.describe() for c in self.p2p.candidates(namespaces)
+                     if c.provider is not None]
+        return {"decisions": decisions, "providers": providers}
+
+    def status(self) -> dict:
+        subsystems = {}
+        for nqn in self.root.subsystems:
+            subsys = self.get_subsys(nqn)
+            assert subsys is not None  # nqn comes from the tree, so it is configured
+            subsystems[nqn] = {"namespaces": [ns.describe() for ns in subsys.ns.values()],
+                               "controllers": [c.cntlid for c in subsys.ctrls.values()]}
+        return {
+            "ports": {pid: {"listening": pid in self.listening} for pid in self.root.ports},
+            "subsystems": subsystems,
+            "controllers": [c.describe() for c in self.controllers()],
+            "disc_genctr": self.disc_genctr,
+            "p2p": self.p2p_status(),
+            "transports": {name: (ops.resources() if hasattr(ops, "resources") else {})
+                           for name, ops in self.transports.items()},
+        }

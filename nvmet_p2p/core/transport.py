@@ -1,0 +1,51 @@
+"""The contract between the core and a transport: one small ops table.
+
+A transport (loop, rdma, later tcp) implements `TransportOps` and registers it with
+the `Target`.  The core never imports a transport; a transport never decides NVMe
+semantics.  The life of one command, seen from a transport:
+
+    sq = target.create_sq(port, ops, qid=..., size=..., priv=...)   # per NVMe queue
+    req = sq.new_request(capsule)      # capsule = 64-byte SQE (+ in-capsule data)
+    if req.init():                     # parse; False -> the core already completed it
+        # req.transfer_len and req.data_dir now say what data moves.
+        # The transport checks the SGL against them (req.sgl_check() does the
+        # common rules), attaches req.buf (len == transfer_len), fetches host data
+        # for DataDir.TO_CTRL, then:
+        req.execute()
+    # ... later, always exactly once per request:
+    ops.queue_response(req)            # req.cqe is final; for DataDir.FROM_CTRL with
+                                       # success, req.buf holds the data to send first
+    sq.destroy()                       # when the connection goes away
+
+A transport that fails a request itself (bad SGL, RDMA READ error) calls
+`req.complete(status)`, which also ends in `queue_response`.  `queue_response` may be
+called from inside `init()` or `execute()` (synchronous backends): transports must
+cope with that re-entrancy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from nvmet_p2p.configfs import Port
+    from nvmet_p2p.core.ctrl import Ctrl
+    from nvmet_p2p.core.request import Request
+
+
+class TransportOps(Protocol):
+    trtype: str  # configfs addr_trtype: "rdma", "tcp", "loop"
+    keyed_sgls: bool  # advertise SGLS bit 2 and accept keyed descriptors
+    msdbd: int  # maximum SGL data block descriptors per command (1 here)
+
+    def add_port(self, port: Port) -> None:
+        """Start listening on `port` (its first subsystem was linked). Raise on failure."""
+
+    def remove_port(self, port: Port) -> None:
+        """Stop listening; existing queues may live on until they disconnect."""
+
+    def queue_response(self, req: Request) -> None:
+        """Send req.cqe (after req.buf for a successful host read)."""
+
+    def delete_ctrl(self, ctrl: Ctrl) -> None:
+        """Tear down every queue of `ctrl` (keep-alive expiry, shutdown)."""

@@ -1,0 +1,231 @@
+"""Host-side tests of `nvmet-p2p bench`: parsing, schema, summary, ratios, table, plot.
+
+No VM: the fio, perftest and /proc documents are canned, shaped as the real tools print
+them (fio 3.33 JSON, perftest 4.5 text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nvmet_p2p.cli import build_parser
+from nvmet_p2p.testbed import bench
+
+
+def _ddir(iops: float, bw: float, mean_ns: float, n: int, p50_ns: float, p99_ns: float) -> dict:
+    return {"iops": iops, "bw_bytes": bw,
+            "clat_ns": {"mean": mean_ns, "N": n,
+                        "percentile": {"50.000000": p50_ns, "99.000000": p99_ns}}}
+
+
+def _fio(read: dict | None = None, write: dict | None = None) -> dict:
+    zero = _ddir(0, 0, 0, 0, 0, 0)
+    return {"fio version": "fio-3.33",
+            "jobs": [{"jobname": "x", "error": 0, "read": read or zero, "write": write or zero}]}
+
+
+def _run(job: str, target: str, repeat: int, iops: float, lat: float,
+         cpu: float | None = None, error: str | None = None) -> dict:
+    return {"job": job, "target": target, "repeat": repeat, "runtime_s": 5, "error": error,
+            "iops": iops, "bw_bytes": iops * 4096, "lat_mean_us": lat, "lat_p50_us": lat,
+            "lat_p99_us": 2 * lat, "target_cpu_pct": cpu, "guest_cpu_pct": 150.0,
+            "p2p": {"p2p_reqs": 0, "p2p_bytes": 0, "sysmem_reqs": 10} if target == "ours"
+            else None}
+
+
+@pytest.fixture
+def results() -> dict:
+    runs = []
+    for r, (k, o) in enumerate([(2000, 1000), (2400, 1400), (1800, 1200)]):
+        runs.append(_run("randread-4k-qd32", "kernel", r, k, 16000))
+        runs.append(_run("randread-4k-qd32", "ours", r, o, 26000, cpu=95.0 + r))
+    runs.append(_run("randread-4k-qd1", "kernel", 0, 600, 1600))
+    runs.append(_run("randread-4k-qd1", "ours", 0, 300, 3300, cpu=50.0))
+    runs.append(_run("randread-4k-qd1", "ours", 1, 0, 0, error="VMError: fio exit 1"))
+    return {"schema": bench.SCHEMA,
+            "meta": {"mode": "vm", "runtime_s": 5, "repeat": 3},
+            "fabric": {"write_bw_MBps": 49.3, "read_lat": {"typical_us": 91.0, "avg_us": 95.0,
+                                                           "p99_us": 379.0}, "error": None},
+            "runs": runs,
+            "rss": {"io_queues": 16, "controllers": 8, "vmrss_kib": 120 * 1024,
+                    "idle_vmrss_kib": 90 * 1024, "error": None}}
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+def test_parse_fio_single_direction_in_us():
+    res = _fio(read=_ddir(1000.0, 4096000.0, 32000.0, 5000, 30000.0, 90000.0))
+    assert bench.parse_fio(res, ("read",)) == {
+        "iops": 1000.0, "bw_bytes": 4096000.0, "lat_mean_us": 32.0, "lat_p50_us": 30.0,
+        "lat_p99_us": 90.0}
+
+
+def test_parse_fio_mixed_sums_and_weights_by_count():
+    res = _fio(read=_ddir(700, 700 * 8192, 10000, 700, 9000, 40000),
+               write=_ddir(300, 300 * 8192, 20000, 300, 19000, 30000))
+    got = bench.parse_fio(res, ("read", "write"))
+    assert got["iops"] == 1000
+    assert got["bw_bytes"] == 1000 * 8192
+    assert got["lat_mean_us"] == pytest.approx((10 * 700 + 20 * 300) / 1000)
+    assert got["lat_p50_us"] == 19.0  # the worse direction
+    assert got["lat_p99_us"] == 40.0
+
+
+def test_parse_fio_no_completions_has_zero_latency():
+    assert bench.parse_fio(_fio(), ("read",))["lat_mean_us"] == 0.0
+
+
+IB_WRITE_BW = """\
+---------------------------------------------------------------------------------------
+                    RDMA_Write BW Test
+ Dual-port       : OFF		Device         : rxe0
+ #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]
+ 131072     1880             0.00               47.00		   0.000376
+---------------------------------------------------------------------------------------
+"""
+
+IB_READ_LAT = """\
+ #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec]
+ 4096       1000          60.12          2114.30      91.40            97.55        40.20            379.10               1500.00
+---------------------------------------------------------------------------------------
+"""
+
+
+def test_parse_perftest():
+    assert bench.parse_ib_write_bw(IB_WRITE_BW) == pytest.approx(47.0 * 1.048576)
+    assert bench.parse_ib_read_lat(IB_READ_LAT) == {"typical_us": 91.4, "avg_us": 97.55,
+                                                    "p99_us": 379.1}
+    with pytest.raises(ValueError):
+        bench.parse_ib_write_bw("Couldn't connect to 192.0.2.1:18515\n")
+    with pytest.raises(ValueError):
+        bench.parse_ib_read_lat("")
+
+
+def test_proc_cpu_ticks_survives_odd_comm():
+    # comm "(a) b)" contains a space and a parenthesis; utime=700, stime=300
+    fields = ["S", "1", "1", "1", "0", "-1", "4194560", "10", "0", "0", "0", "700", "300"]
+    text = "1234 ((a) b)) " + " ".join(fields + ["0"] * 30) + "\n"
+    assert bench.proc_cpu_ticks(text) == 1000
+    assert bench.cpu_percent(1000, 1500, 5.0, clk_tck=100) == pytest.approx(100.0)
+    assert bench.cpu_percent(0, 10, 0.0) == 0.0
+
+
+def test_system_busy_and_vmrss():
+    stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n"
+    assert bench.system_busy_ticks(stat) == (150, 1000)
+    assert bench.vmrss_kib("Name:\tpython3\nVmRSS:\t  123456 kB\nThreads:\t5\n") == 123456
+    with pytest.raises(ValueError):
+        bench.vmrss_kib("Name: x\n")
+
+
+def test_p2p_counters_sum_namespaces_of_the_subsystem():
+    status = {"subsystems": {
+        bench.SUBNQN: {"namespaces": [
+            {"nsid": 1, "stats": {"p2p_reqs": 3, "p2p_bytes": 12288, "sysmem_reqs": 7}},
+            {"nsid": 2, "stats": {"p2p_reqs": 1, "p2p_bytes": 4096, "sysmem_reqs": 0}}]},
+        "nqn.other": {"namespaces": [{"nsid": 1, "stats": {"p2p_reqs": 100}}]}}}
+    assert bench.p2p_counters(status) == {"p2p_reqs": 4, "p2p_bytes": 16384, "sysmem_reqs": 7}
+
+
+# -- schedule, summary, ratios --------------------------------------------------------------
+
+def test_schedule_interleaves_targets_and_alternates_who_goes_first():
+    jobs = bench.JOBS[:2]
+    plan = bench.schedule(jobs, bench.TARGETS, repeat=2)
+    assert len(plan) == 2 * 2 * 2
+    assert [t for _, _, t in plan] == ["ours", "kernel", "kernel", "ours"] * 2
+    assert [(r, j.name) for r, j, _ in plan[:2]] == [(0, jobs[0].name)] * 2
+    assert {r for r, _, _ in plan} == {0, 1}
+
+
+def test_summarize_median_spread_skips_failed_runs(results):
+    s = bench.summarize(results["runs"])
+    ours = s["randread-4k-qd32"]["ours"]
+    assert ours["iops"] == {"median": 1200.0, "min": 1000.0, "max": 1400.0, "n": 3}
+    assert ours["target_cpu_pct"]["median"] == 96.0
+    assert s["randread-4k-qd32"]["kernel"]["target_cpu_pct"] is None
+    assert s["randread-4k-qd1"]["ours"]["iops"]["n"] == 1  # the failed repeat is left out
+    assert bench.ratio(s, "randread-4k-qd32", "iops") == pytest.approx(1200 / 2000)
+    assert bench.ratio(s, "randread-4k-qd1", "lat_mean_us") == pytest.approx(3300 / 1600)
+    assert bench.ratio(s, "seqread-128k-qd16", "iops") is None
+
+
+def test_markdown_table(results):
+    md = bench.markdown_table(results)
+    lines = md.splitlines()
+    header, sep = lines[0], lines[1]
+    assert header.count("|") == sep.count("|")
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| rand")}
+    assert list(rows) == ["randread-4k-qd1", "randread-4k-qd32"]  # bench.JOBS order
+    qd32 = [c.strip() for c in rows["randread-4k-qd32"].split("|")[1:-1]]
+    assert qd32[1] == "2,000 ±15%"  # kernel: median 2000, range 1800..2400
+    assert qd32[2] == "1,200 ±17%"
+    assert qd32[3] == "0.60"
+    assert qd32[8] == "1.62"  # 26000 / 16000
+    assert qd32[10].startswith("96")
+    assert "49.3 MB/s" in md and "typical 91.4" not in md and "typical 91.0 µs" in md
+    assert "VmRSS with 16 I/O queues connected (8 controllers): 120.0 MiB" in md
+    assert "1 run(s) failed: ours randread-4k-qd1 #1: VMError: fio exit 1" in md
+    assert re.search(r"Kernel CPU: n/a", md)
+
+
+def test_report_files_and_plot_is_a_png(results, tmp_path: Path):
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md, png = bench.write_report(results, tmp_path)
+    assert md.read_text() == bench.markdown_table(results)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_markdown_reports_missing_fabric_and_rss():
+    res = {"meta": {}, "fabric": {"error": "ib_write_bw: not installed"},
+           "runs": [], "rss": {"error": "no target process to read (--no-vm)"}}
+    md = bench.markdown_table(res)
+    assert "Fabric limit: not measured (ib_write_bw: not installed)." in md
+    assert "RSS: not measured (no target process to read (--no-vm))." in md
+
+
+# -- job files and the command line ----------------------------------------------------------
+
+@pytest.mark.parametrize("job", bench.JOBS, ids=lambda j: j.name)
+def test_job_files_exist_and_match_the_matrix(job):
+    text = job.path.read_text()
+    assert f"[{job.name}]" in text
+    for var in ("${BENCH_DEV}", "${BENCH_RUNTIME}", "${BENCH_RAMP}"):
+        assert var in text
+    assert "direct=1" in text
+    rw = re.search(r"^rw=(\S+)", text, re.MULTILINE).group(1)
+    assert ("write" in rw) == ("write" in job.ddirs) or rw == "randrw"
+
+
+def test_no_extra_job_files():
+    assert sorted(p.stem for p in bench.JOBS_DIR.glob("*.fio")) == sorted(bench.JOB_NAMES)
+
+
+def test_cli_parses_quick_and_no_vm():
+    args = build_parser().parse_args(["bench", "--quick", "--out", "/tmp/x", "--repeat", "2"])
+    t = bench._timing(args)
+    assert (t.runtime_s, t.ramp_s, t.repeat) == (5, 1, 2)
+    args = build_parser().parse_args(["bench", "--no-vm", "--traddr", "10.0.0.2",
+                                      "--kernel-traddr", "10.0.0.3", "--job",
+                                      "randread-4k-qd1"])
+    assert args.no_vm and args.traddr == "10.0.0.2" and args.kernel_trsvcid == 4420
+    assert [j.name for j in bench._jobs(args.job)] == ["randread-4k-qd1"]
+    assert bench._timing(args) == bench.FULL
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--job", "nope"])
+
+
+def test_no_vm_without_addresses_refuses(tmp_path: Path, capsys):
+    args = build_parser().parse_args(["bench", "--no-vm", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "--traddr" in capsys.readouterr().err
+
+
+def test_quick_vm_budget_fits_six_minutes():
+    # The hard VM timeout is a ceiling, not an estimate; it must still leave room.
+    assert bench._vm_timeout(bench.QUICK, len(bench.JOBS), 2) <= 900
