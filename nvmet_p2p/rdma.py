@@ -45,7 +45,6 @@ from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.errors import NvmetError, TransportError
 from nvmet_p2p.transports.rdma_cm import (
-    NVMF_RDMA_MAX_INLINE,
     CmEvent,
     CmEventType,
     CmId,
@@ -60,6 +59,11 @@ from nvmet_p2p.transports.rdma_cm import (
 from nvmet_p2p.transports.rdma_mr import PoolRegistration, register_provider
 from nvmet_p2p.transports.rdma_verbs import Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
 from nvmet_p2p.wire.command import CQE_SIZE, SQE_SIZE
+from nvmet_p2p.wire.limits import (
+    NVME_RDMA_IP_PORT,
+    NVMET_NR_QUEUES,
+    NVMET_RDMA_MAX_INLINE_DATA_SIZE,
+)
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -69,34 +73,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmet_p2p.rdma")
 
-DEFAULT_TRSVCID = 4420
-DEFAULT_INLINE_DATA_SIZE = 4096
-DEFAULT_MAX_QUEUE_SIZE = 128  # the kernel target's default I/O queue size limit
-MAX_QID = 128  # the kernel target's NVMET_NR_QUEUES: larger qids are refused at CM time
 POLL_BATCH = 32
 DATA_WR_CACHE = 1024  # RDMA READ/WRITE work requests kept per queue, by chunk
 DEFAULT_POOL_SIZE = 32 << 20
 
 _RECV = 0  # wr_id kind (high bits): a RECV slot; flushed WCs carry no valid opcode
 _CMD = 1
-
-
-def _positive(value: Any, default: int) -> int:
-    """configfs spells "not set" as -1 (nvmetcli saves it so) or leaves it empty."""
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        return default
-    return v if v > 0 else default
-
-
-def inline_data_size(port: Any) -> int:
-    """The port's in-capsule area for I/O queues (0 is a valid choice: none)."""
-    try:
-        v = int(getattr(port, "param_inline_data_size", -1))
-    except (TypeError, ValueError):
-        return DEFAULT_INLINE_DATA_SIZE
-    return DEFAULT_INLINE_DATA_SIZE if v < 0 else v
 
 
 def _wr_id(kind: int, index: int) -> int:
@@ -169,7 +151,7 @@ class Listener:
     def __init__(self, transport: RdmaTransport, port: Any) -> None:
         self.port = port
         family = getattr(port, "addr_adrfam", "ipv4") or "ipv4"
-        svc = int(getattr(port, "addr_trsvcid", "") or DEFAULT_TRSVCID)
+        svc = int(getattr(port, "addr_trsvcid", "") or NVME_RDMA_IP_PORT)
         self.cm_id = CmId(transport.channel)
         try:
             self.cm_id.bind(family, port.addr_traddr, svc)
@@ -335,7 +317,7 @@ class RdmaTransport:
             self.loop.add_reader(self.channel.fd, self._cm_events)
         self.listeners[port.portid] = Listener(self, port)
         log.info("rdma: port %d listening on %s:%s", port.portid, port.addr_traddr,
-                 port.addr_trsvcid or DEFAULT_TRSVCID)
+                 port.addr_trsvcid or NVME_RDMA_IP_PORT)
 
     def remove_port(self, port: Any) -> None:
         lst = self.listeners.pop(port.portid, None)
@@ -445,14 +427,6 @@ class RdmaTransport:
                          CmEventType.ADDR_CHANGE):
             self._teardown(q, ev.type.name.lower())
 
-    def _max_io_queue_size(self, port: Any) -> int:
-        """min(CAP.MQES + 1, param_max_queue_size): the largest I/O queue to accept."""
-        limit = _positive(getattr(port, "param_max_queue_size", 0), DEFAULT_MAX_QUEUE_SIZE)
-        mqes = getattr(self.target, "mqes", None)
-        if mqes is None or port is None:
-            return limit
-        return min(limit, (mqes(port) if callable(mqes) else mqes) + 1)
-
     def _device(self, name: str) -> Device:
         dev = self.devices.get(name)
         if dev is None:
@@ -465,8 +439,9 @@ class RdmaTransport:
                      if lst.cm_id.ptr == ev.listen_id), None)
         parsed = parse_cm_request(ev.private_data)
         if isinstance(parsed, CmRequest):
-            max_io = self._max_io_queue_size(port)
-            status = check_cm_request(parsed, max_qid=MAX_QID, max_io_queue_size=max_io)
+            # CAP.MQES + 1: the port's param_max_queue_size, capped by the core
+            max_io = self.target.mqes(port) + 1 if port is not None else 0
+            status = check_cm_request(parsed, max_qid=NVMET_NR_QUEUES, max_io_queue_size=max_io)
         else:
             status = parsed
         if port is None:
@@ -504,7 +479,7 @@ class RdmaTransport:
 
     def _create_queue(self, port: Any, cm_id: CmId, creq: CmRequest, ev: CmEvent) -> RdmaQueue:
         dev = self._device(cm_id.device_name)
-        inline = min(inline_data_size(port), NVMF_RDMA_MAX_INLINE)
+        inline = min(self.target.inline_data_size(port), NVMET_RDMA_MAX_INLINE_DATA_SIZE)
         # Our RDMA READs may not exceed what the host offered as responder resources.
         max_rd = min(ev.initiator_depth, dev.max_qp_init_rd_atom)
         q = RdmaQueue(self, port, cm_id, dev, creq, inline_size=inline,

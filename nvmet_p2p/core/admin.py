@@ -11,20 +11,24 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.core import discovery, fabrics
-from nvmet_p2p.core.ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR, ASYNC_EVENTS, ERROR_LOG_SLOTS
+from nvmet_p2p.core.ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import AdminOpcode
+from nvmet_p2p.wire.limits import (
+    NVME_NSID_ALL,
+    NVMET_ASYNC_EVENTS,
+    NVMET_ERROR_LOG_SLOTS,
+    NVMET_KAS,
+    NVMET_MAX_NAMESPACES,
+)
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.core.request import Handler, Request
     from nvmet_p2p.core.subsys import Subsys
 
-NVMET_MAX_NAMESPACES = 1024  # NN: NSIDs a subsystem may hold (the kernel's limit)
-KAS_100MS = 10  # keep-alive granularity: 10 x 100 ms = 1 s
-NSID_ALL = 0xFFFFFFFF
 
 FID_VWC = 0x06
 FID_NUM_QUEUES = 0x07
@@ -96,8 +100,8 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
         ieee=subsys.ieee_oui, cmic=idf.CTRL_CMIC_MULTI_PORT | idf.CTRL_CMIC_MULTI_CTRL,
         mdts=target.mdts, cntlid=ctrl.cntlid, ver=subsys.version,
         cntrltype=idf.CntrlType.DISC if subsys.is_discovery else idf.CntrlType.IO,
-        acl=3, aerl=ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
-        elpe=ERROR_LOG_SLOTS - 1, kas=KAS_100MS, maxcmd=target.mqes(req.sq.port) + 1,
+        acl=3, aerl=NVMET_ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
+        elpe=NVMET_ERROR_LOG_SLOTS - 1, kas=NVMET_KAS, maxcmd=target.mqes(req.sq.port) + 1,
         sgls=sgls, subnqn=subsys.nqn, msdbd=getattr(ops, "msdbd", 1),
         ctratt=1 << 0 | 1 << 6,  # 128-bit host identifier, traffic-based keep-alive
     )
@@ -144,7 +148,7 @@ def _identify(req: Request) -> None:
         ctrl.subsys.mark_discovered()  # as the kernel: the host now knows serial, model, ...
         _reply(req, id_ctrl(req).encode())
     elif cmd.cns == idf.Cns.NS:
-        if nsid in (0, NSID_ALL):
+        if nsid in (0, NVME_NSID_ALL):
             req.set_error_loc(4)
             req.complete(Status.INVALID_NS | DNR)
             return
@@ -176,7 +180,7 @@ def _supported_log(req: Request) -> bytes:
 
 def _error_log(req: Request) -> bytes:
     entries = [lg.ErrorLogEntry(**e) for e in req.ctrl.errors]
-    return lg.error_log(entries, ERROR_LOG_SLOTS)
+    return lg.error_log(entries, NVMET_ERROR_LOG_SLOTS)
 
 
 def _smart_log(req: Request) -> bytes:

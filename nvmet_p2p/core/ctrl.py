@@ -10,6 +10,12 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
+from nvmet_p2p.wire.limits import (
+    NVME_MAX_CHANGED_NAMESPACES,
+    NVMET_ASYNC_EVENTS,
+    NVMET_DISC_KATO_MS,
+    NVMET_ERROR_LOG_SLOTS,
+)
 from nvmet_p2p.wire.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
 from nvmet_p2p.wire.status import Status
 
@@ -23,12 +29,6 @@ if TYPE_CHECKING:
     from nvmet_p2p.p2p.policy import Decision
 
 log = logging.getLogger("nvmet_p2p.core")
-
-NVME_AQ_DEPTH = 32  # admin queue entries the Linux host uses; also the discovery ASQSZ
-ASYNC_EVENTS = 4  # outstanding AERs we hold (AERL + 1), as the kernel target
-ERROR_LOG_SLOTS = 128  # error log entries kept (ELPE + 1)
-MAX_CHANGED_NS = 1024  # changed-namespace log holds 1024 NSIDs; beyond: 0xFFFFFFFF
-DISC_KATO_S = 120  # discovery controllers keep alive 120 s when the host asks for 0
 
 # Asynchronous event configuration bits (Set Features 0x0B) and event encodings
 AEN_CFG_NS_ATTR = 1 << 8
@@ -54,7 +54,7 @@ class Ctrl:
         self.csts = 0
         self.kato = kato_ms // 1000 if kato_ms % 1000 == 0 else kato_ms // 1000 + 1
         if self.kato == 0 and subsys.is_discovery:
-            self.kato = DISC_KATO_S
+            self.kato = NVMET_DISC_KATO_MS // 1000
         self.aen_enabled = AEN_CFG_NS_ATTR | (AEN_CFG_DISC_CHANGE if subsys.is_discovery else 0)
         self.aen_masked = 0  # events sent and not yet cleared by reading their log
         self.sqs: dict[int, SQ] = {}
@@ -62,7 +62,7 @@ class Ctrl:
         self.pending_events: deque[int] = deque()
         self.changed_ns: list[int] = []
         self.err_counter = 0
-        self.errors: deque[dict] = deque(maxlen=ERROR_LOG_SLOTS)
+        self.errors: deque[dict] = deque(maxlen=NVMET_ERROR_LOG_SLOTS)
         self.last_seen = target.clock.now()
         self.dead = False
         self.p2p: dict[int, Decision] = {}  # nsid -> P2P decision, made at Connect
@@ -139,7 +139,7 @@ class Ctrl:
 
     # -- asynchronous events --------------------------------------------------
     def queue_aer(self, req: Request) -> int:
-        if len(self.aer_reqs) >= ASYNC_EVENTS:
+        if len(self.aer_reqs) >= NVMET_ASYNC_EVENTS:
             return Status.ASYNC_LIMIT
         self.aer_reqs.append(req)
         self._deliver_events()
@@ -161,7 +161,7 @@ class Ctrl:
         # as nvmet_add_to_changed_ns_log(): once more than 1024 changed, the list is the
         # single entry 0xFFFFFFFF until the host reads it
         if self.changed_ns != [0xFFFFFFFF] and nsid not in self.changed_ns:
-            if len(self.changed_ns) < MAX_CHANGED_NS:
+            if len(self.changed_ns) < NVME_MAX_CHANGED_NAMESPACES:
                 self.changed_ns.append(nsid)
             else:
                 self.changed_ns = [0xFFFFFFFF]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from nvmet_p2p.core.ctrl import NVME_AQ_DEPTH
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.wire import command as c
 from nvmet_p2p.wire.command import ConnectCmd, ConnectData, FabricsType, PropertyCmd
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_CNTLID_DYNAMIC, NVMF_NQN_SIZE
 from nvmet_p2p.wire.regs import REG_CAP, REG_CC, REG_CSTS, REG_VS
 from nvmet_p2p.wire.status import DNR, Status
 
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from nvmet_p2p.core.request import Request
 
 log = logging.getLogger("nvmet_p2p.core")
-
 
 
 def parse_connect(req: Request) -> int:
@@ -51,7 +50,7 @@ def _check_connect(req: Request, cmd: ConnectCmd) -> ConnectData | None:
     data = ConnectData.decode(req.buf)
     for nqn, ipo in ((data.subnqn, c.CONNECT_IPO_DATA_SUBNQN),
                      (data.hostnqn, c.CONNECT_IPO_DATA_HOSTNQN)):
-        if not nqn or len(nqn.encode()) > c.NQN_MAX_LEN:
+        if not nqn or len(nqn.encode()) > NVMF_NQN_SIZE:
             _invalid(req, True, ipo)
             return None
     return data
@@ -62,7 +61,7 @@ def _connect_admin(req: Request) -> None:
     data = _check_connect(req, cmd)
     if data is None:
         return
-    if data.cntlid != c.ADMIN_CNTLID_DYNAMIC:
+    if data.cntlid != NVME_CNTLID_DYNAMIC:
         _invalid(req, True, c.CONNECT_IPO_DATA_CNTLID)
         return
     target = req.sq.target

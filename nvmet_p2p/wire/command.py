@@ -10,13 +10,13 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from nvmet_p2p.wire.limits import NVME_CNTLID_DYNAMIC
+
 SQE_SIZE = 64
 CQE_SIZE = 16
 SGL_SIZE = 16
 CONNECT_DATA_SIZE = 1024
-NQN_MAX_LEN = 223  # NVMe base spec: NQNs are at most 223 bytes of UTF-8
-DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
-ADMIN_CNTLID_DYNAMIC = 0xFFFF  # admin Connect in the dynamic controller model
+NVME_DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB (1's based), SLBA
 
 
 class AdminOpcode(IntEnum):
@@ -264,7 +264,7 @@ class ConnectData:
     """The 1024-byte data of a Connect command."""
 
     hostid: bytes = bytes(16)
-    cntlid: int = ADMIN_CNTLID_DYNAMIC
+    cntlid: int = NVME_CNTLID_DYNAMIC
     subnqn: str = ""
     hostnqn: str = ""
 
