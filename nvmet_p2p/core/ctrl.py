@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
+from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.wire.limits import (
@@ -40,6 +42,48 @@ LOG_CHANGED_NS = 0x04
 LOG_DISC = 0x70
 
 
+class CtrlState(Enum):
+    """A controller's lifecycle (CC/CSTS).  Enabling and shutting down have no state of
+    their own: both complete inside the Property Set that starts them."""
+
+    CONNECTED = auto()  # admin queue up, CC.EN = 0: waits for CC.EN = 1 (enable deadline)
+    READY = auto()  # CC.EN = 1, CSTS.RDY = 1: serves commands; waits for CC.EN = 0 or SHN
+    CONFIG_FATAL = auto()  # CC.EN = 1 with a configuration we refuse, CSTS.CFS: waits for
+    #                        the host to reset it (CC.EN = 0)
+    SHUT_DOWN = auto()  # CC.SHN written, CSTS.SHST complete, CC cleared: waits for the host
+    #                     to disconnect or enable again
+    FATAL = auto()  # keep-alive expired or the target tore it down: waits for nothing
+
+
+class CcEvent(Enum):
+    ENABLE = auto()  # CC.EN 0 -> 1 with a configuration we support
+    ENABLE_INVALID = auto()  # CC.EN 0 -> 1 with one we do not
+    DISABLE = auto()  # CC.EN 1 -> 0: a controller reset
+    SHUTDOWN = auto()  # CC.SHN 0 -> normal or abrupt
+    FATAL = auto()  # keep-alive expiry, target shutdown
+
+
+_S, _E = CtrlState, CcEvent
+# (state, event) -> next state.  A pair that is missing cannot happen: CC.EN 0 -> 1 needs
+# CC.EN = 0 (CONNECTED, SHUT_DOWN), CC.EN 1 -> 0 needs CC.EN = 1 (READY, CONFIG_FATAL).
+TRANSITIONS: dict[tuple[CtrlState, CcEvent], CtrlState] = {
+    (_S.CONNECTED, _E.ENABLE): _S.READY,
+    (_S.CONNECTED, _E.ENABLE_INVALID): _S.CONFIG_FATAL,
+    (_S.CONNECTED, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.CONNECTED, _E.FATAL): _S.FATAL,
+    (_S.READY, _E.DISABLE): _S.CONNECTED,
+    (_S.READY, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.READY, _E.FATAL): _S.FATAL,
+    (_S.CONFIG_FATAL, _E.DISABLE): _S.CONNECTED,
+    (_S.CONFIG_FATAL, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.CONFIG_FATAL, _E.FATAL): _S.FATAL,
+    (_S.SHUT_DOWN, _E.ENABLE): _S.READY,
+    (_S.SHUT_DOWN, _E.ENABLE_INVALID): _S.CONFIG_FATAL,
+    (_S.SHUT_DOWN, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.SHUT_DOWN, _E.FATAL): _S.FATAL,
+}
+
+
 class Ctrl:
     def __init__(self, target: Target, subsys: Subsys, port: Port, cntlid: int,
                  hostnqn: str, hostid: bytes, kato_ms: int, ops: TransportOps) -> None:
@@ -52,6 +96,8 @@ class Ctrl:
         self.ops = ops  # the transport that created the admin queue
         self.cc = 0
         self.csts = 0
+        self.state = CtrlState.CONNECTED
+        self.state_since = target.clock.now()  # for the enable deadline
         self.kato = kato_ms // 1000 if kato_ms % 1000 == 0 else kato_ms // 1000 + 1
         if self.kato == 0 and subsys.is_discovery:
             self.kato = NVMET_DISC_KATO_MS // 1000
@@ -67,35 +113,59 @@ class Ctrl:
         self.dead = False
         self.p2p: dict[int, Decision] = {}  # nsid -> P2P decision, made at Connect
 
-    # -- registers ------------------------------------------------------------
+    # -- registers and lifecycle -------------------------------------------------
     def update_cc(self, new: int) -> None:
+        """Property Set CC: the write's events, in the kernel's order, drive the state."""
         old, self.cc = self.cc, new
+        events = []
         if new & CC_EN and not old & CC_EN:
-            self._start()
+            events.append(CcEvent.ENABLE if self._config_ok() else CcEvent.ENABLE_INVALID)
         if not new & CC_EN and old & CC_EN:
-            self._clear()
+            events.append(CcEvent.DISABLE)
+        # CC.SHN going back to 0 needs no event: a shutdown clears CC, so no later write
+        # sees SHN set in the old value (as nvmet_update_cc(), whose branch never runs)
         if new & CC_SHN_MASK and not old & CC_SHN_MASK:
-            self._clear()
-            self.csts |= CSTS_SHST_CMPLT
-        if not new & CC_SHN_MASK and old & CC_SHN_MASK:
-            self.csts &= ~CSTS_SHST_CMPLT
+            events.append(CcEvent.SHUTDOWN)
+        for event in events:
+            self._transition(event)
 
-    def _start(self) -> None:
+    def _config_ok(self) -> bool:
+        """The CC fields nvmet_start_ctrl() checks: NVM command set, 4 KiB pages, round
+        robin, and 64/16-byte I/O queue entries (discovery controllers have none)."""
         iosqes, iocqes = (self.cc >> 16) & 0xF, (self.cc >> 20) & 0xF
         mps, ams, css = (self.cc >> 7) & 0xF, (self.cc >> 11) & 0x7, (self.cc >> 4) & 0x7
-        if (not self.subsys.is_discovery and (iosqes != 6 or iocqes != 4)) or mps or ams or css:
-            self.csts = CSTS_CFS  # an invalid configuration is a controller fatal status
+        io_ok = self.subsys.is_discovery or (iosqes == 6 and iocqes == 4)
+        return io_ok and not (mps or ams or css)
+
+    def _transition(self, event: CcEvent) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:  # the event cannot happen in this state (FATAL takes none)
             return
-        self.csts = CSTS_RDY
+        _ACTIONS[event](self)
+        if nxt is not self.state:
+            self.state, self.state_since = nxt, self.target.clock.now()
+
+    def _start(self) -> None:
+        self.csts = CSTS_RDY  # assigned, as the kernel does: a stale CFS or SHST goes
         self.last_seen = self.target.clock.now()
+
+    def _refuse_config(self) -> None:
+        self.csts = CSTS_CFS  # an invalid configuration is a controller fatal status
 
     def _clear(self) -> None:
         self.csts &= ~CSTS_RDY
         self.cc = 0
 
+    def _shutdown(self) -> None:
+        self._clear()
+        self.csts |= CSTS_SHST_CMPLT  # nothing to flush first: completes at once
+
+    def _fatal(self) -> None:
+        self.csts |= CSTS_CFS
+
     @property
     def ready(self) -> bool:
-        return bool(self.cc & CC_EN and self.csts & CSTS_RDY)
+        return self.state is CtrlState.READY
 
     # -- keep-alive -------------------------------------------------------------
     def touch(self) -> None:
@@ -111,7 +181,7 @@ class Ctrl:
             return
         log.warning("ctrl %d (%s on %s): %s; tearing down", self.cntlid, self.hostnqn,
                     self.subsys.nqn, why)
-        self.csts |= CSTS_CFS
+        self._transition(CcEvent.FATAL)
         self.delete()
 
     def delete(self) -> None:
@@ -200,4 +270,15 @@ class Ctrl:
     def describe(self) -> dict:
         return {"cntlid": self.cntlid, "subsys": self.subsys.nqn, "hostnqn": self.hostnqn,
                 "portid": getattr(self.port, "portid", None), "kato": self.kato,
-                "ready": self.ready, "queues": sorted(self.sqs)}
+                "ready": self.ready, "state": self.state.name.lower(),
+                "queues": sorted(self.sqs)}
+
+
+# What each event does to the registers, whatever the state (nvmet_update_cc's helpers).
+_ACTIONS: dict[CcEvent, Callable[[Ctrl], None]] = {
+    CcEvent.ENABLE: Ctrl._start,
+    CcEvent.ENABLE_INVALID: Ctrl._refuse_config,
+    CcEvent.DISABLE: Ctrl._clear,
+    CcEvent.SHUTDOWN: Ctrl._shutdown,
+    CcEvent.FATAL: Ctrl._fatal,
+}
