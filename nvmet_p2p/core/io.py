@@ -13,6 +13,7 @@ from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.p2p.policy import P2PPolicy, is_p2p_chunk
 from nvmet_p2p.wire.command import NVME_DSM_RANGE, IoOpcode
 from nvmet_p2p.wire.limits import NVME_DSMGMT_AD, NVME_RW_FUA
+from nvmet_p2p.wire.sqe_layout import IPO_DSM_NR, IPO_NSID, IPO_OPCODE, IPO_RW_SLBA
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -23,21 +24,21 @@ def parse(req: Request) -> int:
     cmd = req.sqe
     ctrl = req.ctrl
     if not ctrl.ready:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.CMD_SEQ_ERROR | DNR
     if cmd.opcode == IoOpcode.FABRICS:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR  # a second Connect on a live queue, or anything else
     ns = ctrl.subsys.find_ns(cmd.nsid)
     if ns is None:
-        req.set_error_loc(4)
+        req.set_error_loc(IPO_NSID)
         return Status.INVALID_NS | DNR
     op = cmd.opcode
     if op in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.WRITE_ZEROES):
         slba = cmd.cdw10 | cmd.cdw11 << 32
         nlb = (cmd.cdw12 & 0xFFFF) + 1
         if slba + nlb > ns.nblocks:  # Python ints: a range wrapping 2^64 is simply too far
-            req.set_error_loc(40)
+            req.set_error_loc(IPO_RW_SLBA)
             return Status.LBA_RANGE | DNR
         if op == IoOpcode.READ:
             req.transfer_len, req.data_dir, req.handler = nlb << ns.blksize_shift, \
@@ -53,7 +54,7 @@ def parse(req: Request) -> int:
         req.transfer_len = ((cmd.cdw10 & 0xFF) + 1) * NVME_DSM_RANGE.size
         req.data_dir, req.handler = DataDir.TO_CTRL, _dsm
     else:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR
     ns.get()
     req.ns = ns
@@ -111,7 +112,7 @@ def _dsm(req: Request) -> None:
     ranges = []
     for _attr, nlb, slba in NVME_DSM_RANGE.iter_unpack(bytes(req.buf[:req.transfer_len])):
         if slba + nlb > ns.nblocks:
-            req.set_error_loc(40)
+            req.set_error_loc(IPO_DSM_NR)
             req.complete(Status.LBA_RANGE | DNR)
             return
         if nlb:

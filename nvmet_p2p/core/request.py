@@ -122,5 +122,15 @@ class Request:
         self.cqe.status = status
         self.sq.complete(self)
 
+    def fail_data_transfer(self) -> None:
+        """The transport could not move a completed command's data to the host.
+
+        The CQE says so, and the error log records it: the core logged nothing when the
+        command completed, its status was 0 then.
+        """
+        self.cqe.status = Status.DATA_XFER_ERROR | DNR
+        if self.sq.ctrl is not None:
+            self.sq.ctrl.log_error(self)
+
     def set_error_loc(self, offset: int) -> None:
         self.error_loc = offset

@@ -24,6 +24,8 @@ from nvmet_p2p.wire.limits import (
     NVME_DISC_SUBSYS_NAME,
     NVMET_MAX_QUEUE_SIZE,
     NVMET_MAX_TRANSFER,
+    NVMET_P2P_ENABLE_TIMEOUT_S,
+    NVMET_P2P_MAX_CTRLS_PER_HOST,
     NVMET_RDMA_MAX_MDTS,
 )
 
@@ -35,7 +37,9 @@ CAP_CSS_NVM = 1 << 37
 
 class Target(TreeHooks):
     def __init__(self, root: Root | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Clock | None = None, p2p: P2PPolicy | None = None) -> None:
+                 clock: Clock | None = None, p2p: P2PPolicy | None = None,
+                 max_ctrls_per_host: int = NVMET_P2P_MAX_CTRLS_PER_HOST,
+                 enable_timeout: float = NVMET_P2P_ENABLE_TIMEOUT_S) -> None:
         self.root = root if root is not None else Root()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.clock = clock or Clock()
@@ -47,6 +51,8 @@ class Target(TreeHooks):
         self.mdts = NVMET_RDMA_MAX_MDTS
         self.max_transfer = NVMET_MAX_TRANSFER
         self.p2p = p2p if p2p is not None else P2PPolicy()
+        self.max_ctrls_per_host = max_ctrls_per_host
+        self.enable_timeout = enable_timeout  # seconds; 0: no deadline
         self.root.hooks = self
 
     # -- setup ----------------------------------------------------------------
@@ -92,6 +98,11 @@ class Target(TreeHooks):
 
     def create_ctrl(self, subsys: Subsys, sq: SQ, hostnqn: str, hostid: bytes,
                     kato_ms: int) -> Ctrl | None:
+        held = sum(1 for c in subsys.ctrls.values() if c.hostnqn == hostnqn and not c.dead)
+        if held >= self.max_ctrls_per_host:
+            log.warning("connect from %s to %s refused: it holds %d controllers already "
+                        "(max_ctrls_per_host)", hostnqn, subsys.nqn, held)
+            return None
         cntlid = subsys.alloc_cntlid()
         if cntlid is None:
             return None
@@ -136,6 +147,10 @@ class Target(TreeHooks):
         for ctrl in self.controllers():
             if ctrl.kato_expired(now):
                 ctrl.fatal_error(f"keep-alive timer ({ctrl.kato}s) expired")
+            elif (self.enable_timeout and not ctrl.ready and not ctrl.dead
+                  and now - ctrl.state_since > self.enable_timeout):
+                ctrl.fatal_error(f"{ctrl.state.name.lower()} and not enabled within "
+                                 f"{self.enable_timeout:g}s")
 
     # -- TreeHooks: the configuration changed --------------------------------------
     def ns_enable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:

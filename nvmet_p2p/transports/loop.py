@@ -152,7 +152,7 @@ class LoopTransport:
                 and req.cqe.status == 0):
             dst = conn.mem.window(m.key, m.addr, m.length)
             if dst is None:
-                req.cqe.status = Status.DATA_XFER_ERROR | DNR
+                req.fail_data_transfer()
             elif req.chunk is not None:
                 dst[:] = copy_from(req.chunk.view, req.chunk.provider.access)
             else:

@@ -81,6 +81,18 @@ NVMET_KAS = 10
 # vanished host does not pin it forever.
 NVMET_DISC_KATO_MS = 120_000
 
+# -- bounds of our own (the kernel target has neither) ------------------------------------
+
+# Controllers one host NQN may hold in one subsystem.  The kernel lets a host take every
+# cntlid; a host that connects with kato 0 and never enables (or vanishes without the
+# transport noticing) would then lock every other host out.  The Linux host makes one
+# controller per path, so 32 leaves room for any real multipath setup.
+NVMET_P2P_MAX_CTRLS_PER_HOST = 32
+# Seconds a controller may stay connected without being ready (never enabled, or reset
+# or shut down and not enabled again) before it is torn down.  The Linux host enables
+# within milliseconds of Connect and waits CAP.TO (7.5 s) for RDY; 60 s is far beyond.
+NVMET_P2P_ENABLE_TIMEOUT_S = 60.0
+
 # -- I/O command fields ----------------------------------------------------------------------
 
 # Force Unit Access: the kernel's NVME_RW_FUA is bit 14 of the 16-bit control field,

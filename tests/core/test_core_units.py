@@ -17,7 +17,6 @@ from nvmet_p2p.host.loop import LoopHost
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import (
-    CONNECT_IPO_SQE_QID,
     AdminOpcode,
     ConnectData,
     FabricsType,
@@ -27,6 +26,9 @@ from nvmet_p2p.wire.command import (
     fabrics_sqe,
 )
 from nvmet_p2p.wire.limits import NVME_CNTLID_DYNAMIC, NVME_DISC_SUBSYS_NAME
+from nvmet_p2p.wire.sqe_layout import (
+    CONNECT_IPO_SQE_QID,
+)
 from tests.support.loop_env import SUBNQN, LoopEnv
 
 DNR = 0x4000
