@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from nvmet_p2p.backends.aio import AioRing, open_ring
-from nvmet_p2p.backends.aligned import AlignedPool, is_aligned
+from nvmet_p2p.backends.aligned import ALIGN, AlignedPool, buffer_address, is_aligned
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.errors import BackendError
 from nvmet_p2p.wire.status import DNR, Status
@@ -275,8 +275,10 @@ class FileBackend(Backend):
         """Hand an aligned O_DIRECT transfer to the kernel from the reactor; False: use
         the worker pool (no ring, buffered fd, unaligned buffer, FUA without RWF_DSYNC)."""
         ring = self._aio
-        if (ring is None or not self.o_direct or (fua and not self._rwf_dsync)
-                or not is_aligned(buf)):
+        if ring is None or not self.o_direct or (fua and not self._rwf_dsync):
+            return False
+        addr = buffer_address(buf)
+        if addr is None or addr % ALIGN:
             return False
         if self._closed:
             raise BackendError(f"{self.path}: I/O submitted after the backend was closed")
@@ -298,7 +300,7 @@ class FileBackend(Backend):
                 return
             cb(0)
 
-        ring.submit(write, buf, offset, done, os.RWF_DSYNC if fua else 0)
+        ring.submit(write, buf, addr, offset, done, os.RWF_DSYNC if fua else 0)
         return True
 
     def _post(self, cb: Completion, status: int) -> None:
