@@ -94,6 +94,7 @@ class AioRing:
         self._iocb_ptrs = [ctypes.pointer(cb) for cb in self._iocbs]
         self._ptrs = (aio.iocb_p * depth)()
         self._events = (aio.io_event * depth)()
+        self._no_wait = aio.timespec(0, 0)
         self._free = list(range(depth))
         self._jobs: list[_Job | None] = [None] * depth
         self._queued: deque[_Job] = deque()
@@ -165,7 +166,7 @@ class AioRing:
         events = self._events
         while self.inflight:
             got = aio.io_getevents(self._ctx, min_nr, self._depth, events, None if min_nr
-                                   else ctypes.byref(_ZERO))
+                                   else ctypes.byref(self._no_wait))
             for i in range(got):
                 ev = events[i]
                 self._complete(ev.data - 1, ev.res)
@@ -215,9 +216,6 @@ class AioRing:
 
 def _ignore(_err: int | None) -> None:
     pass
-
-
-_ZERO = aio.timespec(0, 0) if aio is not None else None
 
 
 def open_ring(fd: int, loop: Any, what: str) -> AioRing | None:
