@@ -63,6 +63,8 @@ NVMET_MAX_QUEUE_SIZE = 1024
 # RDMA in-capsule data is at most 16 KiB (NVMET_RDMA_MAX_INLINE_DATA_SIZE at 4 KiB pages).
 MAX_INLINE_DATA_SIZE = 16384
 DEFAULT_INLINE_DATA_SIZE = 4096
+# What "-1" means per transport where it differs: NVMET_TCP_DEF_INLINE_DATA_SIZE, 4 pages.
+_TRANSPORT_INLINE_DATA_SIZE = {"tcp": 4 * 4096}
 DEFAULT_MAX_QUEUE_SIZE = 128  # NVME_RDMA_DEFAULT_QUEUE_SIZE
 NVMF_DEFAULT_PORT = "4420"  # IANA port for NVMe over Fabrics (RDMA and TCP)
 TRANSPORT_DEFAULT = -1  # param value meaning "let the transport choose", as in the kernel
@@ -456,7 +458,10 @@ class Port(_Address):
     def resolved_inline_data_size(self) -> int:
         """param_inline_data_size with -1 ("transport default") resolved."""
         size = self._values["param_inline_data_size"]
-        return DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
+        if size != TRANSPORT_DEFAULT:
+            return size
+        return _TRANSPORT_INLINE_DATA_SIZE.get(self._values["addr_trtype"],
+                                               DEFAULT_INLINE_DATA_SIZE)
 
     def resolved_max_queue_size(self) -> int:
         """param_max_queue_size with -1 ("transport default") resolved."""
