@@ -357,6 +357,8 @@ class TcpTransport:
         for cmd in list(q.inflight):
             if cmd.state is CmdState.EXECUTING and not cmd.responded:
                 continue  # the backend still owns req.buf; queue_response frees it
+            if cmd.req is not None:
+                cmd.req.uninit()  # parsed but waiting for a buffer or the host's data
             self._finish(q, cmd)
         self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if wq is not q)
         q.sq.destroy()

@@ -121,5 +121,16 @@ class Request:
         self.cqe.status = status
         self.sq.complete(self)
 
+    def uninit(self) -> None:
+        """Drop a parsed command that will never execute because its queue went away
+        (data still on the wire): what it holds of the core goes back and no completion
+        is sent, as the kernel's nvmet_req_uninit()."""
+        if self.completed:
+            return
+        self.completed = True
+        if self.ns is not None:
+            self.ns.put()
+            self.ns = None
+
     def set_error_loc(self, offset: int) -> None:
         self.error_loc = offset

@@ -106,7 +106,7 @@ FEI_CCCID, FEI_TTAG, FEI_DATAO, FEI_DATAL = 8, 10, 12, 16
 _CH = struct.Struct("<BBBBI")
 _IC_PSH = struct.Struct("<HBBI")  # pfv, hpda|cpda, dgst, maxr2t|maxh2cdata
 _DATA_PSH = struct.Struct("<HHII4x")  # cccid, ttag, datao|r2to, datal|r2tl
-_TERM_PSH = struct.Struct("<HI8x")  # fes, fei
+_TERM_PSH = struct.Struct("<HI10x")  # fes, fei, reserved
 
 
 class PduError(PeerError):
@@ -478,7 +478,8 @@ class PduReceiver:
         if ptype not in self.inbound:
             raise self._fail(Fes.INVALID_PDU_HDR, FEI_TYPE, f"unexpected PDU type {ptype:#x}")
         ptype = PduType(ptype)
-        if not self.ic_done and ptype not in _IC:
+        if not self.ic_done and ptype not in _IC and ptype not in _TERM:  # a TermReq may
+            # be the answer to a bad IC PDU
             raise self._fail(Fes.PDU_SEQ_ERR, FEI_TYPE,
                              f"{ptype.name} before the connection was initialized")
         if self.ic_done and ptype in _IC:

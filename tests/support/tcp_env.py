@@ -10,7 +10,6 @@ target's thread through `call()`.  Ports listen on 127.0.0.1 (or ::1) at a free 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import socket
 import threading
 import time
@@ -48,15 +47,9 @@ class TcpEnv(LoopEnv):
     # -- the target's thread ------------------------------------------------------------
     def call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT) -> T:
         """Run `fn` on the target's loop and return its result (or raise its error)."""
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed to the caller
-                fut.set_exception(e)
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(timeout)
+        async def run() -> T:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def pump(self, seconds: float = 0.0) -> None:
         """The target runs by itself: give it time (and the GIL)."""
