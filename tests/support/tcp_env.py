@@ -47,6 +47,9 @@ class TcpEnv(LoopEnv):
     # -- the target's thread ------------------------------------------------------------
     def call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT) -> T:
         """Run `fn` on the target's loop and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()  # already there (a configuration step calling another)
+
         async def run() -> T:
             return fn()
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)

@@ -52,7 +52,7 @@ def verify_io(host: TcpHost, slba: int = 300) -> None:
     assert host.read(1, slba, 16) == data
 
 
-def expect_term(conn_events, fes: Fes, fei: int | None = None) -> TargetTerminated:  # noqa: ANN001
+def expect_term(conn_events, fes: Fes, fei: int | None = None) -> TargetTerminated:
     with pytest.raises(TargetTerminated) as err:
         conn_events()
     if fei is not None:
@@ -115,7 +115,7 @@ def test_hpda_is_honoured_in_c2hdata(env: TcpEnv, good: TcpHost) -> None:
     seen: list[int] = []
     real = q.conn.rx.next_event
 
-    def watch():  # noqa: ANN202
+    def watch():
         ev = real()
         if ev is not None and ev.pdu.type == PduType.C2H_DATA:
             seen.append(ev.pdu.pdo)

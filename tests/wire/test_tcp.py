@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from nvmet_p2p.wire import tcp as t
 from nvmet_p2p.wire.tcp import (
+    R2T,
     CapsuleCmd,
     CapsuleResp,
     DataPdu,
@@ -29,7 +30,6 @@ from nvmet_p2p.wire.tcp import (
     PduReceived,
     PduReceiver,
     PduType,
-    R2T,
     Role,
     TermReq,
 )
