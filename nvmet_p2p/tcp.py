@@ -248,7 +248,9 @@ class TcpTransport:
         self.listeners: dict[int, Listener] = {}  # portid -> listener
         self.queues: dict[int, TcpQueue] = {}  # fd -> queue
         self.wait_buffer: deque[tuple[TcpQueue, TcpCmd]] = deque()
-        self.stats = {"accepted": 0, "term_sent": 0, "term_received": 0,
+        # connections accepted / with header / data digests, PDUs and events of note
+        self.stats = {"accepted": 0, "hdgst_queues": 0, "ddgst_queues": 0,
+                      "term_sent": 0, "term_received": 0,
                       "hdr_digest_errors": 0, "data_digest_errors": 0, "r2t": 0,
                       "h2c_data": 0, "c2h_success": 0, "buffer_waits": 0,
                       "p2p_fallbacks": 0}
@@ -439,6 +441,8 @@ class TcpTransport:
             pdu.PFV_1_0, cpda=0, digest=granted, maxh2cdata=self.maxh2cdata)))
         q.rx.negotiated(q.hdgst, q.ddgst)
         q.state = QueueState.LIVE
+        self.stats["hdgst_queues"] += q.hdgst
+        self.stats["ddgst_queues"] += q.ddgst
         log.debug("tcp: %s: ICReq hpda %d digests %s maxr2t %d", q.peer, ic.hpda,
                   ["none", "header", "data", "header+data"][granted], ic.maxr2t)
 
