@@ -8,6 +8,7 @@ import sys
 
 from nvmet_p2p.control import p2p_cli
 from nvmet_p2p.testbed import bench
+from nvmet_p2p.wire.limits import NVMET_P2P_ENABLE_TIMEOUT_S, NVMET_P2P_MAX_CTRLS_PER_HOST
 
 DEFAULT_RPC_SOCKET = "/run/nvmet-p2p.sock"
 
@@ -15,7 +16,8 @@ DEFAULT_RPC_SOCKET = "/run/nvmet-p2p.sock"
 def _serve(args: argparse.Namespace) -> int:
     from nvmet_p2p.control.daemon import Daemon
 
-    return Daemon(args.config, args.rpc_socket).run()
+    return Daemon(args.config, args.rpc_socket, max_ctrls_per_host=args.max_ctrls_per_host,
+                  enable_timeout=args.enable_timeout).run()
 
 
 def _rpc(args: argparse.Namespace) -> int:
@@ -36,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="nvmetcli-format JSON to restore at start")
     serve.add_argument("--rpc-socket", metavar="PATH", default=None,
                        help=f"JSON-RPC control socket (e.g. {DEFAULT_RPC_SOCKET})")
+    serve.add_argument("--max-ctrls-per-host", metavar="N", type=int,
+                       default=NVMET_P2P_MAX_CTRLS_PER_HOST,
+                       help="controllers one host NQN may hold per subsystem "
+                            f"(default {NVMET_P2P_MAX_CTRLS_PER_HOST}; docs/protocol-parity.md)")
+    serve.add_argument("--enable-timeout", metavar="SECONDS", type=float,
+                       default=NVMET_P2P_ENABLE_TIMEOUT_S,
+                       help="tear down a controller not enabled this long after Connect or "
+                            f"reset (default {NVMET_P2P_ENABLE_TIMEOUT_S:g}; 0: never)")
     serve.set_defaults(func=_serve)
     rpc = sub.add_parser("rpc", help="call a control-socket method (see docs/rpc.md)")
     rpc.add_argument("--rpc-socket", metavar="PATH", default=DEFAULT_RPC_SOCKET,

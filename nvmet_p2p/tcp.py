@@ -403,6 +403,10 @@ class TcpTransport:
             except pdu.PduError as err:
                 self._fatal(q, err)
                 return
+            except Exception:  # a bug of ours costs this connection, not the target
+                log.exception("tcp: qid %d (%s): handling a PDU failed", q.qid, q.peer)
+                self._teardown(q, "internal error")
+                return
 
     def _event(self, q: TcpQueue, ev: pdu.Event) -> None:
         p = ev.pdu

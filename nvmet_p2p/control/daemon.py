@@ -36,11 +36,13 @@ def _rdma_transport(target: Target) -> Any | None:
 
 
 class Daemon:
-    def __init__(self, config_path: str | None, rpc_socket: str | None = None) -> None:
+    def __init__(self, config_path: str | None, rpc_socket: str | None = None,
+                 **target_opts: Any) -> None:
+        """`target_opts`: Target's controller bounds (max_ctrls_per_host, enable_timeout)."""
         self.config_path = config_path
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop)
+        self.target = Target(loop=self.loop, **target_opts)
         self.transports: list[Any] = [LoopTransport(self.target), TcpTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:

@@ -15,7 +15,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.wire import log as lg
-from nvmet_p2p.wire.command import DISCOVERY_NQN
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port, Referral
@@ -59,14 +59,15 @@ def disc_entries(target: Target, port: Port, hostnqn: str,
     """The entries `hostnqn` may see through `port`; `local_traddr` is the address the
     host's queue reached, named instead of a wildcard listen address."""
     traddr = local_traddr if local_traddr and _wildcard(port.addr_traddr) else None
-    entries = [_entry(port, port.portid, DISCOVERY_NQN, lg.Subtype.CURRENT_DISC, traddr)]
+    entries = [_entry(port, port.portid, NVME_DISC_SUBSYS_NAME, lg.Subtype.CURRENT_DISC,
+                      traddr)]
     for nqn in port.subsystems:
         subsys = target.get_subsys(nqn)
         if subsys is not None and subsys.allows_host(hostnqn):
             entries.append(_entry(port, port.portid, nqn, lg.Subtype.NVME, traddr))
     for ref in port.referrals.values():
         if ref.enable:
-            entries.append(_entry(ref, ref.portid, DISCOVERY_NQN, lg.Subtype.REFERRAL))
+            entries.append(_entry(ref, ref.portid, NVME_DISC_SUBSYS_NAME, lg.Subtype.REFERRAL))
     return entries
 
 

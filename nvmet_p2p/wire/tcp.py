@@ -24,7 +24,6 @@ from enum import IntEnum, IntFlag
 
 from crc32c import crc32c
 
-from nvmet_p2p.errors import PeerError
 from nvmet_p2p.wire.command import CQE_SIZE, SQE_SIZE
 
 PFV_1_0 = 0x0
@@ -109,11 +108,12 @@ _DATA_PSH = struct.Struct("<HHII4x")  # cccid, ttag, datao|r2to, datal|r2tl
 _TERM_PSH = struct.Struct("<HI10x")  # fes, fei, reserved
 
 
-class PduError(PeerError):
+class PduError(Exception):
     """The peer sent a PDU that breaks the binding: fatal for the connection.
 
-    `fes` and `fei` go into the TermReq; `header` is what arrived of the bad PDU's
-    header (the TermReq's error data).
+    The peer's mistake, not ours: it never leaves the transport, which answers it with a
+    TermReq (no NVMe status can say it).  `fes` and `fei` go into the TermReq; `header`
+    is what arrived of the bad PDU's header (the TermReq's error data).
     """
 
     def __init__(self, fes: Fes, fei: int, why: str, header: bytes = b"") -> None:

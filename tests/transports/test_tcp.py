@@ -28,10 +28,10 @@ from nvmet_p2p.host.tcp import (
 )
 from nvmet_p2p.p2p.policy import REASON_EXHAUSTED, Candidate, decide
 from nvmet_p2p.p2p.topology import Topology
-from nvmet_p2p.tcp import TcpTransport
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire import tcp as t
-from nvmet_p2p.wire.command import DISCOVERY_NQN, IoOpcode, Sgl, SglType, Sqe
+from nvmet_p2p.wire.command import IoOpcode, Sgl, SglType, Sqe
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME as DISCOVERY_NQN
 from tests.support.loop_env import PORTID, SUBNQN
 from tests.support.p2p_machine import INTEL, Machine
 from tests.support.tcp_env import TcpEnv
@@ -152,15 +152,17 @@ def test_in_capsule_writes_use_the_capsule_not_p2p(env: TcpEnv) -> None:
     provider.close()
 
 
-def test_tcp_refuses_providers_needing_block_stores(m: Machine) -> None:
+def test_tcp_refuses_providers_needing_block_stores(env: TcpEnv) -> None:
     """The kernel's socket copy cannot honour whole-block store rules: decided out."""
     ism = SystemMemoryProvider(1 << 20, hugepages=False, name="ism")
     ism.access = AccessRules(width=8, block=4096)
-    why = TcpTransport.p2p_can_register(None, ism)  # type: ignore[arg-type]
+    plain = FakeP2P(1 << 20)
+    why = env.tcp.p2p_can_register(ism)
     assert why is not None and "4096-byte block stores" in why
-    assert TcpTransport.p2p_can_register(None, FakeP2P(1 << 20)) is None  # type: ignore[arg-type]
-    assert TcpTransport.p2p_client(None, None) is None  # type: ignore[arg-type]
+    assert env.tcp.p2p_can_register(plain) is None
+    assert env.tcp.p2p_client(env.tcp_port()) is None  # CPU copies: no DMA client
     ism.close()
+    plain.close()
 
 
 def test_tcp_port_decision_has_no_nic_client(m: Machine) -> None:
