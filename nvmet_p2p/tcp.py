@@ -174,6 +174,7 @@ class TcpQueue:
         self.fd = sock.fileno()
         self.peer = peer
         self.state = QueueState.CONNECTING
+        self.dead = False  # state is DEAD (read on every step of every command)
         self.hdgst = self.ddgst = False
         self.hpda = 0
         self.maxr2t = 0
@@ -190,10 +191,6 @@ class TcpQueue:
         self.sq: SQ = transport.target.create_sq(port, transport)
         self.sq.priv = self
         self.sq.local_traddr = sock.getsockname()[0]
-
-    @property
-    def dead(self) -> bool:
-        return self.state is QueueState.DEAD
 
     @property
     def qid(self) -> int:
@@ -343,7 +340,7 @@ class TcpTransport:
     def _teardown(self, q: TcpQueue, why: str) -> None:
         if q.dead:
             return
-        q.state = QueueState.DEAD
+        q.state, q.dead = QueueState.DEAD, True
         log.info("tcp: qid %d (%s) torn down: %s", q.qid, q.peer, why)
         self.queues.pop(q.fd, None)
         if q.timer is not None:
@@ -637,7 +634,7 @@ class TcpTransport:
             # The CQE would say only "success": with SQ flow control disabled (no SQ head
             # to report) it may be left out, as the kernel's nvmet_setup_c2h_data_pdu does.
             success = q.sq.disable_sqflow and cqe.result == 0
-            flags = pdu.Flag.DATA_LAST | (pdu.Flag.DATA_SUCCESS if success else 0)
+            flags = pdu.F_DATA_LAST | (pdu.F_DATA_SUCCESS if success else 0)
             data = req.buf[:m.length]
             pieces = [pdu.header(pdu.PduType.C2H_DATA, pdu.DataPdu(cqe.cid, 0, 0, m.length),
                                  flags=flags, data_len=m.length, hdgst=q.hdgst, ddgst=q.ddgst,

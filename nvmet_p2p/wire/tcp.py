@@ -60,6 +60,11 @@ class Flag(IntFlag):
     DATA_SUCCESS = 1 << 3  # C2HData: no CapsuleResp follows (SQ flow control disabled)
 
 
+# The flag bits as plain ints for the per-PDU paths: IntFlag arithmetic runs Python code.
+F_HDGST, F_DDGST = int(Flag.HDGST), int(Flag.DDGST)
+F_DATA_LAST, F_DATA_SUCCESS = int(Flag.DATA_LAST), int(Flag.DATA_SUCCESS)
+
+
 class Digest(IntFlag):
     """ICReq/ICResp DGST: the digests asked for (ICReq) and granted (ICResp)."""
 
@@ -92,6 +97,7 @@ INBOUND = {Role.CONTROLLER: frozenset({PduType.ICREQ, PduType.H2C_TERM, PduType.
                                        PduType.H2C_DATA}),
            Role.HOST: frozenset({PduType.ICRESP, PduType.C2H_TERM, PduType.RSP,
                                  PduType.C2H_DATA, PduType.R2T})}
+_TYPES = {int(t): t for t in PduType}  # int -> member without an Enum call per PDU
 _IC = frozenset({PduType.ICREQ, PduType.ICRESP})
 _TERM = frozenset({PduType.H2C_TERM, PduType.C2H_TERM})
 _DATA = frozenset({PduType.H2C_DATA, PduType.C2H_DATA})
@@ -251,7 +257,7 @@ def header(ptype: PduType, psh: Psh, *, flags: int = 0, data_len: int = 0,
     else:
         pdo, plen = 0, hlen + hd
         ddgst = False
-    flags |= (Flag.HDGST if hdgst else 0) | (Flag.DDGST if ddgst else 0)
+    flags |= (F_HDGST if hdgst else 0) | (F_DDGST if ddgst else 0)
     head = _CH.pack(ptype, flags, hlen, pdo, plen) + psh_raw
     if hdgst:
         head += digest(head)
@@ -477,7 +483,7 @@ class PduReceiver:
         ptype, flags, hlen, pdo, plen = _CH.unpack_from(self._hdr)
         if ptype not in self.inbound:
             raise self._fail(Fes.INVALID_PDU_HDR, FEI_TYPE, f"unexpected PDU type {ptype:#x}")
-        ptype = PduType(ptype)
+        ptype = _TYPES[ptype]
         if not self.ic_done and ptype not in _IC and ptype not in _TERM:  # a TermReq may
             # be the answer to a bad IC PDU
             raise self._fail(Fes.PDU_SEQ_ERR, FEI_TYPE,
@@ -504,13 +510,13 @@ class PduReceiver:
                 raise self._fail(Fes.INVALID_PDU_HDR, FEI_PLEN,
                                  f"{ptype.name} with plen {plen} (24..{MAX_TERM_PLEN})")
             return plen - hlen, 0
-        if bool(flags & Flag.HDGST) != self.hdgst:
+        if bool(flags & F_HDGST) != self.hdgst:
             raise self._fail(Fes.INVALID_PDU_HDR, FEI_FLAGS,
-                             f"{ptype.name} header digest flag {bool(flags & Flag.HDGST)} "
+                             f"{ptype.name} header digest flag {bool(flags & F_HDGST)} "
                              f"but header digests are {'on' if self.hdgst else 'off'}")
         hd = DIGEST_LEN if self.hdgst else 0
         if pdo == 0:
-            if flags & Flag.DDGST:
+            if flags & F_DDGST:
                 raise self._fail(Fes.INVALID_PDU_HDR, FEI_FLAGS,
                                  f"{ptype.name} without data has the data digest flag")
             if ptype in _MUST_CARRY_DATA:
@@ -524,9 +530,9 @@ class PduReceiver:
         if pdo < hlen + hd or pdo % 4:
             raise self._fail(Fes.INVALID_PDU_HDR, FEI_PDO,
                              f"{ptype.name} with PDO {pdo} (header ends at {hlen + hd})")
-        if bool(flags & Flag.DDGST) != self.ddgst:
+        if bool(flags & F_DDGST) != self.ddgst:
             raise self._fail(Fes.INVALID_PDU_HDR, FEI_FLAGS,
-                             f"{ptype.name} data digest flag {bool(flags & Flag.DDGST)} but "
+                             f"{ptype.name} data digest flag {bool(flags & F_DDGST)} but "
                              f"data digests are {'on' if self.ddgst else 'off'}")
         data_len = plen - pdo - (DIGEST_LEN if self.ddgst else 0)
         if data_len <= 0:
@@ -542,7 +548,7 @@ class PduReceiver:
 
     def _header_done(self) -> Event | None:
         ptype, flags, hlen, pdo, plen, data_len = self._ch
-        if flags & Flag.HDGST and ptype not in _IC and ptype not in _TERM:
+        if flags & F_HDGST and ptype not in _IC and ptype not in _TERM:
             got = bytes(self._hdr[hlen:hlen + DIGEST_LEN])
             if got != digest(memoryview(self._hdr)[:hlen]):
                 raise self._fail(Fes.HDR_DIGEST_ERR, 0,
@@ -561,7 +567,7 @@ class PduReceiver:
         if not pdu.data_len:
             return self._complete()
         pad = 0 if pdu.type in _TERM else pdu.pdo - pdu.hlen - (
-            DIGEST_LEN if pdu.flags & Flag.HDGST else 0)
+            DIGEST_LEN if pdu.flags & F_HDGST else 0)
         self._sink, self._pos = None, 0
         if pad:
             self._st, self._need = _St.PAD, pad
@@ -590,7 +596,7 @@ class PduReceiver:
         pdu = self._pdu
         assert pdu is not None
         pdu.data = self._data_sink()
-        if pdu.flags & Flag.DDGST and pdu.type not in _TERM:
+        if pdu.flags & F_DDGST and pdu.type not in _TERM:
             self._st, self._need = _St.DDGST, DIGEST_LEN
             self._dd = bytearray()
             return None
