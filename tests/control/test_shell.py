@@ -218,7 +218,7 @@ def test_saveconfig_restoreconfig_clear(sh: ConfigShell, capfd: pytest.CaptureFi
     assert "P2P allowed" in ok(sh, capfd, "ls /ports/1")
     ok(sh, capfd, "restoreconfig saved.json clear_existing=true")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"hosts": [{"nqn": "bad"}], "ports": [{"portid": "x"}]}))
+    bad.write_text(json.dumps({"hosts": [{"nqn": "bad/1"}], "ports": [{"portid": "x"}]}))
     rc, _, err = run(sh, capfd, f"restoreconfig {bad} clear_existing=true")
     assert rc == 1 and "2 error(s)" in err and "nothing was loaded" in err
     assert "P2P allowed" in ok(sh, capfd, "ls /ports/1")  # the previous one is still there
