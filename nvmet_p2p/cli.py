@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _rpc(args: argparse.Namespace) -> int:
-    from nvmet_p2p.control.rpc import cli_call
+    from nvmet_p2p.control.rpc.cli import cli_call
 
     return cli_call(args.rpc_socket, args.method, args.params)
 
