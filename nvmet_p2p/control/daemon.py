@@ -1,9 +1,14 @@
 """The target process: event loop, transports, configuration, signals, control socket.
 
 `nvmet-p2p serve --config FILE` restores the configuration (nvmetcli JSON plus our
-attributes) into a live `Target`, runs until SIGTERM/SIGINT, and then tears every
-controller down so hosts see a disconnect rather than a hang.  SIGUSR1 logs the
-status (controllers, queues, namespaces, resource counts) as JSON.
+attributes) into a live `Target`, all or nothing, runs until SIGTERM/SIGINT, and then
+tears every controller down so hosts see a disconnect rather than a hang.  SIGHUP
+reloads the file the same way load_config does (nothing changes unless all of it
+loads).  SIGUSR1 logs the status (controllers, queues, namespaces, resource counts).
+
+Ports that could not start listening are retried every PORT_RETRY_S and as soon as
+an RDMA device appears in /sys/class/infiniband (at boot the NIC often comes up after
+the target).
 """
 
 from __future__ import annotations
@@ -11,17 +16,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from typing import Any
 
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
-from nvmet_p2p.errors import ConfigError, NvmetError
+from nvmet_p2p.errors import NvmetError
 from nvmet_p2p.transports.loop import LoopTransport
 
 log = logging.getLogger("nvmet_p2p.daemon")
 
 TICK_S = 1.0  # keep-alive granularity (KAS is 1 s)
+PORT_RETRY_S = 5.0  # how often a port that cannot listen is tried again
+RDMA_DEVICES_DIR = "/sys/class/infiniband"
+
+
+def rdma_devices() -> frozenset[str]:
+    try:
+        return frozenset(os.listdir(RDMA_DEVICES_DIR))
+    except OSError:
+        return frozenset()
 
 
 def _rdma_transport(target: Target) -> Any | None:
@@ -46,23 +61,46 @@ class Daemon:
             self.transports.append(rdma)
         self.rpc: Any = None
         self._stopping = asyncio.Event()
+        self._rdma_devices = rdma_devices()
+        self._next_retry = 0.0
 
     def load(self) -> None:
         """Restore the configuration file; on any error nothing stays live."""
         if not self.config_path:
             return
         doc = jsonfile.read_doc(self.config_path)
-        try:
+        with self.target.root.transaction():
             self.target.root.restore(doc, source=self.config_path)
-        except ConfigError:
-            self.target.root.clear()
-            raise
+
+    def reload(self) -> None:
+        """SIGHUP: replace the configuration with the file's, all or nothing."""
+        from nvmet_p2p.control.rpc import RpcError, replace_config
+
+        if not self.config_path:
+            log.warning("SIGHUP: no --config file to reload")
+            return
+        try:
+            doc = jsonfile.read_doc(self.config_path)
+            replace_config(self.target.root, doc, self.config_path, replace=True)
+        except (NvmetError, RpcError) as e:
+            log.error("SIGHUP: %s was not reloaded; the configuration is unchanged: %s",
+                      self.config_path, e)
+        except Exception:
+            log.exception("SIGHUP: reloading %s failed; the configuration is unchanged",
+                          self.config_path)
 
     def status(self) -> dict:
         return self.target.status()
 
     def _tick(self) -> None:
         self.target.tick()
+        devices = rdma_devices()
+        now = self.loop.time()
+        if self.target.listen_errors and (devices - self._rdma_devices or
+                                          now >= self._next_retry):
+            self.target.retry_ports()
+            self._next_retry = now + PORT_RETRY_S
+        self._rdma_devices = devices
         self.loop.call_later(TICK_S, self._tick)
 
     def _dump_status(self) -> None:
@@ -81,8 +119,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop)
         self.loop.add_signal_handler(signal.SIGUSR1, self._dump_status)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.loop.call_later(TICK_S, self._tick)
         log.info("nvmet-p2p serving (%d ports listening)", len(self.target.listening))
+        for portid, why in self.target.listen_errors.items():
+            log.warning("port %d is not listening yet: %s", portid, why)
         await self._stopping.wait()
         log.info("shutting down")
 
@@ -91,6 +132,11 @@ class Daemon:
             self.loop.run_until_complete(self._main())
         except NvmetError as e:
             log.error("%s", e)
+            return 1
+        except Exception as e:  # a bug: one line here, the traceback only at debug level
+            log.error("internal error: %s: %s (run with --log-level debug for the "
+                      "traceback)", type(e).__name__, e)
+            log.debug("traceback", exc_info=True)
             return 1
         finally:
             self.close()

@@ -27,6 +27,7 @@ from configshell_fb import (  # type: ignore[import-untyped]
     ExecutionError,
 )
 
+from nvmet_p2p.config.values import nqn_format_warning
 from nvmet_p2p.control.rpc import NOT_AVAILABLE, RpcClient, RpcError, RpcUnreachable
 from nvmet_p2p.errors import NvmetError
 
@@ -380,7 +381,8 @@ class UIRoot(UINode):
 
 
 class UIHost(UINode):
-    pass
+    def summary(self) -> tuple[str, bool | None]:
+        return (_nqn_note(self.name), None)
 
 
 class UISubsystem(UINode):
@@ -388,7 +390,8 @@ class UISubsystem(UINode):
         attrs = self.attrs("attr")
         access = "any host" if attrs["allow_any_host"] == "1" else "allowed hosts only"
         ctrls = self.status_part(self.call("status")).get("controllers", [])
-        return (f"{access}, {len(ctrls)} controllers", None)
+        note = _nqn_note(self.name)
+        return (f"{access}, {len(ctrls)} controllers{', ' + note if note else ''}", None)
 
     def status_part(self, status: dict) -> Any:
         return status["subsystems"].get(self.name, {})
@@ -468,8 +471,10 @@ class UIPort(UINode):
         if addr["trtype"] in ("rdma", "tcp"):
             where += f" {addr['traddr']}:{addr['trsvcid']}"
         p2p = "P2P allowed" if values["attr"]["allow_p2pmem"] == "1" else "P2P off"
-        listening = self.status_part(self.call("status")).get("listening", False)
-        return (f"{where}, {p2p}", True if listening else None)
+        port = self.status_part(self.call("status"))
+        if port.get("error"):
+            return (f"{where}, {p2p}, not listening: {port['error']}", False)
+        return (f"{where}, {p2p}", True if port.get("listening") else None)
 
     def status_part(self, status: dict) -> Any:
         return status["ports"].get(self.name, {})
@@ -508,6 +513,11 @@ class UIReferral(UINode):
 class UILink(UINode):
     def summary(self) -> tuple[str, bool | None]:
         return ("link", None)
+
+
+def _nqn_note(nqn: str) -> str:
+    """A short mark for an NQN accepted although off the NVMe format (status says why)."""
+    return "NQN not in the NVMe format" if nqn_format_warning(nqn) else ""
 
 
 def _show_p2p(node: UINode) -> None:
