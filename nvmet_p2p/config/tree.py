@@ -180,7 +180,7 @@ class Namespace(Node):
         hooks = self._root.hooks
         if new:
             self._check_enable()
-            enabled = sum(1 for ns in self._subsys._namespaces.values() if ns.enable)
+            enabled = self._subsys._nr_enabled
             if enabled >= NVMET_MAX_NAMESPACES:  # nvmet_ns_enable() answers -EMFILE
                 raise ConfigError(f"cannot enable {self.describe()}: "
                                   f"{self._subsys.describe()} already has {enabled} enabled "
@@ -188,8 +188,10 @@ class Namespace(Node):
                                   f"(NVMET_MAX_NAMESPACES); disable one first")
             hooks.ns_enable(self._subsys, self)  # may veto by raising
             self._values["enable"] = True
+            self._subsys._nr_enabled += 1
         else:
             self._values["enable"] = False
+            self._subsys._nr_enabled -= 1
             hooks.ns_disable(self._subsys, self)
 
     def _check_enable(self) -> None:
@@ -241,6 +243,7 @@ class Subsystem(Node):
         self._namespaces: dict[int, Namespace] = {}
         self._allowed_hosts: list[str] = []
         self._discovered = False
+        self._nr_enabled = 0  # enabled namespaces, as the kernel's nr_namespaces
 
     @property
     def nqn(self) -> str:

@@ -353,9 +353,17 @@ def replace_config(root: Root, doc: Any, source: str, *, replace: bool) -> dict:
             "ports": len(root.ports)}
 
 
+SHOWN_ERRORS = 20  # in the message; the data carries up to MAX_ERRORS
+MAX_ERRORS = 100
+
+
 def _load_failed(source: str, errors: list[str]) -> RpcError:
+    shown = errors[:SHOWN_ERRORS]
+    if len(errors) > SHOWN_ERRORS:
+        shown.append(f"... and {len(errors) - SHOWN_ERRORS} more")
     return RpcError(CONFIG_ERROR, f"{len(errors)} error(s) in {source}; nothing was "
-                    "loaded:\n" + "\n".join(errors), {"errors": errors})
+                    "loaded:\n" + "\n".join(shown),
+                    {"errors": errors[:MAX_ERRORS], "count": len(errors)})
 
 
 def _explains(entry: Any, path: str) -> bool:
