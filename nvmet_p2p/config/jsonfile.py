@@ -31,8 +31,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -360,17 +362,34 @@ def _kind_problem(st: os.stat_result) -> str | None:
     return None if stat.S_ISREG(st.st_mode) else "not a regular file"
 
 
+BACKUPS = 10  # as targetcli keeps: the newest configurations before each save
+BACKUP_DIR = "backup"
+
+
 def save_doc(path: str | os.PathLike, doc: dict) -> None:
-    """Write `doc` as nvmetcli does (sorted keys, indent 2), atomically and durably."""
+    """Write `doc` as nvmetcli does (sorted keys, indent 2), atomically and durably.
+
+    The directory is created (nvmetcli creates /etc/nvmet); a file already there keeps
+    its mode (new files are 0600: they may name hosts) and is first copied to
+    backup/<name>.<time> beside it, the newest BACKUPS copies kept.
+    """
     path = os.fspath(path)
     text = json.dumps(doc, sort_keys=True, indent=2) + "\n"
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            old = os.stat(path)
+        except FileNotFoundError:
+            mode = 0o600
+        else:
+            mode = stat.S_IMODE(old.st_mode)
+            _backup(path, directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)  # nvmetcli's mode: the file may name hosts
+            os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -389,3 +408,20 @@ def save_doc(path: str | os.PathLike, doc: dict) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _backup(path: str, directory: str) -> None:
+    backups = os.path.join(directory, BACKUP_DIR)
+    os.makedirs(backups, mode=0o700, exist_ok=True)
+    name = os.path.basename(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(backups, f"{name}.{stamp}")
+    n = 1
+    while os.path.exists(target):  # two saves in one second
+        target = os.path.join(backups, f"{name}.{stamp}.{n}")
+        n += 1
+    shutil.copy2(path, target)
+    mine = sorted((e for e in os.scandir(backups) if e.name.startswith(name + ".")),
+                  key=lambda e: e.stat().st_mtime_ns)
+    for old in mine[:-BACKUPS]:
+        os.unlink(old.path)

@@ -5,6 +5,9 @@ attributes) into a live `Target`, all or nothing, runs until SIGTERM/SIGINT, and
 tears every controller down so hosts see a disconnect rather than a hang.  SIGHUP
 reloads the file the same way load_config does (nothing changes unless all of it
 loads).  SIGUSR1 logs the status (controllers, queues, namespaces, resource counts).
+Under systemd (Type=notify, tools/nvmet-p2p.service) it reports READY=1 once the
+configuration is live and the control socket answers, RELOADING=1 around a reload and
+STOPPING=1 at shutdown (sd_notify's datagram protocol, no library needed).
 
 Ports that could not start listening are retried every PORT_RETRY_S and as soon as
 an RDMA device appears in /sys/class/infiniband (at boot the NIC often comes up after
@@ -18,6 +21,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import time
 from typing import Any
 
 from nvmet_p2p.config import jsonfile
@@ -49,9 +54,25 @@ def _rdma_transport(target: Target) -> Any | None:
     return RdmaTransport(target)
 
 
+def sd_notify(state: str) -> None:
+    """Tell systemd (when it started us with NOTIFY_SOCKET) how the service is doing."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), path)
+    except OSError as e:
+        log.warning("sd_notify %s: %s", state.split("=", 1)[0], e)
+
+
 class Daemon:
-    def __init__(self, config_path: str | None, rpc_socket: str | None = None) -> None:
+    def __init__(self, config_path: str | None, rpc_socket: str | None = None, *,
+                 optional_config: bool = False) -> None:
         self.config_path = config_path
+        self.optional_config = optional_config  # the default file: missing means empty
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
         self.target = Target(loop=self.loop)
@@ -68,6 +89,8 @@ class Daemon:
         """Restore the configuration file; on any error nothing stays live."""
         if not self.config_path:
             return
+        if self.optional_config and not os.path.exists(self.config_path):
+            return
         doc = jsonfile.read_doc(self.config_path)
         with self.target.root.transaction():
             self.target.root.restore(doc, source=self.config_path)
@@ -79,6 +102,7 @@ class Daemon:
         if not self.config_path:
             log.warning("SIGHUP: no --config file to reload")
             return
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             doc = jsonfile.read_doc(self.config_path)
             replace_config(self.target.root, doc, self.config_path, replace=True)
@@ -88,6 +112,7 @@ class Daemon:
         except Exception:
             log.exception("SIGHUP: reloading %s failed; the configuration is unchanged",
                           self.config_path)
+        sd_notify("READY=1")
 
     def status(self) -> dict:
         return self.target.status()
@@ -104,9 +129,10 @@ class Daemon:
         self.loop.call_later(TICK_S, self._tick)
 
     def _dump_status(self) -> None:
-        log.warning("status: %s", json.dumps(self.status(), default=str))
+        log.info("status:\n%s", json.dumps(self.status(), default=str, indent=2))
 
     def stop(self) -> None:
+        sd_notify("STOPPING=1")
         self._stopping.set()
 
     async def _main(self) -> None:
@@ -124,6 +150,7 @@ class Daemon:
         log.info("nvmet-p2p serving (%d ports listening)", len(self.target.listening))
         for portid, why in self.target.listen_errors.items():
             log.warning("port %d is not listening yet: %s", portid, why)
+        sd_notify("READY=1")
         await self._stopping.wait()
         log.info("shutting down")
 

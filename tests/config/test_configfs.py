@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import stat
 
 import pytest
 
@@ -928,12 +929,27 @@ def test_atomic_save_failure_keeps_old_file(root, tmp_path, monkeypatch):
     with refused(f"{target}: cannot save the configuration: .*No space left"):
         root.save(target)
     assert target.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "config.json"]  # no temp
     monkeypatch.undo()
     root.save(target)
     assert SUB in target.read_text()
 
 
-def test_save_into_missing_directory_fails_cleanly(root, tmp_path):
+def test_save_creates_the_directory_keeps_the_mode_and_rotates_backups(root, tmp_path):
+    target = tmp_path / "etc" / "nvmet-p2p" / "config.json"
+    root.save(target)  # as nvmetcli creates /etc/nvmet
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    os.chmod(target, 0o640)
+    for i in range(jsonfile.BACKUPS + 3):
+        root.create_host(f"nqn.2024-01.io.example:h{i}")
+        root.save(target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640  # bare saveconfig keeps it
+    backups = sorted((target.parent / "backup").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(backups) == jsonfile.BACKUPS
+    assert len(json.loads(backups[-1].read_text())["hosts"]) == jsonfile.BACKUPS + 2
+
+
+def test_save_where_the_directory_cannot_be_fails_cleanly(root, tmp_path):
+    (tmp_path / "file").write_text("")
     with refused("cannot save the configuration"):
-        root.save(tmp_path / "nope" / "config.json")
+        root.save(tmp_path / "file" / "config.json")

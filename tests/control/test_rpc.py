@@ -230,12 +230,14 @@ def test_link_unlink_allow_disallow_enable_disable(rpc: RpcClient) -> None:
 def test_save_and_load_config(rpc: RpcClient, daemon: RpcDaemon, tmp_path: Path) -> None:
     make_target(rpc)
     rpc.call("set", path="/ports/1", group="attr", name="allow_p2pmem", value="1")
-    # default: the daemon's --config file, written atomically with mode 0600
+    # default: the daemon's --config file, written atomically, its mode kept
+    mode = stat.S_IMODE(os.stat(daemon.config).st_mode)
     assert rpc.call("save_config") == {"path": str(daemon.config)}
     saved = json.loads(daemon.config.read_text())
     assert saved["subsystems"][0]["nqn"] == NQN
     assert saved["ports"][0]["attr"] == {"allow_p2pmem": "1"}
-    assert stat.S_IMODE(os.stat(daemon.config).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.config).st_mode) == mode
+    assert [p.parent.name for p in (daemon.config.parent / "backup").iterdir()] == ["backup"]
     other = tmp_path / "copy.json"
     assert rpc.call("save_config", path=str(other)) == {"path": str(other)}
     assert json.loads(other.read_text()) == saved
@@ -354,7 +356,7 @@ def test_unknown_method_lists_the_valid_ones(rpc: RpcClient) -> None:
      "string, number or boolean"),
     ("set", {"path": "/ports/1", "attrs": {"a": 1}, "group": "a"}, "attrs", "one form"),
     ("create", {"path": "/ports", "name": True}, "name", "id or name"),
-    ("load_config", {}, "path", "exactly one"),
+    ("load_config", {"path": "/x", "doc": {}}, "path", "cannot both be given"),
     ("load_config", {"doc": {}, "replace": "yes"}, "replace", "true or false"),
 ])
 def test_invalid_params_name_the_field(rpc: RpcClient, method: str, params: dict,

@@ -18,7 +18,10 @@ import nvmet_p2p
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.config.shape import CHILD_DIRS, DIRS, ENTRY_DIR, join, path_kind, split_path
 from nvmet_p2p.configfs import (
+    Host,
+    Namespace,
     Port,
+    Referral,
     Root,
     Subsystem,
     attr_choices,
@@ -156,6 +159,17 @@ class Methods:
         _needs_attrs(obj, path)
         return attr_choices(obj, group, name)
 
+    def attr_names(self, kind: str) -> dict[str, dict[str, list[str] | None]]:
+        cls = _KIND_CLASSES.get(kind)
+        if cls is None:
+            raise ConfigError(f"{kind!r} is not a kind of object; kinds: "
+                              f"{', '.join(_KIND_CLASSES)}")
+        out: dict[str, dict[str, list[str] | None]] = {}
+        for spec in cls.ATTRS:
+            out.setdefault(spec.group, {})[spec.name] = (list(spec.choices)
+                                                         if spec.choices else None)
+        return out
+
     def set_attrs(self, path: str, group: str | None = None, name: str | None = None,
                   value: Any = None, attrs: dict | None = None) -> dict:
         single = (group, name, value)
@@ -286,9 +300,14 @@ class Methods:
 
     async def load_config(self, path: str | None = None, doc: dict | None = None,
                           replace: bool = False) -> dict:
-        if (path is None) == (doc is None):
-            raise bad_param("path", "or 'doc' is needed, exactly one of them (a file the "
-                            "daemon can read, or the nvmetcli JSON itself)")
+        if path is not None and doc is not None:
+            raise bad_param("path", "and 'doc' cannot both be given: pass a file the daemon "
+                            "can read, or the nvmetcli JSON itself")
+        if path is None and doc is None:
+            path = self.daemon.config_path
+            if not path:
+                raise bad_param("path", "is missing and the daemon has no configuration "
+                                "file; pass path or doc")
         if path is not None:  # off the loop: a slow file system must not stall the hosts
             doc = await asyncio.get_running_loop().run_in_executor(None, jsonfile.read_doc,
                                                                    path)
@@ -391,6 +410,8 @@ class Method:
 
 
 _HOST_P = Param("host", (str,), "a host NQN")
+_KIND_CLASSES = {"host": Host, "subsystem": Subsystem, "namespace": Namespace, "port": Port,
+                 "referral": Referral}
 
 METHODS: dict[str, Method] = {
     "list": Method("list_children", (PATH,), "children of a tree node"),
@@ -400,6 +421,9 @@ METHODS: dict[str, Method] = {
     "attr_choices": Method("attr_choices", (PATH, Param("group", (str,), "an attribute group"),
                                             Param("name", (str,), "an attribute name")),
                            "the enumerated values of an attribute, or null"),
+    "attr_names": Method("attr_names", (Param("kind", (str,), "an object kind: host, "
+                                              "subsystem, namespace, port or referral"),),
+                         "the attributes a kind of object has, with enumerated values"),
     "set": Method("set_attrs", (PATH, Param("group", (str,), "an attribute group", False),
                                 Param("name", (str,), "an attribute name", False),
                                 Param("value", VALUE_TYPES, "a string, number or boolean",
@@ -428,7 +452,8 @@ METHODS: dict[str, Method] = {
                                           Param("doc", (dict,), "an nvmetcli JSON object",
                                                 False),
                                           Param("replace", (bool,), "true or false", False)),
-                          "restore a configuration; all or nothing, every error reported"),
+                          "restore a configuration (default: the daemon's file); all or "
+                          "nothing, every error reported"),
     "clear_config": Method("clear_config", (), "delete the whole configuration", True),
     "status": Method("status", (), "controllers, namespaces with I/O counters, ports "
                      "(listening or why not), P2P, warnings"),
