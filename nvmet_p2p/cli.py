@@ -15,6 +15,7 @@ import nvmet_p2p
 from nvmet_p2p.control import p2p_cli
 from nvmet_p2p.control.defaults import DEFAULT_CONFIG, DEFAULT_RPC_SOCKET
 from nvmet_p2p.testbed import bench
+from nvmet_p2p.wire.limits import NVMET_P2P_ENABLE_TIMEOUT_S, NVMET_P2P_MAX_CTRLS_PER_HOST
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
@@ -30,7 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger("nvmet_p2p.daemon").info(
                 "no configuration at %s: starting empty (save_config writes it)", config)
     rpc_socket = None if args.no_rpc_socket else args.rpc_socket
-    return Daemon(config, rpc_socket, optional_config=args.config is None).run()
+    return Daemon(config, rpc_socket, optional_config=args.config is None,
+                  max_ctrls_per_host=args.max_ctrls_per_host,
+                  enable_timeout=args.enable_timeout).run()
 
 
 def _rpc(args: argparse.Namespace) -> int:
@@ -62,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{DEFAULT_RPC_SOCKET})")
     serve.add_argument("--no-rpc-socket", action="store_true",
                        help="run without a control socket")
+    serve.add_argument("--max-ctrls-per-host", metavar="N", type=int,
+                       default=NVMET_P2P_MAX_CTRLS_PER_HOST,
+                       help="controllers one host NQN may hold per subsystem "
+                            f"(default {NVMET_P2P_MAX_CTRLS_PER_HOST}; docs/protocol-parity.md)")
+    serve.add_argument("--enable-timeout", metavar="SECONDS", type=float,
+                       default=NVMET_P2P_ENABLE_TIMEOUT_S,
+                       help="tear down a controller not enabled this long after Connect or "
+                            f"reset (default {NVMET_P2P_ENABLE_TIMEOUT_S:g}; 0: never)")
     serve.set_defaults(func=_serve)
     from nvmet_p2p.control.rpc.cli import add_arguments
 

@@ -10,7 +10,7 @@ APT_PACKAGES=(
     qemu-system-x86 busybox-static kmod cpio linux-image-amd64 e2fsprogs
     rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest
     libibverbs-dev librdmacm-dev
-    nvme-cli fio iproute2 pciutils
+    nvme-cli fio iproute2 pciutils libaio1
 )
 
 missing=()

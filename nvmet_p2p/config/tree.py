@@ -34,7 +34,6 @@ from nvmet_p2p.config import jsonfile
 from nvmet_p2p.config.attrs import AttrSpec, Node
 from nvmet_p2p.config.shape import CHILD_DIRS
 from nvmet_p2p.config.values import (
-    NVME_DISC_SUBSYS_NAME,
     ascii_text,
     check_nqn,
     choice,
@@ -57,27 +56,29 @@ from nvmet_p2p.config.values import (
     utf8_size,
 )
 from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.wire.limits import (
+    NVME_CNTLID_MAX,
+    NVME_CNTLID_MIN,
+    NVME_DISC_SUBSYS_NAME,
+    NVME_NSID_MAX,
+    NVME_RDMA_IP_PORT,
+    NVMET_DEFAULT_MAX_QUEUE_SIZE,
+    NVMET_FR_MAX_SIZE,
+    NVMET_MAX_ANAGRPS,
+    NVMET_MAX_NAMESPACES,
+    NVMET_MAX_QUEUE_SIZE,
+    NVMET_MIN_QUEUE_SIZE,
+    NVMET_MN_MAX_SIZE,
+    NVMET_NR_QUEUES,
+    NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE,
+    NVMET_RDMA_MAX_INLINE_DATA_SIZE,
+    NVMET_SN_MAX_SIZE,
+    NVMF_TRADDR_SIZE,
+    NVMF_TRSVCID_SIZE,
+)
 
 log = logging.getLogger("nvmet_p2p.config")
 
-# Limits from drivers/nvme/target/nvmet.h and include/linux/nvme.h.
-NVME_CNTLID_MAX = 0xFFEF  # 0xFFF0..0xFFFF are reserved; 0xFFFF requests dynamic allocation
-NVMET_NR_QUEUES = 128  # most I/O queues a controller may have (attr_qid_max bound)
-NVMET_SN_MAX_SIZE = 20  # Identify Controller SN field
-NVMET_MN_MAX_SIZE = 40  # Identify Controller MN field
-NVMET_FR_MAX_SIZE = 8  # Identify Controller FR field
-NVMET_MAX_ANAGRPS = 128
-NVME_NSID_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is the broadcast NSID
-NVMF_TRADDR_SIZE = 256
-NVMF_TRSVCID_SIZE = 32
-NVMET_MAX_NAMESPACES = 1024  # enabled namespaces per subsystem; more is EMFILE (Identify NN)
-NVMET_MIN_QUEUE_SIZE = 16
-NVMET_MAX_QUEUE_SIZE = 1024
-# RDMA in-capsule data is at most 16 KiB (NVMET_RDMA_MAX_INLINE_DATA_SIZE at 4 KiB pages).
-MAX_INLINE_DATA_SIZE = 16384
-DEFAULT_INLINE_DATA_SIZE = 4096
-DEFAULT_MAX_QUEUE_SIZE = 128  # NVME_RDMA_DEFAULT_QUEUE_SIZE
-NVMF_DEFAULT_PORT = "4420"  # IANA port for NVMe over Fabrics (RDMA and TCP)
 TRANSPORT_DEFAULT = -1  # param value meaning "let the transport choose", as in the kernel
 
 FIRMWARE = getattr(nvmet_p2p, "__version__", "0.1.0")[:NVMET_FR_MAX_SIZE]
@@ -220,9 +221,10 @@ class Subsystem(Node):
     KIND = "subsystem"
     ATTRS = (
         _bool("attr", "allow_any_host"),
-        AttrSpec("attr", "cntlid_max", int_range(1, NVME_CNTLID_MAX), show_int,
+        AttrSpec("attr", "cntlid_max", int_range(NVME_CNTLID_MIN, NVME_CNTLID_MAX), show_int,
                  NVME_CNTLID_MAX),
-        AttrSpec("attr", "cntlid_min", int_range(1, NVME_CNTLID_MAX), show_int, 1),
+        AttrSpec("attr", "cntlid_min", int_range(NVME_CNTLID_MIN, NVME_CNTLID_MAX), show_int,
+                 NVME_CNTLID_MIN),
         AttrSpec("attr", "firmware", ascii_text(NVMET_FR_MAX_SIZE, what="firmware revision"),
                  str, FIRMWARE),
         AttrSpec("attr", "ieee_oui", parse_ieee_oui, show_ieee_oui, 0),
@@ -443,12 +445,12 @@ class Port(_Address):
                                          "datagram": "is not supported; use connected"}),
                  str, "", ("connected", "none")),
         AttrSpec("param", "inline_data_size",
-                 int_range(0, MAX_INLINE_DATA_SIZE, also=(TRANSPORT_DEFAULT,),
-                           why=" (-1: transport default)"), show_int, DEFAULT_INLINE_DATA_SIZE),
+                 int_range(0, NVMET_RDMA_MAX_INLINE_DATA_SIZE, also=(TRANSPORT_DEFAULT,),
+                           why=" (-1: transport default)"), show_int, NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE),
         AttrSpec("param", "max_queue_size",
                  int_range(NVMET_MIN_QUEUE_SIZE, NVMET_MAX_QUEUE_SIZE,
                            also=(TRANSPORT_DEFAULT,), why=" (-1: transport default)"),
-                 show_int, DEFAULT_MAX_QUEUE_SIZE),
+                 show_int, NVMET_DEFAULT_MAX_QUEUE_SIZE),
         _bool("param", "pi_enable", refuse_true="protection information is not supported by "
               "nvmet-p2p; set pi_enable to 0"),
         # The 2018 P2P series' per-port gate; see DESIGN.md "P2P knobs".
@@ -481,18 +483,18 @@ class Port(_Address):
         # The kernel leaves trsvcid empty; the NVMe-oF port is the only sensible default.
         if spec.pyname == "addr_trsvcid" and not value and \
                 self._values["addr_trtype"] in ("rdma", "tcp"):
-            return NVMF_DEFAULT_PORT
+            return str(NVME_RDMA_IP_PORT)
         return value
 
     def resolved_inline_data_size(self) -> int:
         """param_inline_data_size with -1 ("transport default") resolved."""
         size = self._values["param_inline_data_size"]
-        return DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
+        return NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
 
     def resolved_max_queue_size(self) -> int:
         """param_max_queue_size with -1 ("transport default") resolved."""
         size = self._values["param_max_queue_size"]
-        return DEFAULT_MAX_QUEUE_SIZE if size == TRANSPORT_DEFAULT else size
+        return NVMET_DEFAULT_MAX_QUEUE_SIZE if size == TRANSPORT_DEFAULT else size
 
     def _check_writable(self, spec: AttrSpec) -> None:
         # A port with linked subsystems is enabled: the kernel answers EACCES.

@@ -15,10 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.wire.limits import NVMF_NQN_SIZE
 
-# NVMe base spec 4.5: an NQN is at most 223 bytes of UTF-8 (NVMF_NQN_SIZE in the kernel).
-NVMF_NQN_SIZE = 223
-NVME_DISC_SUBSYS_NAME = "nqn.2014-08.org.nvmexpress.discovery"
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 # "nqn.yyyy-mm.reverse.domain:anything": the date is when the domain was owned.
 _NQN_RE = re.compile(r"^nqn\.([0-9]{4})-([0-9]{2})\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"

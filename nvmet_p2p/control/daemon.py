@@ -70,12 +70,13 @@ def sd_notify(state: str) -> None:
 
 class Daemon:
     def __init__(self, config_path: str | None, rpc_socket: str | None = None, *,
-                 optional_config: bool = False) -> None:
+                 optional_config: bool = False, **target_opts: Any) -> None:
+        """`target_opts`: Target's controller bounds (max_ctrls_per_host, enable_timeout)."""
         self.config_path = config_path
         self.optional_config = optional_config  # the default file: missing means empty
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop)
+        self.target = Target(loop=self.loop, **target_opts)
         self.transports: list[Any] = [LoopTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.wire import log as lg
-from nvmet_p2p.wire.command import DISCOVERY_NQN
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port, Referral
@@ -35,14 +35,14 @@ def _entry(addr: Port | Referral, portid: int, subnqn: str, subtype: int) -> lg.
 
 
 def disc_entries(target: Target, port: Port, hostnqn: str) -> list[lg.DiscEntry]:
-    entries = [_entry(port, port.portid, DISCOVERY_NQN, lg.Subtype.CURRENT_DISC)]
+    entries = [_entry(port, port.portid, NVME_DISC_SUBSYS_NAME, lg.Subtype.CURRENT_DISC)]
     for nqn in port.subsystems:
         subsys = target.get_subsys(nqn)
         if subsys is not None and subsys.allows_host(hostnqn):
             entries.append(_entry(port, port.portid, nqn, lg.Subtype.NVME))
     for ref in port.referrals.values():
         if ref.enable:
-            entries.append(_entry(ref, ref.portid, DISCOVERY_NQN, lg.Subtype.REFERRAL))
+            entries.append(_entry(ref, ref.portid, NVME_DISC_SUBSYS_NAME, lg.Subtype.REFERRAL))
     return entries
 
 

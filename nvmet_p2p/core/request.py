@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from nvmet_p2p.wire.command import SQE_SIZE, Cqe, Sqe
+from nvmet_p2p.wire.limits import NVMET_NO_ERROR_LOC
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Request:
         self.p2p_dev: Any = None  # provider to take the data buffer from (P2P policy)
         self.chunk: Any = None  # the buffer chunk the transport allocated, if any
         self.handler: Handler | None = None
-        self.error_loc = 0xFFFF  # byte offset of the bad field in the SQE, for the error log
+        self.error_loc = NVMET_NO_ERROR_LOC  # byte offset of the bad field in the SQE, for the error log
         self.completed = False
 
     @property
@@ -120,6 +121,16 @@ class Request:
             self.cqe.result = result
         self.cqe.status = status
         self.sq.complete(self)
+
+    def fail_data_transfer(self) -> None:
+        """The transport could not move a completed command's data to the host.
+
+        The CQE says so, and the error log records it: the core logged nothing when the
+        command completed, its status was 0 then.
+        """
+        self.cqe.status = Status.DATA_XFER_ERROR | DNR
+        if self.sq.ctrl is not None:
+            self.sq.ctrl.log_error(self)
 
     def set_error_loc(self, offset: int) -> None:
         self.error_loc = offset

@@ -25,32 +25,40 @@ from nvmet_p2p.core.subsys import Ns, Subsys
 from nvmet_p2p.core.transport import TransportOps
 from nvmet_p2p.errors import BackendError, ConfigError, NvmetError
 from nvmet_p2p.p2p.policy import P2PPolicy
-from nvmet_p2p.wire.command import DISCOVERY_NQN
+from nvmet_p2p.wire.limits import (
+    NVME_DISC_SUBSYS_NAME,
+    NVMET_MAX_QUEUE_SIZE,
+    NVMET_MAX_TRANSFER,
+    NVMET_P2P_ENABLE_TIMEOUT_S,
+    NVMET_P2P_MAX_CTRLS_PER_HOST,
+    NVMET_RDMA_MAX_MDTS,
+)
 
 log = logging.getLogger("nvmet_p2p.core")
 
-MDTS = 8  # maximum data transfer 2^8 pages of 4 KiB = 1 MiB, as the kernel RDMA target
-PAGE_SIZE = 4096  # CAP.MPSMIN: 4 KiB memory pages
-MAX_QUEUE_SIZE = 1024  # entries of an I/O queue, whatever a port allows (kernel limit)
 CAP_TO = 15  # CAP.TO: 7.5 s (500 ms units) for the host to wait for CSTS.RDY
 CAP_CSS_NVM = 1 << 37
 
 
 class Target(TreeHooks):
     def __init__(self, root: Root | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Clock | None = None, p2p: P2PPolicy | None = None) -> None:
+                 clock: Clock | None = None, p2p: P2PPolicy | None = None,
+                 max_ctrls_per_host: int = NVMET_P2P_MAX_CTRLS_PER_HOST,
+                 enable_timeout: float = NVMET_P2P_ENABLE_TIMEOUT_S) -> None:
         self.root = root if root is not None else Root()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.clock = clock or Clock()
         self.transports: dict[str, TransportOps] = {}
         self._subsystems: dict[str, Subsys] = {}
-        self.discovery = Subsys(DISCOVERY_NQN)
+        self.discovery = Subsys(NVME_DISC_SUBSYS_NAME)
         self.listening: dict[int, TransportOps] = {}  # portid -> transport serving it
         self.listen_errors: dict[int, str] = {}  # portid -> why it is not listening yet
         self.disc_genctr = 0
-        self.mdts = MDTS
-        self.max_transfer = PAGE_SIZE << MDTS
+        self.mdts = NVMET_RDMA_MAX_MDTS
+        self.max_transfer = NVMET_MAX_TRANSFER
         self.p2p = p2p if p2p is not None else P2PPolicy()
+        self.max_ctrls_per_host = max_ctrls_per_host
+        self.enable_timeout = enable_timeout  # seconds; 0: no deadline
         self.root.hooks = self
 
     # -- setup ----------------------------------------------------------------
@@ -79,7 +87,7 @@ class Target(TreeHooks):
 
     def get_subsys(self, nqn: str) -> Subsys | None:
         """The run-time subsystem for a configured NQN (made on first use)."""
-        if nqn == DISCOVERY_NQN:
+        if nqn == NVME_DISC_SUBSYS_NAME:
             return self.discovery
         cfg = self.root.subsystems.get(nqn)
         if cfg is None:
@@ -91,12 +99,17 @@ class Target(TreeHooks):
 
     def find_subsys(self, port: Port, nqn: str) -> Subsys | None:
         """The subsystem a host may reach through `port` by this NQN."""
-        if nqn != DISCOVERY_NQN and nqn not in port.subsystems:
+        if nqn != NVME_DISC_SUBSYS_NAME and nqn not in port.subsystems:
             return None
         return self.get_subsys(nqn)
 
     def create_ctrl(self, subsys: Subsys, sq: SQ, hostnqn: str, hostid: bytes,
                     kato_ms: int) -> Ctrl | None:
+        held = sum(1 for c in subsys.ctrls.values() if c.hostnqn == hostnqn and not c.dead)
+        if held >= self.max_ctrls_per_host:
+            log.warning("connect from %s to %s refused: it holds %d controllers already "
+                        "(max_ctrls_per_host)", hostnqn, subsys.nqn, held)
+            return None
         cntlid = subsys.alloc_cntlid()
         if cntlid is None:
             return None
@@ -126,7 +139,7 @@ class Target(TreeHooks):
     def mqes(self, port: Port) -> int:
         """CAP.MQES (0's based): the largest I/O queue a host may create on `port`."""
         # resolved: the configured value may be -1, "the transport's default"
-        return min(port.resolved_max_queue_size(), MAX_QUEUE_SIZE) - 1
+        return min(port.resolved_max_queue_size(), NVMET_MAX_QUEUE_SIZE) - 1
 
     def cap(self, port: Port) -> int:
         return CAP_CSS_NVM | CAP_TO << 24 | self.mqes(port)
@@ -141,6 +154,10 @@ class Target(TreeHooks):
         for ctrl in self.controllers():
             if ctrl.kato_expired(now):
                 ctrl.fatal_error(f"keep-alive timer ({ctrl.kato}s) expired")
+            elif (self.enable_timeout and not ctrl.ready and not ctrl.dead
+                  and now - ctrl.state_since > self.enable_timeout):
+                ctrl.fatal_error(f"{ctrl.state.name.lower()} and not enabled within "
+                                 f"{self.enable_timeout:g}s")
 
     # -- TreeHooks: the configuration changed --------------------------------------
     def ns_enable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import (
-    ADMIN_CNTLID_DYNAMIC,
     SQE_SIZE,
     AdminOpcode,
     ConnectData,
@@ -30,6 +29,7 @@ from nvmet_p2p.wire.command import (
     Sqe,
     fabrics_sqe,
 )
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_CNTLID_DYNAMIC
 from nvmet_p2p.wire.regs import (
     CC_EN,
     CC_IOCQES,
@@ -196,8 +196,8 @@ class Host(ABC):
     def connect(self, subnqn: str, *, nr_io_queues: int = 1, queue_size: int = 32,
                 kato_ms: int = 0, enable: bool = True) -> Host:
         self.subnqn = subnqn
-        self.admin = self.open_queue(0, 32)
-        cqe = self.connect_queue(self.admin, subnqn, ADMIN_CNTLID_DYNAMIC, kato_ms)
+        self.admin = self.open_queue(0, NVME_AQ_DEPTH)
+        cqe = self.connect_queue(self.admin, subnqn, NVME_CNTLID_DYNAMIC, kato_ms)
         self.cntlid = cqe.result & 0xFFFF
         if enable:
             self.enable()

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nvmet_p2p.errors import VMError
+from nvmet_p2p.wire.limits import NVME_RDMA_IP_PORT
 
 TRADDR = "192.0.2.1"  # TEST-NET-1: only ever the VM's own dummy netdev, never routed
 PREFIX_LEN = 24
 NETDEV = "dummy0"
 RXE_DEV = "rxe0"
-NVME_RDMA_PORT = 4420  # the IANA NVMe-oF port nvme-cli defaults to
 
 VM_SKIP_REASON = "needs the soft-RoCE VM (run: python -m nvmet_p2p.testbed.vm pytest)"
 
@@ -120,7 +120,7 @@ def nvme_ctrls(subnqn: str | None = None, sysfs: Path = Path("/sys")) -> list[st
     return out
 
 
-def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_PORT,
+def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_IP_PORT,
                  hostnqn: str | None = None, nr_io_queues: int | None = None,
                  queue_size: int | None = None, transport: str = "rdma",
                  ctrl_loss_tmo: int | None = None, timeout: float = 60.0) -> str:
@@ -151,7 +151,7 @@ def nvme_disconnect(subnqn: str, timeout: float = 60.0) -> None:
     wait_for(lambda: not nvme_ctrls(subnqn), timeout, f"controllers of {subnqn} to go away")
 
 
-def nvme_discover(traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_PORT,
+def nvme_discover(traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_IP_PORT,
                   hostnqn: str | None = None, transport: str = "rdma",
                   timeout: float = 60.0) -> list[dict[str, Any]]:
     """Discovery log entries as nvme-cli's JSON records (trtype, subnqn, traddr, trsvcid...)."""

@@ -83,11 +83,11 @@ class LoopConnection:
             self.disconnect()
             return
         capsule = bytearray(capsule)
-        req = self.sq.new_request(capsule)
+        req = self.sq.new_request(memoryview(capsule))
         if not req.init():
             return
         target = self.transport.target
-        m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
+        m = map_sgl(req.sqe.sgl, transfer_len=req.transfer_len,
                     host_write=req.data_dir == DataDir.TO_CTRL,
                     inline_data_size=self.inline_data_size,
                     capsule_data_len=len(capsule) - SQE_SIZE, keyed_sgls=True,
@@ -152,10 +152,11 @@ class LoopTransport:
                 and req.cqe.status == 0):
             dst = conn.mem.window(m.key, m.addr, m.length)
             if dst is None:
-                req.cqe.status = Status.DATA_XFER_ERROR | DNR
+                req.fail_data_transfer()
             elif req.chunk is not None:
                 dst[:] = copy_from(req.chunk.view, req.chunk.provider.access)
             else:
+                assert req.buf is not None  # the transport attached it before execute
                 dst[:] = req.buf
         if req.chunk is not None:
             req.buf = None

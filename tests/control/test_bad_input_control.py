@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 from nvmet_p2p import cli
-from nvmet_p2p.config.tree import NVMET_MAX_NAMESPACES
 from nvmet_p2p.configfs import Root
 from nvmet_p2p.control.rpc import (
     CONFIG_ERROR,
@@ -41,6 +40,7 @@ from nvmet_p2p.control.rpc import server as rpc_server
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.errors import ConfigError
 from nvmet_p2p.transports.loop import LoopTransport
+from nvmet_p2p.wire.limits import NVMET_MAX_NAMESPACES
 from tests.support.loop_env import PORTID, SUBNQN, LoopEnv
 from tests.support.rpc import IO_TIMEOUT_S, InProcess, RpcDaemon
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,9 +254,12 @@ def test_bench_job_files_are_package_data() -> None:
 @pytest.mark.timeout(300)
 def test_pip_install_into_a_fresh_venv_gives_working_scripts(tmp_path: Path) -> None:
     """`pip install .` (no extras): both console scripts run, the job files are there."""
+    src = tmp_path / "src"  # setuptools builds in the source tree: not in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".vm", "build", "*.egg-info", "tests", "__pycache__", "results"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(REPO)],
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)],
                          capture_output=True, text=True, timeout=240, check=False)
     if pip.returncode != 0 and "No matching distribution" in pip.stderr:
         pytest.skip(f"no package index reachable for the dependencies: {pip.stderr[-300:]}")

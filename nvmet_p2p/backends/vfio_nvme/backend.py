@@ -70,12 +70,13 @@ from nvmet_p2p.cmb import (
 )
 from nvmet_p2p.core.clock import Clock
 from nvmet_p2p.errors import BackendError, P2PError
+from nvmet_p2p.wire.command import NVME_DSM_RANGE
 from nvmet_p2p.wire.identify import IdCtrl, IdNs
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_DSMGMT_AD
 from nvmet_p2p.wire.status import DNR, Status, status_name
 
 log = logging.getLogger(__name__)
 
-NVME_AQ_DEPTH = 32  # admin commands are issued one at a time; 32 as the kernel uses
 NVME_IO_DEPTH = 128  # I/O SQ/CQ entries: QD32 plus headroom, one slot stays empty
 IOVA_BASE = 0x1000_0000  # our DMA memory; far below typical BAR windows and the MSI range
 CMB_CBA_FALLBACK = 0x8000_0000  # controller base address when the BAR's own does not stick
@@ -637,7 +638,7 @@ class VfioNvmeBackend(Backend):
                 return False
             buf.view[:] = payload
             return self._issue(pci.IO_DSM, Cmd(cb, buf), bus=buf.bus_addr, nbytes=len(payload),
-                               cdw10=len(ranges) - 1, cdw11=pci.DSM_ATTR_DEALLOCATE)
+                               cdw10=len(ranges) - 1, cdw11=NVME_DSMGMT_AD)
         self._submit(issue, cb)
 
     # -- completions -------------------------------------------------------------------------
@@ -881,7 +882,7 @@ class VfioNvmeBackend(Backend):
 
 def pci_dsm_range(slba: int, nlb: int) -> bytes:
     """One 16-byte DSM range: context attributes 0, length, starting LBA."""
-    return (0).to_bytes(4, "little") + nlb.to_bytes(4, "little") + slba.to_bytes(8, "little")
+    return NVME_DSM_RANGE.pack(0, nlb, slba)
 
 
 class _Join:
