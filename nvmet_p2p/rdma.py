@@ -426,7 +426,9 @@ class RdmaTransport:
                 for portid, lst in list(self.listeners.items()):
                     if lst.cm_id.ptr == ev.id:
                         log.error("rdma: port %d: device removed, listener closed", portid)
-                        self.listeners.pop(portid).close()
+                        lst = self.listeners.pop(portid)
+                        lst.close()
+                        self.target.port_down(lst.port, "RDMA device removed")
             return
         if ev.type == CmEventType.ESTABLISHED:
             q.established = True

@@ -4,6 +4,11 @@
 a subsystem linked to a port starts that port's listener), registers transports, owns
 the run-time subsystems and controllers, the discovery generation counter and
 keep-alive.  It never imports a transport: transports register themselves.
+
+A port whose listener cannot start (its RDMA device is not up yet, the address is not
+configured) stays linked and configured, as nvmet-rdma keeps it: the reason is kept
+in `listen_errors` (status, log) and `retry_ports()` tries again; the daemon calls it
+periodically and when an RDMA device appears.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Target(TreeHooks):
         self._subsystems: dict[str, Subsys] = {}
         self.discovery = Subsys(NVME_DISC_SUBSYS_NAME)
         self.listening: dict[int, TransportOps] = {}  # portid -> transport serving it
+        self.listen_errors: dict[int, str] = {}  # portid -> why it is not listening yet
         self.disc_genctr = 0
         self.mdts = NVMET_RDMA_MAX_MDTS
         self.max_transfer = NVMET_MAX_TRANSFER
@@ -69,6 +75,7 @@ class Target(TreeHooks):
             if port is not None:
                 ops.remove_port(port)
         self.listening.clear()
+        self.listen_errors.clear()
         for subsys in self._subsystems.values():
             for ns in subsys.ns.values():
                 ns.disable()
@@ -188,12 +195,32 @@ class Target(TreeHooks):
                               f"available in this target (have: {', '.join(self.transports)})")
         try:
             ops.add_port(port)
-        except NvmetError as e:
-            raise ConfigError(f"port {port.portid}: cannot listen on {port.addr_traddr}:"
-                              f"{port.addr_trsvcid}: {e}") from e
+        except (NvmetError, OSError) as e:
+            why = (f"cannot listen on {port.addr_traddr}:{port.addr_trsvcid}: {e}; "
+                   "retrying")
+            if self.listen_errors.get(port.portid) != why:
+                log.warning("port %d: %s", port.portid, why)
+            self.listen_errors[port.portid] = why
+            return
         self.listening[port.portid] = ops
+        self.listen_errors.pop(port.portid, None)
         log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
                  port.addr_traddr, port.addr_trsvcid)
+
+    def retry_ports(self) -> None:
+        """Try again to listen on every linked port that is not listening."""
+        for portid in list(self.listen_errors):
+            port = self.root.ports.get(portid)
+            if port is None or not port.subsystems:
+                self.listen_errors.pop(portid, None)
+                continue
+            self._start_port(port)
+
+    def port_down(self, port: Port, why: str) -> None:
+        """A transport lost a listener (its device went away): retried like a failed start."""
+        if self.listening.pop(port.portid, None) is not None:
+            log.warning("port %d: %s; retrying", port.portid, why)
+            self.listen_errors[port.portid] = f"{why}; retrying"
 
     def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
         self._start_port(port)  # a port listens once its first subsystem is linked
@@ -209,6 +236,8 @@ class Target(TreeHooks):
                              subsys.nqn, port.portid)
                     ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
+        if not remaining:
+            self.listen_errors.pop(port.portid, None)
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)
             log.info("port %d: stopped listening", port.portid)
@@ -254,7 +283,10 @@ class Target(TreeHooks):
             subsystems[nqn] = {"namespaces": [ns.describe() for ns in subsys.ns.values()],
                                "controllers": [c.cntlid for c in subsys.ctrls.values()]}
         return {
-            "ports": {pid: {"listening": pid in self.listening} for pid in self.root.ports},
+            "ports": {pid: {"listening": pid in self.listening,
+                            **({"error": self.listen_errors[pid]}
+                               if pid in self.listen_errors else {})}
+                      for pid in self.root.ports},
             "subsystems": subsystems,
             "controllers": [c.describe() for c in self.controllers()],
             "disc_genctr": self.disc_genctr,
