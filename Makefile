@@ -26,5 +26,5 @@ bench: setup
 # ruff everywhere, mypy on the typed layers, and the layer contracts (pyproject.toml).
 lint: setup
 	$(PY) -m ruff check nvmet_p2p tests bench tools
-	$(PY) -m mypy nvmet_p2p/core nvmet_p2p/wire
+	$(PY) -m mypy nvmet_p2p/core nvmet_p2p/wire nvmet_p2p/p2p
 	.venv/bin/lint-imports --no-cache

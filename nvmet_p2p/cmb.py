@@ -180,6 +180,8 @@ class Provider(ABC):
     size: int = 0
     mapping: str = "wb"  # "wb" (system), "uc" or "wc"
     access: AccessRules = SYSTEM_ACCESS
+    published: bool = True  # others may use it, as the kernel's pci_p2pmem_publish()
+    publish_reason: str = ""  # why not, when not published
 
     def __init__(self) -> None:
         self._regions: list[_Region] = []

@@ -14,9 +14,12 @@ import logging
 import signal
 from typing import Any
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
+from nvmet_p2p.core.transport import TransportOps
 from nvmet_p2p.errors import ConfigError, NvmetError
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 
 log = logging.getLogger("nvmet_p2p.daemon")
@@ -24,7 +27,7 @@ log = logging.getLogger("nvmet_p2p.daemon")
 TICK_S = 1.0  # keep-alive granularity (KAS is 1 s)
 
 
-def _rdma_transport(target: Target) -> Any | None:
+def _rdma_transport(target: Target) -> TransportOps | None:
     """The RDMA transport, if this machine has pyverbs; None (and why) otherwise."""
     try:
         from nvmet_p2p.rdma import RdmaTransport
@@ -39,8 +42,9 @@ class Daemon:
         self.config_path = config_path
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop)
-        self.transports: list[Any] = [LoopTransport(self.target)]
+        self.p2p = P2PPolicy()
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p)
+        self.transports: list[TransportOps] = [LoopTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:
             self.transports.append(rdma)
@@ -102,9 +106,8 @@ class Daemon:
             self.rpc = None
         self.target.shutdown()
         for t in self.transports:
-            close = getattr(t, "close", None)
-            if close is not None:
-                close()
+            t.close()
+        self.p2p.close()
         # let completions posted by backend threads during teardown run
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()

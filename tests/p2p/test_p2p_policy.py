@@ -1,5 +1,6 @@
-"""The P2P policy (nvmet_p2p/p2p.py): every step of the decision order with its exact reason,
-the choice among providers, and the loop data path end to end over a synthetic sysfs tree.
+"""The P2P policy (nvmet_p2p/p2p/): every step of the decision order with its exact reason,
+the choice among providers, and the loop data path end to end over a synthetic sysfs tree
+(the core's per-request buffer, its fallbacks and counters).
 
 The end-to-end tests put a fake PCI NVMe namespace (a Backend whose P2P-flagged I/O moves
 data between an in-memory "media" and the chunk, as a controller's DMA would) behind a loop
@@ -21,15 +22,10 @@ import pytest
 
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.cmb import Chunk, SysfsBarProvider, copy_from, copy_into
-from nvmet_p2p.core import target as core
-from nvmet_p2p.p2p.policy import (
-    REASON_EXHAUSTED,
-    REASON_IN_CAPSULE,
-    Candidate,
-    P2PPolicy,
-    decide,
-    explain,
-)
+from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
+from nvmet_p2p.p2p.decision import Candidate, decide
+from nvmet_p2p.p2p.explain import explain
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.p2p.topology import Topology
 from nvmet_p2p.wire.command import IoOpcode, Sqe
 from tests.support.loop_env import PORTID, SUBNQN, LoopEnv
@@ -37,6 +33,7 @@ from tests.support.p2p_machine import AMD_ZEN, INTEL, NOT_PCI, Machine
 
 NO_PROVIDER = ("no P2P memory provider is available (no published p2pmem, no NVMe CMB with "
                "WDS and RDS)")
+ANY_KIND = frozenset({"p2pmem", "nvme-cmb", "sysfs-bar", "vfio-bar"})
 
 
 @pytest.fixture
@@ -51,13 +48,14 @@ def port(allow: bool = True, portid: int = 1) -> Any:
 def run_decide(m: Machine, *, cpu: str = INTEL, allow: bool = True, p2pmem: str = "1",
                transport_client: str | None = None, transport_reason: str | None = None,
                ns_client: str | None = None, ns_label: str = "vfio-nvme x",
-               accepts: bool = True, candidates: list[Candidate] | None = None,
+               kinds: frozenset[str] = ANY_KIND, needs: str = "it needs a bus address",
+               candidates: list[Candidate] | None = None,
                can_register: Any = None, rng: random.Random | None = None):
     return decide(Topology(m.root, cpu=cpu), port=port(allow), subnqn=SUBNQN, nsid=1,
                   ns_p2pmem=p2pmem, transport_client=transport_client,
                   transport_reason=transport_reason,
                   ns_client=m.nvme if ns_client is None and ns_label.startswith("vfio")
-                  else ns_client, ns_label=ns_label, backend_accepts=accepts,
+                  else ns_client, ns_label=ns_label, backend_kinds=kinds, backend_needs=needs,
                   candidates=[Candidate(m.peer1, "peer1")] if candidates is None
                   else candidates, can_register=can_register, rng=rng)
 
@@ -85,16 +83,19 @@ def test_step2_namespace_p2pmem_0(m):
     assert not d.p2p and d.reason == "namespace 1: p2pmem is 0"
 
 
-def test_step3_transport_without_p2p_client(m):
+def test_step3_the_transport_is_asked_through_its_declared_interface(m):
     policy = P2PPolicy(m.root, cpu=INTEL)
     ns = SimpleNamespace(nsid=1, cfg=None, backend=FakePciNvme(m.nvme, 1 << 20))
     subsys = SimpleNamespace(nqn=SUBNQN, ns={1: ns})
-    ops = SimpleNamespace(trtype="tcp")  # no p2p_client
-    d = policy.decide_for(port(), ops, subsys, ns)
-    assert not d.p2p
-    assert d.reason == "transport tcp cannot do peer-to-peer DMA (it names no p2p_client)"
+    asked = []
+    ops = SimpleNamespace(p2p_client=lambda p: asked.append(p) or "rxe0",
+                          p2p_can_register=lambda prov: None)
+    p = port()
+    d = policy.decide_for(p, ops, subsys, ns, [ns])
+    assert asked == [p] and not d.p2p
+    assert d.reason == f"rxe0 is not a PCI device (soft-RoCE); it {NOT_PCI}"
     d = policy.decide_for(SimpleNamespace(portid=1, attr_allow_p2pmem=True,
-                                          addr_trtype="fc"), None, subsys, ns)
+                                          addr_trtype="fc"), None, subsys, ns, [ns])
     assert d.reason == "transport fc is not available in this target"
 
 
@@ -159,11 +160,24 @@ def test_step5_topology_not_supported_on_intel_without_whitelisted_host_bridge(m
 
 
 def test_step6_backend_that_does_not_accept_p2p(m):
-    d = run_decide(m, ns_label="bdev /dev/nvme0n1", ns_client=m.nvme, accepts=False)
+    d = run_decide(m, ns_label="bdev /dev/vda", ns_client=m.nvme, kinds=frozenset(),
+                   needs="/dev/vda is not an NVMe namespace")
     assert not d.p2p
-    assert d.reason == "namespace 1: the bdev /dev/nvme0n1 backend cannot issue P2P-flagged I/O"
+    assert d.reason == ("namespace 1: the bdev /dev/vda backend cannot issue P2P-flagged "
+                        "I/O: /dev/vda is not an NVMe namespace")
     assert d.provider == "peer1" and d.distance == 4  # the topology was fine
     assert d.text().endswith("(nearest provider peer1, distance 4)")
+
+
+def test_step4_memory_the_backend_cannot_use_is_no_candidate(m):
+    cands = [Candidate(m.nvme_fn1, "fn1/cmb", kind="nvme-cmb"), Candidate(m.peer2, "peer2")]
+    bdev = {"ns_label": "bdev /dev/nvme0n1", "ns_client": m.nvme,
+            "kinds": frozenset({"p2pmem"}), "needs": "O_DIRECT needs pinnable pages"}
+    d = run_decide(m, candidates=cands, **bdev)
+    assert d.p2p and d.provider == "peer2"  # fn1 is nearer, but a BAR mapped by VFIO
+    d = run_decide(m, candidates=cands[:1], **bdev)
+    assert d.reason == ("no usable P2P memory provider: fn1/cmb: the bdev /dev/nvme0n1 "
+                        "backend cannot use nvme-cmb memory: O_DIRECT needs pinnable pages")
 
 
 def test_step6_registration_refused(m):
@@ -179,15 +193,15 @@ def test_step6_registration_refused(m):
     assert asked == [prov] and not d.p2p
     assert d.reason == ("the transport cannot register peer1/bar2: ibv_reg_mr failed: Bad "
                         "address (no P2P support in ib_umem_get)")
-    assert d.provider_obj is None
+    assert d.p2p_dev is None
 
 
 def test_unknown_namespace_device_is_reported_not_raised(m):
     policy = P2PPolicy(m.root, cpu=INTEL)
     ns = SimpleNamespace(nsid=1, cfg=None, backend=FakePciNvme("0000:0f:00.0", 1 << 20))
     subsys = SimpleNamespace(nqn=SUBNQN, ns={1: ns})
-    ops = SimpleNamespace(trtype="loop", p2p_client=lambda p: None)
-    d = policy.decide_for(port(), ops, subsys, ns)
+    ops = SimpleNamespace(p2p_client=lambda p: None, p2p_can_register=lambda prov: None)
+    d = policy.decide_for(port(), ops, subsys, ns, [ns])
     assert not d.p2p
     assert d.reason == ("topology could not be evaluated: no PCI device 0000:0f:00.0 under "
                         f"{m.root}")
@@ -222,7 +236,7 @@ def test_several_pools_behind_one_bdf_pick_the_roomiest(m):
         return SimpleNamespace(counters=lambda: {"available": avail})
     small, big = pool(4096), pool(1 << 20)
     d = run_decide(m, candidates=[Candidate(m.peer1, "a", small), Candidate(m.peer1, "b", big)])
-    assert d.provider == "b" and d.provider_obj is big
+    assert d.provider == "b" and d.p2p_dev is big
 
 
 # -- the loop data path end to end -----------------------------------------------------------
@@ -233,7 +247,7 @@ class FakePciNvme(Backend):
     on the loop later, as a real device's would, so requests overlap."""
 
     kind = "fake-nvme"
-    accepts_p2p = True
+    p2p_kinds = frozenset({"nvme-cmb"})
 
     def __init__(self, bdf: str, size: int, loop: asyncio.AbstractEventLoop | None = None,
                  cmb: Any = None) -> None:
@@ -299,11 +313,12 @@ class P2PEnv:
     def __init__(self, env: LoopEnv, m: Machine, monkeypatch: pytest.MonkeyPatch,
                  cmb_size: int = 1 << 20) -> None:
         self.env, self.m = env, m
-        env.target.p2p = P2PPolicy(m.root, cpu=INTEL, rng=random.Random(1))
+        self.policy = P2PPolicy(m.root, cpu=INTEL, rng=random.Random(1))
+        env.p2p = env.target.p2p = self.policy
         m.bar(m.nvme, 2, 1 << 20)
         self.cmb_size = cmb_size
         self.backends: list[FakePciNvme] = []
-        real = core.open_backend
+        real = env.target.open_backend
 
         def open_backend(path, **kw):
             if path != "fake-nvme":
@@ -312,7 +327,7 @@ class P2PEnv:
             b = FakePciNvme(m.nvme, NS_BYTES, env.loop, cmb)
             self.backends.append(b)
             return b
-        monkeypatch.setattr(core, "open_backend", open_backend)
+        monkeypatch.setattr(env.target, "open_backend", open_backend)
 
     def setup(self, *, allow: bool = True, p2pmem: str = "1", inline: int = 0,
               extra_ns: dict[int, str] | None = None) -> Any:
@@ -364,7 +379,7 @@ def test_loop_writes_and_reads_go_through_the_cmb(p2p_env, caplog):
     assert counters["allocated"] == 0 and counters["allocs"] == 8
     assert counters["available"] == p2p_env.cmb_size
     ctrl = p2p_env.env.target.controllers()[-1]
-    decision = ctrl.p2p[1]
+    decision = ctrl.p2p_ns_map[1]
     assert decision.p2p and decision.provider == f"{p2p_env.m.nvme}/bar2"
     assert decision.distance == 0 and decision.clients == [p2p_env.m.nvme]
     logged = [r.getMessage() for r in caplog.records if "ns 1:" in r.getMessage()]
@@ -460,7 +475,7 @@ def test_explain_a_running_target(p2p_env):
     subsys = p2p_env.setup(extra_ns={2: "memory"})
     ns3 = subsys.create_namespace(3)
     ns3.device_backend, ns3.device_path, ns3.device_size = "memory", "off", 1 << 20
-    out = explain(p2p_env.env.target)
+    out = explain(p2p_env.env.target, p2p_env.policy)
     assert [(e["portid"], e["nsid"], e["p2p"]) for e in out] == [(1, 1, True), (1, 2, False),
                                                                 (1, 3, False)]
     assert out[0]["provider"] == f"{p2p_env.m.nvme}/bar2" and out[0]["distance"] == 0
