@@ -142,8 +142,9 @@ def decide(topology: Topology, *, port: PortFacts, subnqn: str, nsid: int, ns_p2
                       clients=clients)
         if pinned:
             known = ", ".join(sorted({c.bdf for c in candidates})) or "none"
-            return no(f"namespace {nsid}: pinned provider {pinned} is not a P2P memory "
-                      f"provider (known: {known})", clients=clients)
+            return no(f"namespace {nsid}: pinned provider {pinned} publishes no P2P memory: "
+                      f"it has no p2pmem in sysfs and no CMB our NVMe driver enabled "
+                      f"(known providers: {known})", clients=clients)
         if refused:
             return no(f"no usable P2P memory provider: {refused}", clients=clients)
         return no("no P2P memory provider is available (no published p2pmem, no NVMe CMB "

@@ -20,7 +20,7 @@ from nvmet_p2p.backends.vfio_nvme.backend import VfioNvmeBackend
 from nvmet_p2p.errors import P2PError
 from nvmet_p2p.p2p.decision import Candidate, Decision, decide, not_enabled
 from nvmet_p2p.p2p.netdev import NetdevOfAddr, netdev_of_addr, rdma_client
-from nvmet_p2p.p2p.policy import P2PPolicy
+from nvmet_p2p.p2p.policy import P2PMEM_ALLOCATE_MISSING, P2PMEM_UNPUBLISHED, P2PPolicy
 from nvmet_p2p.p2p.topology import Topology, published_p2pmem
 from nvmet_p2p.pci import normalize_bdf
 
@@ -109,11 +109,12 @@ def _ns_facts(ns: Namespace, topology: Topology) -> tuple[str | None, str, froze
 
 
 def config_candidates(root: Root, sysfs_root: str | os.PathLike[str]) -> list[Candidate]:
-    """Published kernel p2pmem, then the CMB of every enabled vfio-nvme namespace device."""
+    """The kernel's p2pmem, then the CMB of every enabled vfio-nvme namespace device."""
     out: list[Candidate] = []
     for info in published_p2pmem(sysfs_root):
-        if info.published:
-            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}"))
+        unusable = (P2PMEM_UNPUBLISHED if not info.published else
+                    P2PMEM_ALLOCATE_MISSING if not info.allocatable else None)
+        out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", unusable=unusable))
     seen = set()
     for subsys in root.subsystems.values():
         for ns in subsys.namespaces.values():

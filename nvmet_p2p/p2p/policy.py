@@ -29,20 +29,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvmet_p2p.p2p")
 
 P2PMEM_ALLOCATE_MISSING = "p2pmem/allocate is missing (needs Linux >= 6.2)"
+P2PMEM_UNPUBLISHED = "p2pmem is not published (its driver keeps it private)"
+# What one mmap of a device's p2pmem/allocate takes from the kernel's pool for us: room for
+# 16 MDTS-sized transfers, and the rest stays for the kernel target or other users.
+P2PMEM_POOL_SIZE = 16 << 20
 
 
 class P2PPolicy:
     """Decisions over the PCI tree at `sysfs_root`; see the module docstring."""
 
     def __init__(self, sysfs_root: str = "/sys", cpu: str | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 p2pmem_pool_size: int = P2PMEM_POOL_SIZE) -> None:
         self.sysfs_root = sysfs_root
         self.topology = Topology(sysfs_root, cpu=cpu)
         self.rng = rng or random.Random()
+        self.p2pmem_pool_size = p2pmem_pool_size
         self._kernel_providers: dict[str, Provider] = {}
 
     def candidates(self, namespaces: Sequence[Ns]) -> list[Candidate]:
-        """The CMBs our own NVMe driver found, then the p2pmem the kernel publishes."""
+        """The CMBs our own NVMe driver found, then the kernel's p2pmem: each device's is
+        mapped (`p2pmem_pool_size` of it) when first a candidate, and kept."""
         out = []
         for ns in namespaces:
             cmb = ns.backend.cmb
@@ -51,17 +58,23 @@ class P2PPolicy:
                 unusable = None if cmb.published else cmb.publish_reason or "not published"
                 out.append(Candidate(cmb.bdf or "", cmb.name, cmb, unusable, cmb.kind))
         try:
-            published = [p for p in published_p2pmem(self.sysfs_root) if p.published]
+            p2pmem = published_p2pmem(self.sysfs_root)
         except OSError:
-            published = []  # no PCI tree to read: nothing is published
-        for info in published:
+            p2pmem = []  # no PCI tree to read: nothing is published
+        for info in p2pmem:
             prov = self._kernel_providers.get(info.bdf)
             unusable = None
-            if prov is None and not info.allocatable:
+            if prov is not None:
+                pass  # mapped before; the kernel may since show it unpublished, ours stays
+            elif not info.published:
+                unusable = P2PMEM_UNPUBLISHED
+            elif not info.allocatable:
                 unusable = P2PMEM_ALLOCATE_MISSING
-            elif prov is None:
+            else:
                 try:
-                    prov = KernelP2pmemProvider(self.sysfs_root, info.bdf)
+                    prov = KernelP2pmemProvider(
+                        self.sysfs_root, info.bdf,
+                        size=min(self.p2pmem_pool_size, info.available))
                     self._kernel_providers[info.bdf] = prov
                 except P2PError as e:
                     unusable = str(e)
@@ -115,8 +128,10 @@ class P2PPolicy:
         return None if d.p2p else d.reason
 
     def providers(self, namespaces: Sequence[Ns]) -> list[dict]:
-        return [c.provider.describe() for c in self.candidates(namespaces)
-                if c.provider is not None]
+        """The live CMBs and the kernel p2pmem mapped so far (status maps nothing)."""
+        cmbs = [ns.backend.cmb for ns in namespaces]
+        live = [p for p in cmbs if p is not None and not p.closed]
+        return [p.describe() for p in [*live, *self._kernel_providers.values()]]
 
     def close(self) -> None:
         """Unmap the kernel p2pmem this policy mapped; idempotent."""

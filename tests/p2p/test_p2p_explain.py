@@ -103,8 +103,8 @@ def test_offline_decision_for_every_port_and_namespace(m):
     assert by[2, 3].provider is None
     assert all(by[p, 4].reason == "namespace 4 is not enabled" for p in range(1, 7))
     # pinned to peer2, whose namespace is disabled: its CMB is no candidate
-    assert by[2, 5].reason.startswith(f"namespace 5: pinned provider {m.peer2} is not a P2P "
-                                      "memory provider (known: ")
+    assert by[2, 5].reason.startswith(f"namespace 5: pinned provider {m.peer2} publishes no "
+                                      "P2P memory: it has no p2pmem in sysfs and no CMB ")
     # a hardware RDMA NIC on the same switch: NIC -> CMB 4 + NVMe -> own CMB 0
     d = by[3, 1]
     assert d.p2p and d.clients == ["mlx5_0", m.nvme] and d.distance == 4
