@@ -25,9 +25,12 @@ import socket
 import time
 from typing import Any
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
+from nvmet_p2p.core.transport import TransportOps
 from nvmet_p2p.errors import NvmetError
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.tcp import TcpTransport
 from nvmet_p2p.transports.loop import LoopTransport
 
@@ -45,7 +48,7 @@ def rdma_devices() -> frozenset[str]:
         return frozenset()
 
 
-def _rdma_transport(target: Target) -> Any | None:
+def _rdma_transport(target: Target) -> TransportOps | None:
     """The RDMA transport, if this machine has pyverbs; None (and why) otherwise."""
     try:
         from nvmet_p2p.rdma import RdmaTransport
@@ -77,8 +80,11 @@ class Daemon:
         self.optional_config = optional_config  # the default file: missing means empty
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop, **target_opts)
-        self.transports: list[Any] = [LoopTransport(self.target), TcpTransport(self.target)]
+        self.p2p = P2PPolicy()
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p,
+                             **target_opts)
+        self.transports: list[TransportOps] = [LoopTransport(self.target),
+                                               TcpTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:
             self.transports.append(rdma)
@@ -177,9 +183,8 @@ class Daemon:
             self.rpc = None
         self.target.shutdown()
         for t in self.transports:
-            close = getattr(t, "close", None)
-            if close is not None:
-                close()
+            t.close()
+        self.p2p.close()
         # let completions posted by backend threads during teardown run
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()

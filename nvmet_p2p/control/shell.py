@@ -459,10 +459,15 @@ class UINamespace(UINode):
         size = f" {human_size(device['size'])}" if device.get("size") else ""
         parts = [f"{device['path'] or '(no path)'} ({device['backend']}{size})",
                  "enabled" if enabled else "disabled"]
-        decision = self._decision(self.call("status")) or self._explained()
+        status = self.call("status")
+        decision = self._decision(status) or self._explained()
         if decision is not None:
             parts.append(f"p2p: {decision['provider']}" if decision.get("p2p")
                          else f"system memory: {_short(decision.get('reason', '?'))}")
+        stats = self.status_part(status).get("stats", {})
+        if stats.get("p2p_bytes") or stats.get("sysmem_bytes"):  # Read/Write payload so far
+            parts.append(f"{human_size(str(stats['p2p_bytes']))} P2P, "
+                         f"{human_size(str(stats['sysmem_bytes']))} system memory")
         return (", ".join(parts), True if enabled else None)
 
     def _ids(self) -> tuple[str, str]:

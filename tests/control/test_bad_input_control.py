@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from nvmet_p2p import cli
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.configfs import Root
 from nvmet_p2p.control.rpc import (
     CONFIG_ERROR,
@@ -39,6 +40,7 @@ from nvmet_p2p.control.rpc import (
 from nvmet_p2p.control.rpc import server as rpc_server
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 from nvmet_p2p.wire.limits import NVMET_MAX_NAMESPACES
 from tests.support.loop_env import PORTID, SUBNQN, LoopEnv
@@ -231,7 +233,7 @@ def threaded(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="nvmet-rpc-")
     path = os.path.join(d, "ctl.sock")
     loop = asyncio.new_event_loop()
-    target = Target(loop=loop)
+    target = Target(loop=loop, open_backend=open_backend, p2p=P2PPolicy())
     LoopTransport(target)
     server = RpcServer(SimpleNamespace(target=target, config_path=None), path)
     loop.run_until_complete(server.start())

@@ -23,10 +23,12 @@ import pytest
 
 import nvmet_p2p
 from nvmet_p2p import cli
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.control import daemon as daemon_mod
 from nvmet_p2p.control.defaults import DEFAULT_CONFIG, DEFAULT_RPC_SOCKET
 from nvmet_p2p.control.rpc import METHODS, RpcClient, RpcServer
 from nvmet_p2p.control.rpc.cli import parse_params
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.testbed import bench
 from tests.support.rpc import IO_TIMEOUT_S, RpcDaemon
 
@@ -126,7 +128,8 @@ def test_rpc_wait_for_a_daemon_started_a_moment_later(tmp_path: Path) -> None:
 
     path = str(Path(tempfile.mkdtemp(prefix="nvmet-wait-")) / "ctl.sock")
     loop = asyncio.new_event_loop()
-    server = RpcServer(SimpleNamespace(target=Target(loop=loop), config_path=None), path)
+    server = RpcServer(SimpleNamespace(target=Target(loop=loop, open_backend=open_backend, p2p=P2PPolicy()),
+                                       config_path=None), path)
 
     def late_start() -> None:
         time.sleep(0.5)

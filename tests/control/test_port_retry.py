@@ -35,6 +35,16 @@ class FlakyTransport:
 
     def queue_response(self, req: object) -> None: ...
     def delete_ctrl(self, ctrl: object) -> None: ...
+    def p2p_client(self, port: object) -> str | None:
+        return None
+
+    def p2p_can_register(self, provider: object) -> str | None:
+        return None
+
+    def resources(self) -> dict[str, int]:
+        return {"ports": len(self.ports)}
+
+    def close(self) -> None: ...
 
 
 @pytest.fixture

@@ -172,6 +172,34 @@ def test_identified_subsystem_refusal(target_env: LoopEnv, tmp_path: Path,
         server.close()
 
 
+def test_ls_and_p2p_show_where_the_payload_went(target_env: LoopEnv, tmp_path: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    server = InProcess(target_env)
+    host = target_env.connect()
+    host.write(1, 0, bytes(range(256)) * 16)
+    host.read(1, 0, 8)
+    loop = target_env.loop
+    thread = threading.Thread(target=loop.run_forever, name="target-loop")
+    thread.start()
+    cs_prefs.Prefs._Prefs__borg_state.clear()  # type: ignore[attr-defined]
+    cs_prefs.Prefs._prefs = {}
+    shell = make_shell(server.path, str(tmp_path / "prefs"))
+    try:
+        capfd.readouterr()
+        ns = f"/subsystems/{SUBNQN}/namespaces/1"
+        listed = ok(shell, capfd, f"ls {ns}")
+        assert listed.rstrip().endswith(
+            "system memory: port 1: allow_p2pmem is off, 0 P2P, 8K system memory]")
+        assert ok(shell, capfd, f"{ns} p2p").rstrip().endswith(
+            "payload so far: 0 bytes P2P, 8192 in system memory (port 1: allow_p2pmem is "
+            "off: 8192)")
+    finally:
+        shell._root_node.rpc.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LOOP_STOP_TIMEOUT_S)
+        server.close()
+
+
 def test_enable_disable_delete(sh: ConfigShell, daemon: RpcDaemon,
                                capfd: pytest.CaptureFixture[str]) -> None:
     build(sh, capfd)

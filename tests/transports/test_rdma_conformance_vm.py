@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.host.base import Host
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.wire import log as lg
 from tests.support.conformance import CHECKS, Connect, TargetSide
 
@@ -49,7 +51,7 @@ class ThreadedRdmaTarget:
 
         setup_rxe()
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop)
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=P2PPolicy())
         self.transport = RdmaTransport(self.target, **transport_opts)
         root = self.target.root
         subsys = root.create_subsystem(SUBNQN)

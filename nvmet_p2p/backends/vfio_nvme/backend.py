@@ -123,7 +123,10 @@ class VfioNvmeBackend(Backend):
     """
 
     kind = "vfio-nvme"
-    accepts_p2p = True
+    # PRPs carry a bus address, known for BARs our driver or sysfs maps; kernel p2pmem
+    # has one too, but the kernel does not tell userspace what it is
+    p2p_kinds = frozenset({"nvme-cmb", "vfio-bar", "sysfs-bar"})
+    p2p_needs = "its PRPs carry the memory's bus address, which only BARs we map have"
     _binding: VfioBinding | None
     _container: VfioContainer | None
     cba: int  # the CMB's controller base address, once enabled
@@ -151,7 +154,7 @@ class VfioNvmeBackend(Backend):
                  dev_root: str = "/dev/vfio", dma_size: int = 32 << 20,
                  io_depth: int = NVME_IO_DEPTH, enable_cmb: bool = True,
                  io_timeout: float = pci.NVME_IO_TIMEOUT_S, clock: Clock | None = None) -> None:
-        self.bdf, self.nsid, self.p2p_client = bdf, nsid, bdf
+        self.bdf, self.nsid, self.p2p_client, self.path = bdf, nsid, bdf, bdf
         self._init_state(io_depth, io_timeout, clock)
         self._want_cmb = enable_cmb
         controller.check_nvme_class(sysfs_root, bdf)

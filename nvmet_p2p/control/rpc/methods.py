@@ -31,7 +31,7 @@ from nvmet_p2p.configfs import (
     lookup,
     set_attr,
 )
-from nvmet_p2p.control.rpc.errors import CONFIG_ERROR, NOT_AVAILABLE, RpcError, bad_param
+from nvmet_p2p.control.rpc.errors import CONFIG_ERROR, RpcError, bad_param
 from nvmet_p2p.control.rpc.params import (
     ATTRS_WHAT,
     PATH,
@@ -319,29 +319,19 @@ class Methods:
         return {"cleared": True}
 
     def status(self) -> dict:
-        target = self.daemon.target
-        out = target.status()
-        if "p2p" not in out and hasattr(target, "p2p_status"):
-            out["p2p"] = target.p2p_status()
+        out = self.daemon.target.status()
         out["warnings"] = self.root.warnings()
         return out
 
     def version(self) -> dict:
         return {"version": nvmet_p2p.__version__, "methods": list(METHODS)}
 
-    def p2p_explain(self, path: str | None = None) -> Any:
-        try:
-            from nvmet_p2p.p2p import policy as p2p
-        except ImportError:
-            explain = None
-        else:
-            explain = getattr(p2p, "explain", None)
-        if explain is None:
-            raise RpcError(NOT_AVAILABLE, "p2p_explain is not available in this build (no "
-                           "nvmet_p2p.p2p.policy.explain); `nvmet-p2p p2p distance` answers "
-                           "topology questions")
-        result = explain(self.daemon.target)
-        if path is None or not isinstance(result, list):
+    def p2p_explain(self, path: str | None = None) -> list[dict]:
+        # imported here: the shell's RpcClient shares this package and needs none of P2P
+        from nvmet_p2p.p2p.explain import explain
+
+        result = explain(self.daemon.target, self.daemon.p2p)
+        if path is None:
             return result
         return [e for e in result if _explains(e, path)]
 
