@@ -186,7 +186,7 @@ class RdmaQueue:
         self.ring: RegisteredBuffer | None = None
         self.rsp: RegisteredBuffer | None = None
         # A command holds at most 2 send-queue slots (READ, or WRITE + SEND).
-        send_depth = min(2 * self.depth + 1, dev.max_qp_wr)
+        send_depth = min(2 * self.depth + 1, dev.max_qp_wr, transport.max_send_depth)
         ncmds = self.depth + send_depth  # executing + still waiting for SEND completions
         self.event_fd: int | None = None
         self.recv_wrs: list[RecvWR] = []
@@ -294,8 +294,13 @@ class RdmaTransport:
     msdbd = 1
 
     def __init__(self, target: Target, pool: Any = None, *,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, max_send_depth: int = 1 << 16) -> None:
+        """`max_send_depth` caps each QP's send queue (tests of back-pressure); at least 2,
+        the WRITE + SEND of one read."""
+        if max_send_depth < 2:
+            raise ValueError("max_send_depth must be at least 2 (a read's WRITE + SEND)")
         self.target = target
+        self.max_send_depth = max_send_depth
         self.loop = target.loop
         self.pool = pool if pool is not None else SystemMemoryProvider(pool_size,
                                                                        hugepages=False)

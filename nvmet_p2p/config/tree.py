@@ -73,6 +73,7 @@ from nvmet_p2p.wire.limits import (
     NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE,
     NVMET_RDMA_MAX_INLINE_DATA_SIZE,
     NVMET_SN_MAX_SIZE,
+    NVMET_TCP_DEF_INLINE_DATA_SIZE,
     NVMF_TRADDR_SIZE,
     NVMF_TRSVCID_SIZE,
 )
@@ -489,7 +490,11 @@ class Port(_Address):
     def resolved_inline_data_size(self) -> int:
         """param_inline_data_size with -1 ("transport default") resolved."""
         size = self._values["param_inline_data_size"]
-        return NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
+        if size != TRANSPORT_DEFAULT:
+            return size
+        if self._values["addr_trtype"] == "tcp":
+            return NVMET_TCP_DEF_INLINE_DATA_SIZE
+        return NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE
 
     def resolved_max_queue_size(self) -> int:
         """param_max_queue_size with -1 ("transport default") resolved."""

@@ -28,6 +28,7 @@ from typing import Any
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.errors import NvmetError
+from nvmet_p2p.tcp import TcpTransport
 from nvmet_p2p.transports.loop import LoopTransport
 
 log = logging.getLogger("nvmet_p2p.daemon")
@@ -77,7 +78,7 @@ class Daemon:
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
         self.target = Target(loop=self.loop, **target_opts)
-        self.transports: list[Any] = [LoopTransport(self.target)]
+        self.transports: list[Any] = [LoopTransport(self.target), TcpTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:
             self.transports.append(rdma)

@@ -229,7 +229,8 @@ def _cmd_effects_log(req: Request) -> bytes:
 
 
 def _disc_log(req: Request) -> bytes:
-    return discovery.disc_log_page(req.sq.target, req.sq.port, req.ctrl.hostnqn)
+    return discovery.disc_log_page(req.sq.target, req.sq.port, req.ctrl.hostnqn,
+                                   req.sq.local_traddr)
 
 
 # The log pages each kind of controller serves, LID -> the whole page.  Get Log Page

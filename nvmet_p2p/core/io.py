@@ -58,8 +58,11 @@ def parse(req: Request) -> int:
         return Status.INVALID_OPCODE | DNR
     ns.get()
     req.ns = ns
-    if req.transfer_len and op in (IoOpcode.READ, IoOpcode.WRITE) and cmd.sgl.keyed:
-        # P2P only for data the transport moves itself (keyed SGLs), never in-capsule data
+    # P2P only for data the transport moves itself (keyed or transport SGLs), never
+    # in-capsule data
+    sgl = cmd.sgl
+    moved_by_transport = sgl.keyed or sgl.transport
+    if req.transfer_len and op in (IoOpcode.READ, IoOpcode.WRITE) and moved_by_transport:
         req.p2p_dev = req.sq.target.p2p.provider_for(ctrl, ns)
     return 0
 

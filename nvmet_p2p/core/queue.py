@@ -37,6 +37,9 @@ class SQ:
         self.disable_sqflow = False
         self.destroyed = False
         self.priv: Any = None  # the transport's own per-queue state
+        # the address the host reached this queue at, which discovery names for a port
+        # listening on a wildcard address (the kernel's disc_traddr); None: not known
+        self.local_traddr: str | None = None
 
     def new_request(self, capsule: bytes | memoryview) -> Request:
         return Request(self, capsule)

@@ -132,5 +132,16 @@ class Request:
         if self.sq.ctrl is not None:
             self.sq.ctrl.log_error(self)
 
+    def uninit(self) -> None:
+        """Drop a parsed command that will never execute because its queue went away
+        (data still on the wire): what it holds of the core goes back and no completion
+        is sent, as the kernel's nvmet_req_uninit()."""
+        if self.completed:
+            return
+        self.completed = True
+        if self.ns is not None:
+            self.ns.put()
+            self.ns = None
+
     def set_error_loc(self, offset: int) -> None:
         self.error_loc = offset

@@ -18,7 +18,8 @@ semantics.  The life of one command, seen from a transport:
     sq.destroy()                       # when the connection goes away
 
 A transport that fails a request itself (bad SGL, RDMA READ error) calls
-`req.complete(status)`, which also ends in `queue_response`.  `queue_response` may be
+`req.complete(status)`, which also ends in `queue_response`.  A request whose queue
+goes away before it executed (its data never arrived) is dropped with `req.uninit()`.  `queue_response` may be
 called from inside `init()` or `execute()` (synchronous backends): transports must
 cope with that re-entrancy.
 """

@@ -63,6 +63,7 @@ class SglType(IntEnum):
     DATA_BLOCK_OFFSET = 0x01  # in-capsule data, address is an offset
     KEYED_DATA_BLOCK = 0x40
     KEYED_DATA_BLOCK_INV = 0x4F  # keyed, and the host asks us to invalidate the key
+    TRANSPORT_DATA_BLOCK = 0x5A  # NVMe/TCP: the data moves in the transport's own PDUs
 
 
 @dataclass
@@ -77,6 +78,10 @@ class Sgl:
     @property
     def keyed(self) -> bool:
         return (self.type >> 4) == 0x4
+
+    @property
+    def transport(self) -> bool:
+        return self.type == SglType.TRANSPORT_DATA_BLOCK
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> Sgl:

@@ -57,6 +57,8 @@ NVMET_MAX_TRANSFER = NVMET_PAGE_SIZE << NVMET_RDMA_MAX_MDTS
 # one page by default (param_inline_data_size = -1).  Admin queues carry none.
 NVMET_RDMA_MAX_INLINE_DATA_SIZE = 16384
 NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE = NVMET_PAGE_SIZE
+# nvmet-tcp's default in-capsule data on I/O queues (param_inline_data_size = -1): 4 pages.
+NVMET_TCP_DEF_INLINE_DATA_SIZE = 4 * NVMET_PAGE_SIZE
 
 # -- namespaces and logs -------------------------------------------------------------------
 

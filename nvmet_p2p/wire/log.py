@@ -509,6 +509,11 @@ def rdma_tsas(qptype: int = RdmaQptype.CONNECTED, prtype: int = RdmaPrtype.NOT_S
     return _RDMA_TSAS.pack(qptype, prtype, cms, pkey).ljust(TSAS_SIZE, b"\0")
 
 
+def tcp_tsas(sectype: int = TcpSectype.NONE) -> bytes:
+    """The TCP transport specific address subtype: the security type at byte 0."""
+    return bytes([sectype]).ljust(TSAS_SIZE, b"\0")
+
+
 def decode_rdma_tsas(tsas: bytes) -> tuple[int, int, int, int]:
     """(qptype, prtype, cms, pkey) of an RDMA TSAS."""
     if len(tsas) < _RDMA_TSAS.size:

@@ -8,7 +8,7 @@ RPC socket, counts the process's open fds, and stops it with SIGTERM.  The targe
 stderr goes to a log file; `stop()` and the context manager write its tail to stderr so
 pytest shows it with a failing test.
 
-`rdma_port()`, `subsystem()` and `file_ns()` / `bdev_ns()` build the config pieces
+`rdma_port()`, `tcp_port()`, `subsystem()` and `file_ns()` / `bdev_ns()` build the config pieces
 with the keys README.md documents; `disconnect_all()` is the teardown that leaves no
 Linux-host controller behind.  Every wait has a deadline.
 """
@@ -45,6 +45,14 @@ def rdma_port(portid: int, trsvcid: int, subsystems: list[str],
             "addr": {"trtype": "rdma", "adrfam": "ipv4", "traddr": traddr,
                      "trsvcid": str(trsvcid)},
             "subsystems": subsystems}
+
+
+def tcp_port(portid: int, trsvcid: int, subsystems: list[str], traddr: str = guest.TRADDR,
+             adrfam: str = "ipv4", **param: str) -> dict[str, Any]:
+    return {"portid": portid,
+            "addr": {"trtype": "tcp", "adrfam": adrfam, "traddr": traddr,
+                     "trsvcid": str(trsvcid)},
+            "param": dict(param), "subsystems": subsystems}
 
 
 def file_ns(nsid: int, path: str | os.PathLike[str], size: int,
