@@ -424,7 +424,7 @@ class RdmaTransport:
                 for portid, lst in list(self.listeners.items()):
                     if lst.cm_id.ptr == ev.id:
                         log.error("rdma: port %d: device removed, listener closed", portid)
-                        lst = self.listeners.pop(portid)
+                        del self.listeners[portid]
                         lst.close()
                         self.target.port_down(lst.port, "RDMA device removed")
             return

@@ -283,3 +283,21 @@ def test_pip_install_into_a_fresh_venv_gives_working_scripts(tmp_path: Path) -> 
                           check=True).stdout.split()
     assert int(jobs[0]) == len(bench.JOB_NAMES)
     assert jobs[1] == str(tmp_path / "nvmet-p2p-bench")  # not inside site-packages
+
+
+# -- examples ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "examples").glob("*.json")))
+def test_example_configurations_load(name: str) -> None:
+    from nvmet_p2p.config import jsonfile
+    from nvmet_p2p.configfs import Root
+
+    root = Root()
+    root.restore(jsonfile.read_doc(REPO / "examples" / name), source=name)
+    assert root.subsystems and root.ports and not root.warnings()
+
+
+def test_quickstart_example_runs() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart_loop.py")],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "namespaces: [1]" in out and "read back: b'hello, nvmet-p2p'" in out

@@ -110,3 +110,29 @@ def test_the_daemon_retries_when_an_rdma_device_appears(env: LoopEnv, flaky: Fla
     assert 7 in env.target.listening
     for handle in list(env.loop._scheduled):  # type: ignore[attr-defined]
         handle.cancel()
+
+
+def test_ls_shows_why_a_port_does_not_listen(env: LoopEnv, flaky: FlakyTransport,
+                                             tmp_path: Path) -> None:
+    """The shell's port summary, fed by the same methods over a client stand-in."""
+    from types import SimpleNamespace
+
+    from nvmet_p2p.control.rpc import RpcServer
+    from nvmet_p2p.control.shell import UIPort, make_shell
+
+    env.root.ports[7].link_subsystem(SUBNQN)
+    server = RpcServer(SimpleNamespace(target=env.target, config_path=None), "unused")
+
+    class Direct:  # RpcClient.call, answered in this thread
+        def call(self, method: str, **params: object) -> object:
+            result, error = env.loop.run_until_complete(server.call(method, params))
+            assert error is None, error
+            return result
+
+        def close(self) -> None: ...
+
+    shell = make_shell("unused", str(tmp_path / "prefs"))
+    shell._root_node._client = Direct()
+    summary, ok = UIPort("7", shell._root_node, "/ports/7").summary()
+    assert ok is False
+    assert "not listening: cannot listen on 192.0.2.1:4420" in summary
