@@ -49,6 +49,8 @@ from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.errors import TransportError
 from nvmet_p2p.wire import tcp as pdu
 from nvmet_p2p.wire.command import SQE_SIZE
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_RDMA_IP_PORT
+from nvmet_p2p.wire.status import Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port
@@ -59,18 +61,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmet_p2p.tcp")
 
-DEFAULT_TRSVCID = 4420
+DEFAULT_TRSVCID = NVME_RDMA_IP_PORT  # the IANA NVMe-oF port serves TCP too
 # Data bytes one H2CData PDU may carry (ICResp MAXH2CDATA).  SPDK's default; the kernel
 # offers 16 MiB.  Bigger writes come as several PDUs of one R2T.
 MAXH2CDATA = 128 << 10
-ADMIN_CCSZ = 8192  # NVME_TCP_ADMIN_CCSZ: in-capsule data the Linux host assumes on admin queues
-PRE_CONNECT_CMDS = 32  # commands a queue may hold before Connect tells its size (admin depth)
+PRE_CONNECT_CMDS = NVME_AQ_DEPTH  # commands a queue may hold before Connect sizes it
 CONNECT_TIMEOUT_S = 30.0  # a connection must have a controller by then
 RECV_BUDGET = 16  # receives per readable event before other connections get a turn
 IOV_MAX = 512  # buffers per sendmsg (Linux UIO_MAXIOV is 1024)
 LISTEN_BACKLOG = 128  # NVMET_TCP_BACKLOG
 DEFAULT_POOL_SIZE = 32 << 20
-TRANSIENT_TRANSPORT_ERROR = 0x022  # generic status 22h: retry may succeed (no DNR)
 
 
 class CmdState(IntEnum):  # int hashing: _STEPS is looked up at every step
@@ -178,7 +178,7 @@ class TcpQueue:
         self.hdgst = self.ddgst = False
         self.hpda = 0
         self.maxr2t = 0
-        self.rx = pdu.PduReceiver(pdu.Role.CONTROLLER, max_cmd_data=ADMIN_CCSZ,
+        self.rx = pdu.PduReceiver(pdu.Role.CONTROLLER, max_cmd_data=pdu.NVME_TCP_ADMIN_CCSZ,
                                   maxh2cdata=transport.maxh2cdata)
         self.capsule: bytearray | bytes = b""  # the CapsuleCmd whose data is arriving
         self.out: deque[tuple[memoryview, Callable[[], None] | None]] = deque()
@@ -200,7 +200,7 @@ class TcpQueue:
         """In-capsule data this queue takes: the port's on I/O queues, the host's 8 KiB
         assumption on the admin queue and before Connect says which queue this is."""
         if self.sq.ctrl is None or self.sq.qid == 0:
-            return max(ADMIN_CCSZ, self.transport.target.inline_data_size(self.port))
+            return max(pdu.NVME_TCP_ADMIN_CCSZ, self.transport.target.inline_data_size(self.port))
         return self.transport.target.inline_data_size(self.port)
 
     def get_cmd(self) -> TcpCmd | None:
@@ -544,7 +544,7 @@ class TcpTransport:
         if not req.init():
             return CmdState.EXECUTED  # the core completed it already
         if cmd.ddgst_error:
-            req.complete(TRANSIENT_TRANSPORT_ERROR)  # the in-capsule data arrived damaged
+            req.complete(Status.TRANSIENT_TRANSPORT)  # the in-capsule data arrived damaged
             return CmdState.EXECUTED
         assert req.cmd is not None
         m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
@@ -609,7 +609,7 @@ class TcpTransport:
         if cmd.received < cmd.dmap.length:
             return CmdState.TRANSFERRING_HOST_TO_TARGET
         if cmd.ddgst_error:
-            cmd.req.complete(TRANSIENT_TRANSPORT_ERROR)
+            cmd.req.complete(Status.TRANSIENT_TRANSPORT)
             return CmdState.EXECUTED
         return CmdState.READY_TO_EXECUTE
 
