@@ -17,8 +17,10 @@ import json
 import os
 import time
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.host.loop import LoopHost
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 from nvmet_p2p.wire.command import IoOpcode, Sqe
 
@@ -27,7 +29,7 @@ SUBNQN = "nqn.2026-11.io.nvmet-p2p:bench"
 
 def build(loop: asyncio.AbstractEventLoop, size: int, backend: str = "memory",
           path: str = "bench0", p2p: bool = False) -> tuple[Target, LoopTransport]:
-    target = Target(loop=loop)
+    target = Target(loop=loop, open_backend=open_backend, p2p=P2PPolicy())
     transport = LoopTransport(target)
     root = target.root
     subsys = root.create_subsystem(SUBNQN)

@@ -180,6 +180,8 @@ class Provider(ABC):
     size: int = 0
     mapping: str = "wb"  # "wb" (system), "uc" or "wc"
     access: AccessRules = SYSTEM_ACCESS
+    published: bool = True  # others may use it, as the kernel's pci_p2pmem_publish()
+    publish_reason: str = ""  # why not, when not published
 
     def __init__(self) -> None:
         self._regions: list[_Region] = []
@@ -477,11 +479,11 @@ class KernelP2pmemProvider(_MappedFileProvider):
 
     Reads `/sys/bus/pci/devices/<bdf>/p2pmem/{size,available,published}` and maps `size`
     bytes of `p2pmem/allocate` once (each mmap of that file allocates from the device's
-    genpool; it needs Linux >= 6.2 with CONFIG_PCI_P2PDMA).  The project's Debian 6.1 VM
-    kernel has neither, so in this project's environment this provider only ever reports why
-    it is unavailable.  The kernel does not tell userspace the bus address: chunks have
-    bus_addr None and are meant for O_DIRECT to P2P-capable block devices and RDMA MRs on
-    kernels whose ib_umem supports P2P pages.
+    genpool; it needs Linux >= 6.2 with CONFIG_PCI_P2PDMA: the test VM's default 7.x kernel,
+    not Debian 12's 6.1, where this provider only says why it is unavailable).  The kernel
+    does not tell userspace the bus address: chunks have bus_addr None and are meant for
+    O_DIRECT to P2P-capable block devices (the bdev backend) and RDMA MRs on kernels whose
+    ib_umem supports P2P pages.
     """
 
     kind = "p2pmem"
@@ -503,11 +505,14 @@ class KernelP2pmemProvider(_MappedFileProvider):
         self.total, self.published = info["size"], info["published"]
         if not self.published:
             raise P2PError(f"{bdf}: p2pmem is not published (the driver keeps it private)")
-        want = info["available"] if size is None else size
+        avail = info["available"]
+        if avail < PAGE_SIZE:
+            raise P2PError(f"{bdf}: p2pmem is exhausted ({avail} of {self.total} bytes "
+                           f"available; the rest is allocated by its other users)")
+        want = avail if size is None else size
         want -= want % PAGE_SIZE
-        if want <= 0 or want > info["available"]:
-            raise P2PError(f"{bdf}: p2pmem has {info['available']} bytes available, "
-                           f"{size} asked for")
+        if want <= 0 or want > avail:
+            raise P2PError(f"{bdf}: p2pmem has {avail} bytes available, {size} asked for")
         alloc = p / "allocate"
         if not alloc.exists():
             raise P2PError(f"{bdf}: p2pmem/allocate is missing (needs Linux >= 6.2 with "
@@ -515,7 +520,8 @@ class KernelP2pmemProvider(_MappedFileProvider):
         try:
             mm = self._map_file(alloc, want, 0)
         except OSError as e:
-            raise P2PError(f"{bdf}: mapping p2pmem/allocate failed: {e.strerror or e}") from e
+            raise P2PError(f"{bdf}: mapping {want} bytes of p2pmem/allocate failed: "
+                           f"{e.strerror or e}") from e
         self.size = want
         self._add_region(memoryview(mm), buffer_address(mm), None, mm)
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import pyverbs.enums as e
 from pyverbs.wr import RecvWR, SendWR
 
-from nvmet_p2p.cmb import SystemMemoryProvider
+from nvmet_p2p.cmb import Provider, SystemMemoryProvider
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.errors import NvmetError, TransportError
@@ -106,7 +106,6 @@ class RdmaCmd:
     __slots__ = (
         "busy",
         "byte_len",
-        "chunk",
         "dmap",
         "index",
         "lkey",
@@ -134,8 +133,7 @@ class RdmaCmd:
         self.byte_len = 0
         self.req: Request | None = None
         self.dmap: DataMap | None = None
-        self.chunk: Any = None
-        self.lkey = 0
+        self.lkey = 0  # of the MR covering req.chunk
         self.sge_addr = 0  # the chunk's address in its MR (its CPU address for ibv_reg_mr)
         self.responded = False  # queue_response was called
         self.read_done = False
@@ -186,7 +184,7 @@ class RdmaQueue:
         self.ring: RegisteredBuffer | None = None
         self.rsp: RegisteredBuffer | None = None
         # A command holds at most 2 send-queue slots (READ, or WRITE + SEND).
-        send_depth = min(2 * self.depth + 1, dev.max_qp_wr)
+        send_depth = min(2 * self.depth + 1, dev.max_qp_wr, transport.max_send_depth)
         ncmds = self.depth + send_depth  # executing + still waiting for SEND completions
         self.event_fd: int | None = None
         self.recv_wrs: list[RecvWR] = []
@@ -293,9 +291,14 @@ class RdmaTransport:
     keyed_sgls = True
     msdbd = 1
 
-    def __init__(self, target: Target, pool: Any = None, *,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(self, target: Target, pool: Provider | None = None, *,
+                 pool_size: int = DEFAULT_POOL_SIZE, max_send_depth: int = 1 << 16) -> None:
+        """`max_send_depth` caps each QP's send queue (tests of back-pressure); at least 2,
+        the WRITE + SEND of one read."""
+        if max_send_depth < 2:
+            raise ValueError("max_send_depth must be at least 2 (a read's WRITE + SEND)")
         self.target = target
+        self.max_send_depth = max_send_depth
         self.loop = target.loop
         self.pool = pool if pool is not None else SystemMemoryProvider(pool_size,
                                                                        hugepages=False)
@@ -308,7 +311,7 @@ class RdmaTransport:
         self.registrations: dict[tuple[str, int], tuple[PoolRegistration | None, str]] = {}
         self.wait_buffer: deque[tuple[RdmaQueue, RdmaCmd]] = deque()
         self.stats = {"cq_events": 0, "completions": 0, "buffer_waits": 0,
-                      "send_waits": 0, "read_waits": 0, "p2p_fallbacks": 0}
+                      "send_waits": 0, "read_waits": 0}
         target.register_transport(self)
 
     # -- TransportOps -------------------------------------------------------------
@@ -352,7 +355,7 @@ class RdmaTransport:
         except TransportError:
             return f"rdma port {port.portid} ({port.addr_traddr}: no RDMA device bound)"
 
-    def p2p_can_register(self, provider: Any) -> str | None:
+    def p2p_can_register(self, provider: Provider) -> str | None:
         """Why a device of ours cannot register `provider`'s memory as an MR, or None."""
         for lst in self.listeners.values():
             try:
@@ -421,7 +424,9 @@ class RdmaTransport:
                 for portid, lst in list(self.listeners.items()):
                     if lst.cm_id.ptr == ev.id:
                         log.error("rdma: port %d: device removed, listener closed", portid)
-                        self.listeners.pop(portid).close()
+                        lst = self.listeners.pop(portid)
+                        lst.close()
+                        self.target.port_down(lst.port, "RDMA device removed")
             return
         if ev.type == CmEventType.ESTABLISHED:
             q.established = True
@@ -484,6 +489,9 @@ class RdmaTransport:
 
     def _create_queue(self, port: Any, cm_id: CmId, creq: CmRequest, ev: CmEvent) -> RdmaQueue:
         dev = self._device(cm_id.device_name)
+        reg, why = self._registration(dev, self.pool)
+        if reg is None:
+            raise TransportError(f"the system memory pool cannot be registered: {why}")
         inline = min(self.target.inline_data_size(port), NVMET_RDMA_MAX_INLINE_DATA_SIZE)
         # Our RDMA READs may not exceed what the host offered as responder resources.
         max_rd = min(ev.initiator_depth, dev.max_qp_init_rd_atom)
@@ -633,7 +641,7 @@ class RdmaTransport:
         cmd.dmap = m
         if m.kind == SglKind.INLINE:
             base = SQE_SIZE + m.offset
-            req.buf = q.capsule(cmd.slot, cmd.byte_len)[base:base + m.length]
+            req.use_in_capsule_data(q.capsule(cmd.slot, cmd.byte_len)[base:base + m.length])
             return CmdState.READY_TO_EXECUTE
         if m.kind == SglKind.KEYED:
             return CmdState.NEED_BUFFER
@@ -645,8 +653,7 @@ class RdmaTransport:
                 cmd.waiting = True
                 self.wait_buffer.append((q, cmd))
             return CmdState.NEED_BUFFER
-        chunk, lkey, sge_addr = self._alloc(q, cmd)
-        if chunk is None:
+        if not self._alloc(q, cmd):
             if not cmd.waiting:
                 cmd.waiting = True
                 self.stats["buffer_waits"] += 1
@@ -655,34 +662,30 @@ class RdmaTransport:
         if cmd.waiting:
             cmd.waiting = False
             self.wait_buffer.popleft()
-        cmd.chunk, cmd.lkey, cmd.sge_addr = chunk, lkey, sge_addr
-        req = cmd.req
-        assert req is not None
-        req.chunk = chunk
-        req.buf = chunk.view
-        if req.data_dir == DataDir.TO_CTRL:
+        assert cmd.req is not None
+        if cmd.req.data_dir == DataDir.TO_CTRL:
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
         return CmdState.READY_TO_EXECUTE
 
-    def _alloc(self, q: RdmaQueue, cmd: RdmaCmd) -> tuple[Any, int, int]:
-        """(chunk, lkey, SGE address) for the data: the request's P2P provider first, else
-        system memory; chunk None when the pool is exhausted."""
-        assert cmd.dmap is not None
-        size = cmd.dmap.length
-        p2p = getattr(cmd.req, "p2p_dev", None)
-        if p2p is not None:
-            reg, _ = self._registration(q.dev, p2p)
-            chunk = p2p.alloc(size) if reg is not None else None
-            if reg is not None and chunk is not None:
-                return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
-            self.stats["p2p_fallbacks"] += 1
-        reg, _ = self._registration(q.dev, self.pool)
-        chunk = self.pool.alloc(size) if reg is not None else None
-        if reg is None or chunk is None:
-            return None, 0, 0
-        return chunk, reg.lkeys[chunk.region], reg.sge_addr(chunk)
+    def _alloc(self, q: RdmaQueue, cmd: RdmaCmd) -> bool:
+        """The data buffer through the core (its P2P provider first, else our registered
+        pool) and the lkey and SGE address of the MR covering it; False while the pool is
+        exhausted."""
+        req = cmd.req
+        assert req is not None and cmd.dmap is not None  # NEED_BUFFER comes after the map
+        if not req.alloc_data_buffer(cmd.dmap.length, self.pool):
+            return False
+        chunk = req.chunk
+        assert chunk is not None  # with a pool, the buffer is always a chunk
+        reg, _ = self._registration(q.dev, chunk.provider)
+        # The pool's MRs are made before the queue (_create_queue), and the policy chooses
+        # a P2P provider only after p2p_can_register() got every listener's device's MRs.
+        assert reg is not None, f"{chunk.provider.name} is not registered on {q.dev.name}"
+        cmd.lkey, cmd.sge_addr = reg.lkeys[chunk.region], reg.sge_addr(chunk)
+        return True
 
-    def _registration(self, dev: Device, provider: Any) -> tuple[PoolRegistration | None, str]:
+    def _registration(self, dev: Device, provider: Provider,
+                      ) -> tuple[PoolRegistration | None, str]:
         """(the device's MRs over `provider`, "") or (None, why it refused them); asked of
         the device once per provider."""
         key = (dev.name, id(provider))
@@ -780,11 +783,11 @@ class RdmaTransport:
                 if cmd in waiters:
                     waiters.remove(cmd)
             self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if c is not cmd)
-        freed = cmd.chunk is not None
-        if freed:
-            cmd.chunk.free()
-        if cmd.req is not None:
-            cmd.req.priv = None
+        req = cmd.req
+        freed = req is not None and req.chunk is not None
+        if req is not None:
+            req.free_data_buffer()
+            req.priv = None
         cmd.reset()
         q.free_cmds.append(cmd)
         if freed and self.wait_buffer:

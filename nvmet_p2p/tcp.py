@@ -99,7 +99,6 @@ class TcpCmd:
     __slots__ = (
         "busy",
         "capsule",
-        "chunk",
         "ddgst_error",
         "dmap",
         "index",
@@ -120,7 +119,6 @@ class TcpCmd:
         self.capsule: bytearray | bytes = b""
         self.req: Request | None = None
         self.dmap: DataMap | None = None
-        self.chunk: Any = None
         self.received = 0  # H2CData bytes in so far
         self.ddgst_error = False  # a data digest of this command's data did not match
         self.responded = False  # queue_response was called
@@ -257,8 +255,7 @@ class TcpTransport:
         self.stats = {"accepted": 0, "hdgst_queues": 0, "ddgst_queues": 0,
                       "term_sent": 0, "term_received": 0,
                       "hdr_digest_errors": 0, "data_digest_errors": 0, "r2t": 0,
-                      "h2c_data": 0, "c2h_success": 0, "buffer_waits": 0,
-                      "p2p_fallbacks": 0}
+                      "h2c_data": 0, "c2h_success": 0, "buffer_waits": 0}
         target.register_transport(self)
 
     # -- TransportOps -------------------------------------------------------------
@@ -584,7 +581,7 @@ class TcpTransport:
             return CmdState.EXECUTED
         cmd.dmap = m
         if m.kind == SglKind.INLINE:
-            req.buf = capsule[SQE_SIZE + m.offset:SQE_SIZE + m.offset + m.length]
+            req.use_in_capsule_data(capsule[SQE_SIZE + m.offset:SQE_SIZE + m.offset + m.length])
             return CmdState.READY_TO_EXECUTE
         if m.kind == SglKind.TRANSPORT:
             return CmdState.NEED_BUFFER
@@ -596,8 +593,10 @@ class TcpTransport:
                 cmd.waiting = True
                 self.wait_buffer.append((q, cmd))
             return CmdState.NEED_BUFFER
-        chunk = self._alloc(cmd)
-        if chunk is None:
+        req = cmd.req
+        assert req is not None and cmd.dmap is not None
+        # the core's buffer: the P2P provider first, else our pool (nvmet_req_alloc_sgls)
+        if not req.alloc_data_buffer(cmd.dmap.length, self.pool):
             if not cmd.waiting:
                 cmd.waiting = True
                 self.stats["buffer_waits"] += 1
@@ -606,10 +605,6 @@ class TcpTransport:
         if cmd.waiting:
             cmd.waiting = False
             self.wait_buffer.popleft()
-        req = cmd.req
-        assert req is not None and cmd.dmap is not None
-        cmd.chunk = req.chunk = chunk
-        req.buf = chunk.view
         if req.data_dir != DataDir.TO_CTRL:
             return CmdState.READY_TO_EXECUTE
         # One R2T for the whole transfer, as the kernel and SPDK send it.
@@ -620,19 +615,6 @@ class TcpTransport:
         q.send(pdu.header(pdu.PduType.R2T, pdu.R2T(req.cqe.cid, cmd.index, 0,
                                                    cmd.dmap.length), hdgst=q.hdgst))
         return CmdState.TRANSFERRING_HOST_TO_TARGET
-
-    def _alloc(self, cmd: TcpCmd) -> Any:
-        """The data buffer: a chunk of the request's P2P provider first, else system
-        memory; None when the pool is exhausted (the command waits)."""
-        assert cmd.req is not None and cmd.dmap is not None
-        size = cmd.dmap.length
-        p2p = cmd.req.p2p_dev
-        if p2p is not None:
-            chunk = p2p.alloc(size)
-            if chunk is not None:
-                return chunk
-            self.stats["p2p_fallbacks"] += 1
-        return self.pool.alloc(size)
 
     def _st_receiving(self, q: TcpQueue, cmd: TcpCmd) -> CmdState:
         assert cmd.req is not None and cmd.dmap is not None
@@ -694,12 +676,11 @@ class TcpTransport:
         q.inflight.discard(cmd)
         if cmd.waiting:
             self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if c is not cmd)
-        freed = cmd.chunk is not None
-        if freed:
-            cmd.chunk.free()
-        if cmd.req is not None:
-            cmd.req.priv = None
-            cmd.req.buf = None
+        req = cmd.req
+        freed = req is not None and req.chunk is not None
+        if req is not None:
+            req.priv = None
+            req.free_data_buffer()
         cmd.reset()
         q.free_cmds.append(cmd)
         if freed and self.wait_buffer:

@@ -3,13 +3,19 @@
 Owns what differs from a file: an exclusive O_DIRECT open, geometry from the
 BLKSSZGET / BLKGETSIZE64 ioctls, zeroing with BLKZEROOUT, deallocation that the
 kernel guarantees to read back as zeroes, the volatile-write-cache flag from sysfs,
-and the PCI function behind the device (``p2p_client``) for P2P topology.
+the PCI function behind the device (``p2p_client``) for P2P topology, and P2P-flagged
+I/O: an O_DIRECT read or write straight from a chunk of kernel p2pmem, which the block
+layer issues as a P2P request (the NVMe device DMAs to or from the BAR, no bounce through
+system memory).  The kernel takes P2P pages only for a queue with BLK_FEAT_PCI_P2PDMA,
+which only the NVMe PCI driver sets, and refuses (EINVAL) when the provider is not
+reachable from the device (pci_p2pdma_map_type()).
 I/O itself (worker threads, bounce buffers, status mapping) is the file backend's.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -19,7 +25,10 @@ from nvmet_p2p.backends.file import (
     CompletionLoop,
     FileBackend,
     open_fd,
+    pread_full,
 )
+from nvmet_p2p.cmb import Chunk
+from nvmet_p2p.core.backend import Completion
 from nvmet_p2p.errors import BackendError
 
 log = logging.getLogger("nvmet_p2p.backend")
@@ -30,6 +39,10 @@ BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero {start, len} in bytes, unmapping if 
 
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _NVME_CTRL = re.compile(r"^nvme\d+$")
+
+P2P_KINDS = frozenset({"p2pmem"})  # pages the kernel can pin for O_DIRECT (ZONE_DEVICE)
+P2P_NEEDS = ("O_DIRECT needs pages the kernel can pin, which only kernel p2pmem has (a BAR "
+             "mapped through VFIO or sysfs resource has none)")
 
 
 def sysfs_block_dir(rdev: int, sysfs: str = "/sys") -> str:
@@ -61,6 +74,24 @@ def pci_function_of(block_dir: str) -> str | None:
     return None
 
 
+def is_nvme_namespace(block_dir: str) -> bool:
+    """True for a namespace of the kernel's NVMe driver (or a partition of one), which is
+    what the block layer takes P2P pages for; its path has nvme/nvmeN/ or an nvme-subsys."""
+    parts = block_dir.split(os.sep)
+    return any(p.startswith("nvme-subsys") for p in parts) or any(
+        a == "nvme" and _NVME_CTRL.match(b) for a, b in itertools.pairwise(parts))
+
+
+def p2p_support(block_dir: str, path: str, o_direct: bool) -> tuple[frozenset[str], str]:
+    """(provider kinds P2P-flagged I/O can use, what it needs) for a block device."""
+    if not o_direct:
+        return frozenset(), f"{path} is opened without O_DIRECT, and only O_DIRECT I/O is P2P"
+    if not is_nvme_namespace(block_dir):
+        return frozenset(), (f"{path} is not an NVMe namespace, and the block layer takes "
+                             "P2P pages only for NVMe (BLK_FEAT_PCI_P2PDMA)")
+    return P2P_KINDS, P2P_NEEDS
+
+
 def volatile_write_cache(block_dir: str) -> bool:
     """True unless sysfs says the device writes through; partitions use the disk's queue."""
     for d in (block_dir, os.path.dirname(block_dir)):
@@ -77,15 +108,39 @@ class BdevBackend(FileBackend):
 
     def __init__(self, path: str, fd: int, *, block_size: int, nblocks: int,
                  loop: CompletionLoop, o_direct: bool, fallback_reason: str | None,
-                 vwc: bool, p2p_client: str | None, logical_block_size: int) -> None:
+                 vwc: bool, p2p_client: str | None, logical_block_size: int,
+                 p2p_kinds: frozenset[str] = frozenset(), p2p_needs: str = "") -> None:
         super().__init__(path, fd, block_size=block_size, nblocks=nblocks, loop=loop,
                          o_direct=o_direct, fallback_reason=fallback_reason)
         self.vwc = vwc
         self.p2p_client = p2p_client
+        self.p2p_kinds, self.p2p_needs = p2p_kinds, p2p_needs
         self.logical_block_size = logical_block_size
+        self.p2p_ios = {"read": 0, "write": 0}  # P2P-flagged requests submitted
 
     def describe(self) -> dict:
-        return {**super().describe(), "logical_block_size": self.logical_block_size}
+        return {**super().describe(), "logical_block_size": self.logical_block_size,
+                "p2p_kinds": sorted(self.p2p_kinds), "p2p_ios": dict(self.p2p_ios)}
+
+    # -- P2P-flagged I/O: O_DIRECT from the chunk's own pages, never bounced -------------
+    def submit_read_p2p(self, slba: int, nlb: int, chunk: Chunk, cb: Completion) -> None:
+        status = self._check(slba, nlb, chunk.view)
+        if status:
+            self._post(cb, status)
+            return
+        self.p2p_ios["read"] += 1
+        self._submit(pread_full, cb, self._fd, chunk.view, slba * self.block_size)
+
+    def submit_write_p2p(self, slba: int, nlb: int, chunk: Chunk, fua: bool,
+                         cb: Completion) -> None:
+        status = self._check(slba, nlb, chunk.view)
+        if status:
+            self._post(cb, status)
+            return
+        self.p2p_ios["write"] += 1
+        # _pwrite, not _write: an EINVAL here is the kernel refusing P2P, not a reason to
+        # turn O_DIRECT off for the whole device
+        self._submit(self._pwrite, cb, chunk.view, slba * self.block_size, fua)
 
     def _zero_range(self, offset: int, length: int) -> None:
         # the kernel zeroes with Write Zeroes / unmap where the device can, else writes
@@ -115,6 +170,7 @@ def open_bdev(path: str, rdev: int, *, block_size: int, buffered_io: bool,
         block_dir = sysfs_block_dir(rdev, sysfs)
         vwc = volatile_write_cache(block_dir)
         p2p_client = pci_function_of(block_dir)
+        kinds, needs = p2p_support(block_dir, path, o_direct)
     except BaseException as e:
         os.close(fd)
         if isinstance(e, OSError):
@@ -122,4 +178,5 @@ def open_bdev(path: str, rdev: int, *, block_size: int, buffered_io: bool,
         raise
     return BdevBackend(path, fd, block_size=block_size, nblocks=nblocks, loop=loop,
                        o_direct=o_direct, fallback_reason=reason, vwc=vwc,
-                       p2p_client=p2p_client, logical_block_size=lbs)
+                       p2p_client=p2p_client, logical_block_size=lbs, p2p_kinds=kinds,
+                       p2p_needs=needs)

@@ -117,7 +117,7 @@ def open_error(path: str, e: OSError) -> BackendError:
     return BackendError(text)
 
 
-def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
+def pread_full(fd: int, buf: memoryview, offset: int) -> None:
     done, n = 0, buf.nbytes
     while done < n:
         got = os.preadv(fd, [buf[done:]], offset + done)
@@ -126,7 +126,7 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
         done += got
 
 
-def _pwrite_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
+def pwrite_full(fd: int, buf: memoryview, offset: int, flags: int = 0) -> None:
     done, n = 0, buf.nbytes
     while done < n:
         put = os.pwritev(fd, [buf[done:]], offset + done, flags)
@@ -352,13 +352,13 @@ class FileBackend(Backend):
 
     def _read_once(self, offset: int, buf: memoryview, direct: bool) -> None:
         if not direct or is_aligned(buf):
-            _pread_full(self._fd, buf, offset)
+            pread_full(self._fd, buf, offset)
             return
         n = buf.nbytes
         bounce = self._bounce.get(n)
         view = memoryview(bounce)[:n]
         try:
-            _pread_full(self._fd, view, offset)
+            pread_full(self._fd, view, offset)
             buf[:] = view
         finally:
             view.release()
@@ -381,13 +381,13 @@ class FileBackend(Backend):
     def _pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         if fua and self._rwf_dsync:
             try:
-                _pwrite_full(self._fd, buf, offset, os.RWF_DSYNC)
+                pwrite_full(self._fd, buf, offset, os.RWF_DSYNC)
                 return
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise
                 self._rwf_dsync = False  # kernel without per-write flags: write, then sync
-        _pwrite_full(self._fd, buf, offset)
+        pwrite_full(self._fd, buf, offset)
         if fua:
             os.fdatasync(self._fd)
 
@@ -456,7 +456,7 @@ class FileBackend(Backend):
             end = offset + length
             while offset < end:
                 n = min(ZERO_CHUNK, end - offset)
-                _pwrite_full(self._fd, zeroes[:n], offset)
+                pwrite_full(self._fd, zeroes[:n], offset)
                 offset += n
         finally:
             zeroes.release()

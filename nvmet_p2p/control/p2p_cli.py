@@ -108,7 +108,7 @@ def explain_decisions(args: argparse.Namespace) -> list[dict]:
                              "not a list of decisions")
         return result
     from nvmet_p2p.config.tree import Root
-    from nvmet_p2p.p2p.policy import explain_config
+    from nvmet_p2p.p2p.explain import explain_config
 
     root = Root.load(args.config)
     decisions = explain_config(root, sysfs_root=args.sysfs_root, cpu=args.cpu)

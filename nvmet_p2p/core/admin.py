@@ -99,7 +99,7 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
     ops = req.sq.ops
     inline = target.inline_data_size(req.sq.port)
     sgls = idf.CTRL_SGLS_SUPPORTED
-    if getattr(ops, "keyed_sgls", False):
+    if ops.keyed_sgls:
         sgls |= idf.CTRL_SGLS_KEYED
     if inline:
         sgls |= idf.CTRL_SGLS_OFFSET
@@ -110,7 +110,7 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
         cntrltype=idf.CntrlType.DISC if subsys.is_discovery else idf.CntrlType.IO,
         acl=3, aerl=NVMET_ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
         elpe=NVMET_ERROR_LOG_SLOTS - 1, kas=NVMET_KAS, maxcmd=target.mqes(req.sq.port) + 1,
-        sgls=sgls, subnqn=subsys.nqn, msdbd=getattr(ops, "msdbd", 1),
+        sgls=sgls, subnqn=subsys.nqn, msdbd=ops.msdbd,
         ctratt=1 << 0 | 1 << 6,  # 128-bit host identifier, traffic-based keep-alive
     )
     if subsys.is_discovery:
@@ -132,15 +132,12 @@ def _id_ns(req: Request) -> bytes:
     ns = req.ctrl.subsys.find_ns(nsid)
     if ns is None:
         return bytes(idf.IDENTIFY_DATA_SIZE)  # an inactive NSID identifies as zeroes
-    b = ns.backend
     ident = idf.IdNs(
         nsze=ns.nblocks, ncap=ns.nblocks, nuse=ns.nblocks, nlbaf=0, flbas=0,
         nmic=idf.NS_NMIC_SHARED, dlfeat=(1 << 3) | 0x1,  # deallocated blocks read zeroes
         nguid=ns.nguid, lbaf=[idf.Lbaf(ds=ns.blksize_shift)],
-        anagrpid=getattr(ns.cfg, "ana_grpid", 0) or 0,
+        anagrpid=(ns.cfg.ana_grpid or 0) if ns.cfg else 0,
     )
-    if getattr(b, "read_only", False):
-        ident.nsattr = idf.NS_ATTR_RO
     return ident.encode()
 
 

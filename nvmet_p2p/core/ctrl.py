@@ -1,7 +1,8 @@
 """A controller: one host's association with one subsystem, and its state.
 
 Owns the controller registers (CC/CSTS), features, keep-alive, asynchronous event
-requests and their pending events, the changed-namespace list and the error log.
+requests and their pending events, the changed-namespace list, the error log and, as
+the kernel's ``ctrl->p2p_ns_map``, the P2P decision for each of its namespaces.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+from nvmet_p2p.core import p2pmem
 from nvmet_p2p.wire.limits import (
     NVME_MAX_CHANGED_NAMESPACES,
     NVMET_ASYNC_EVENTS,
@@ -23,12 +25,12 @@ from nvmet_p2p.wire.status import Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port
+    from nvmet_p2p.core.p2pmem import P2PChoice
     from nvmet_p2p.core.queue import SQ
     from nvmet_p2p.core.request import Request
-    from nvmet_p2p.core.subsys import Subsys
+    from nvmet_p2p.core.subsys import Ns, Subsys
     from nvmet_p2p.core.target import Target
     from nvmet_p2p.core.transport import TransportOps
-    from nvmet_p2p.p2p.policy import Decision
 
 log = logging.getLogger("nvmet_p2p.core")
 
@@ -111,7 +113,7 @@ class Ctrl:
         self.errors: deque[dict] = deque(maxlen=NVMET_ERROR_LOG_SLOTS)
         self.last_seen = target.clock.now()
         self.dead = False
-        self.p2p: dict[int, Decision] = {}  # nsid -> P2P decision, made at Connect
+        self.p2p_ns_map: dict[int, P2PChoice] = {}  # nsid -> the P2P policy's decision
 
     # -- registers and lifecycle -------------------------------------------------
     def update_cc(self, new: int) -> None:
@@ -207,6 +209,16 @@ class Ctrl:
                     ops.delete_ctrl(self)
             self.target.remove_ctrl(self)
 
+    # -- P2P memory ---------------------------------------------------------------
+    def p2p_choice(self, ns: Ns) -> P2PChoice:
+        """The P2P decision for this controller's I/O to `ns`, asked of the policy once
+        (and again once its provider has been closed) and logged when made."""
+        choice = self.p2p_ns_map.get(ns.nsid)
+        if choice is None or choice.p2p_dev is not None and choice.p2p_dev.closed:
+            choice = self.p2p_ns_map[ns.nsid] = self.target.p2p.decide(self, ns)
+            p2pmem.log.info("ctrl %d (%s): %s", self.cntlid, self.hostnqn, choice.text())
+        return choice
+
     # -- asynchronous events --------------------------------------------------
     def queue_aer(self, req: Request) -> int:
         if len(self.aer_reqs) >= NVMET_ASYNC_EVENTS:
@@ -269,7 +281,7 @@ class Ctrl:
 
     def describe(self) -> dict:
         return {"cntlid": self.cntlid, "subsys": self.subsys.nqn, "hostnqn": self.hostnqn,
-                "portid": getattr(self.port, "portid", None), "kato": self.kato,
+                "portid": self.port.portid, "kato": self.kato,
                 "ready": self.ready, "state": self.state.name.lower(),
                 "queues": sorted(self.sqs)}
 

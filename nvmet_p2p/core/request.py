@@ -2,8 +2,11 @@
 
 The transport creates a Request per received capsule, calls `init()` (parse: the
 core decides what the command is, how much data it moves and in which direction),
-moves the data, calls `execute()`, and sends what `queue_response` hands back.
-Everything the core reports is in `cqe`; nothing raises out of here to a transport.
+attaches the data buffer through the core (`alloc_data_buffer()` for data it moves
+itself, `use_in_capsule_data()` for data that came in the capsule), moves the data,
+calls `execute()`, sends what `queue_response` hands back and gives the buffer back
+with `free_data_buffer()`.  Everything the core reports is in `cqe`; nothing raises out
+of here to a transport.
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from nvmet_p2p.wire.command import SQE_SIZE, Cqe, Sqe
+from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
+from nvmet_p2p.wire.command import SQE_SIZE, Cqe, IoOpcode, Sqe
 from nvmet_p2p.wire.limits import NVMET_NO_ERROR_LOC
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
+    from nvmet_p2p.cmb import Chunk, Provider
     from nvmet_p2p.core.ctrl import Ctrl
     from nvmet_p2p.core.queue import SQ
+    from nvmet_p2p.core.subsys import Ns
 
 log = logging.getLogger("nvmet_p2p.core")
 
@@ -31,6 +37,10 @@ class DataDir(IntEnum):
 
 
 Handler = Callable[["Request"], None]
+
+# Payload that may live in P2P memory: Read and Write on I/O queues, as the kernel's
+# nvmet_req_find_p2p_dev() (which also admits DSM ranges; ours are parsed by the CPU).
+_P2P_OPCODES = frozenset((IoOpcode.READ, IoOpcode.WRITE))
 
 
 class Request:
@@ -48,6 +58,7 @@ class Request:
         "p2p_dev",
         "priv",
         "sq",
+        "sysmem_reason",
         "transfer_len",
     )
 
@@ -58,11 +69,12 @@ class Request:
         self.cqe = Cqe(sq_id=sq.qid)
         self.transfer_len = 0
         self.data_dir = DataDir.NONE
-        self.buf: memoryview | None = None
-        self.ns: Any = None  # the namespace runtime for I/O commands
-        self.priv: Any = None  # the transport's own per-request state
-        self.p2p_dev: Any = None  # provider to take the data buffer from (P2P policy)
-        self.chunk: Any = None  # the buffer chunk the transport allocated, if any
+        self.buf: memoryview | None = None  # the data, len == transfer_len once attached
+        self.ns: Ns | None = None  # the namespace of an I/O command (a reference held)
+        self.priv: object = None  # the transport's own per-request state
+        self.chunk: Chunk | None = None  # the pool chunk behind buf, if buf is one
+        self.p2p_dev: Provider | None = None  # the P2P provider chunk is from; None: system
+        self.sysmem_reason = ""  # why the data is in system memory, recorded where decided
         self.handler: Handler | None = None
         self.error_loc = NVMET_NO_ERROR_LOC  # byte offset of the bad field in the SQE, for the error log
         self.completed = False
@@ -86,6 +98,53 @@ class Request:
         """The in-capsule data area that arrived behind the SQE."""
         return memoryview(self.capsule)[SQE_SIZE:]
 
+    # -- the data buffer, as the kernel's nvmet_req_alloc_sgls() / nvmet_req_free_sgls() --
+    def alloc_data_buffer(self, length: int, pool: Provider | None = None) -> bool:
+        """Attach the buffer for `length` bytes of data the transport moves itself.
+
+        First a chunk of the P2P provider this controller uses for the request's
+        namespace (`Ctrl.p2p_choice`; Read and Write on I/O queues only: admin commands,
+        Connect and DSM ranges never use P2P memory); when there is none, or it is
+        exhausted, system memory: a chunk of `pool` (the transport's registered pool)
+        or, without a pool, a heap buffer.  Sets `buf` (and `chunk`, `p2p_dev`) and
+        records in `sysmem_reason` why the data is not P2P.
+
+        Returns False, with nothing attached, only when `pool` is exhausted: call again
+        when memory goes back to it (the P2P provider is tried again too).  Every buffer
+        goes back with `free_data_buffer()`.
+        """
+        ctrl, ns = self.sq.ctrl, self.ns
+        if self.sq.qid and ctrl is not None and ns is not None \
+                and self.sqe.opcode in _P2P_OPCODES:
+            choice = ctrl.p2p_choice(ns)
+            p2p_dev = choice.p2p_dev
+            chunk = p2p_dev.alloc(length) if p2p_dev is not None else None
+            if chunk is not None:
+                self.chunk, self.buf, self.p2p_dev = chunk, chunk.view, p2p_dev
+                self.sysmem_reason = ""
+                return True
+            self.sysmem_reason = choice.reason if p2p_dev is None else REASON_EXHAUSTED
+        if pool is None:
+            self.buf = memoryview(bytearray(length))
+            return True
+        chunk = pool.alloc(length)
+        if chunk is None:
+            return False
+        self.chunk, self.buf = chunk, chunk.view
+        return True
+
+    def use_in_capsule_data(self, data: memoryview) -> None:
+        """The data came inside the capsule (`data` is that part of it): never P2P."""
+        self.buf = data
+        self.sysmem_reason = REASON_IN_CAPSULE
+
+    def free_data_buffer(self) -> None:
+        """Give the data buffer back to where it came from; idempotent."""
+        chunk, self.chunk, self.buf = self.chunk, None, None
+        if chunk is not None:
+            chunk.free()
+
+    # -- parse, execute, complete ----------------------------------------------------
     def init(self) -> bool:
         """Parse the command. False: it failed and is already completed."""
         if len(self.capsule) < SQE_SIZE:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME, NVMET_NR_QUEUES
 
 if TYPE_CHECKING:
-    from nvmet_p2p.backends.base import Backend
+    from nvmet_p2p.configfs import Namespace
+    from nvmet_p2p.core.backend import NsBackend
     from nvmet_p2p.core.ctrl import Ctrl
 
 log = logging.getLogger("nvmet_p2p.core")
@@ -44,7 +45,8 @@ def _id_bytes(text: str, derived_from: str) -> bytes:
 class Ns:
     """An enabled namespace: its open backend, in-flight count and counters."""
 
-    def __init__(self, subsys: Subsys, nsid: int, backend: Backend, cfg: Any = None) -> None:
+    def __init__(self, subsys: Subsys, nsid: int, backend: NsBackend,
+                 cfg: Namespace | None = None) -> None:
         self.subsys = subsys
         self.nsid = nsid
         self.backend = backend
@@ -53,12 +55,16 @@ class Ns:
         self.blksize_shift = backend.block_size.bit_length() - 1
         self.nblocks = backend.nblocks
         key = f"{subsys.nqn}/{nsid}"
-        self.uuid = _id_bytes(getattr(cfg, "device_uuid", ""), "uuid:" + key)
-        self.nguid = _id_bytes(getattr(cfg, "device_nguid", ""), "nguid:" + key)
+        self.uuid = _id_bytes(cfg.device_uuid if cfg else "", "uuid:" + key)
+        self.nguid = _id_bytes(cfg.device_nguid if cfg else "", "nguid:" + key)
         self.inflight = 0
         self.closing = False
-        self.stats = {"read_cmds": 0, "write_cmds": 0, "read_bytes": 0, "write_bytes": 0,
-                      "p2p_reqs": 0, "p2p_bytes": 0, "sysmem_reqs": 0}
+        # Read/Write payload by memory: P2P, or system memory with requests and bytes
+        # per reason (io._account)
+        self.stats: dict[str, Any] = {
+            "read_cmds": 0, "write_cmds": 0, "read_bytes": 0, "write_bytes": 0,
+            "p2p_reqs": 0, "p2p_bytes": 0, "sysmem_reqs": 0, "sysmem_bytes": 0,
+            "sysmem_by_reason": {}, "sysmem_bytes_by_reason": {}}
 
     def get(self) -> None:
         self.inflight += 1
@@ -81,8 +87,9 @@ class Ns:
             log.exception("closing namespace %d of %s", self.nsid, self.subsys.nqn)
 
     def describe(self) -> dict:
+        stats = {k: dict(v) if isinstance(v, dict) else v for k, v in self.stats.items()}
         return {"nsid": self.nsid, **self.backend.describe(), "inflight": self.inflight,
-                "stats": dict(self.stats)}
+                "stats": stats}
 
 
 class Subsys:

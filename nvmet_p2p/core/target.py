@@ -3,7 +3,14 @@
 `Target` implements the configfs tree's hooks (a namespace enabled opens its backend,
 a subsystem linked to a port starts that port's listener), registers transports, owns
 the run-time subsystems and controllers, the discovery generation counter and
-keep-alive.  It never imports a transport: transports register themselves.
+keep-alive.  It imports no transport, backend or P2P policy: transports register
+themselves, and whoever composes the target (the daemon, a test environment, a
+benchmark) hands it the backend opener and the P2P policy.
+
+A port whose listener cannot start (its RDMA device is not up yet, the address is not
+configured) stays linked and configured, as nvmet-rdma keeps it: the reason is kept
+in `listen_errors` (status, log) and `retry_ports()` tries again; the daemon calls it
+periodically and when an RDMA device appears.
 """
 
 from __future__ import annotations
@@ -11,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nvmet_p2p.backends import open_backend
 from nvmet_p2p.configfs import Namespace, Port, Root, Subsystem, TreeHooks
+from nvmet_p2p.core.backend import BackendOpener
 from nvmet_p2p.core.clock import Clock
 from nvmet_p2p.core.ctrl import Ctrl
+from nvmet_p2p.core.p2pmem import P2PPolicy
 from nvmet_p2p.core.queue import SQ
 from nvmet_p2p.core.subsys import Ns, Subsys
 from nvmet_p2p.core.transport import TransportOps
 from nvmet_p2p.errors import BackendError, ConfigError, NvmetError
-from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.wire.limits import (
     NVME_DISC_SUBSYS_NAME,
     NVMET_MAX_QUEUE_SIZE,
@@ -36,8 +43,12 @@ CAP_CSS_NVM = 1 << 37
 
 
 class Target(TreeHooks):
-    def __init__(self, root: Root | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Clock | None = None, p2p: P2PPolicy | None = None,
+    """`open_backend` opens an enabled namespace's backend; `p2p` decides which memory
+    each controller's I/O to each namespace uses."""
+
+    def __init__(self, root: Root | None = None, *, open_backend: BackendOpener,
+                 p2p: P2PPolicy, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Clock | None = None,
                  max_ctrls_per_host: int = NVMET_P2P_MAX_CTRLS_PER_HOST,
                  enable_timeout: float = NVMET_P2P_ENABLE_TIMEOUT_S) -> None:
         self.root = root if root is not None else Root()
@@ -47,10 +58,12 @@ class Target(TreeHooks):
         self._subsystems: dict[str, Subsys] = {}
         self.discovery = Subsys(NVME_DISC_SUBSYS_NAME)
         self.listening: dict[int, TransportOps] = {}  # portid -> transport serving it
+        self.listen_errors: dict[int, str] = {}  # portid -> why it is not listening yet
         self.disc_genctr = 0
         self.mdts = NVMET_RDMA_MAX_MDTS
         self.max_transfer = NVMET_MAX_TRANSFER
-        self.p2p = p2p if p2p is not None else P2PPolicy()
+        self.open_backend = open_backend
+        self.p2p = p2p
         self.max_ctrls_per_host = max_ctrls_per_host
         self.enable_timeout = enable_timeout  # seconds; 0: no deadline
         self.root.hooks = self
@@ -69,6 +82,7 @@ class Target(TreeHooks):
             if port is not None:
                 ops.remove_port(port)
         self.listening.clear()
+        self.listen_errors.clear()
         for subsys in self._subsystems.values():
             for ns in subsys.ns.values():
                 ns.disable()
@@ -112,8 +126,8 @@ class Target(TreeHooks):
         sq.ctrl = ctrl
         log.info("ctrl %d: %s connected to %s (kato %ss)", cntlid, hostnqn, subsys.nqn,
                  ctrl.kato)
-        for ns in list(subsys.ns.values()):  # the P2P choice is made per controller at Connect
-            self.p2p.provider_for(ctrl, ns)
+        for ns in list(subsys.ns.values()):  # as the kernel, P2P is decided at Connect
+            ctrl.p2p_choice(ns)
         return ctrl
 
     def remove_ctrl(self, ctrl: Ctrl) -> None:
@@ -157,14 +171,23 @@ class Target(TreeHooks):
         subsys = self.get_subsys(subsys_cfg.nqn)
         assert subsys is not None  # the tree enables namespaces of its own subsystems only
         try:
-            backend = open_backend(
-                ns_cfg.device_path, kind=ns_cfg.device_backend, block_size=ns_cfg.device_block_size, size=ns_cfg.device_size,
+            backend = self.open_backend(
+                ns_cfg.device_path, kind=ns_cfg.device_backend,
+                block_size=ns_cfg.device_block_size, size=ns_cfg.device_size,
                 create=ns_cfg.device_create, buffered_io=ns_cfg.buffered_io, loop=self.loop)
         except BackendError as e:
             raise ConfigError(f"namespace {ns_cfg.nsid} of {subsys_cfg.nqn}: {e}") from e
-        subsys.ns[ns_cfg.nsid] = Ns(subsys, ns_cfg.nsid, backend, ns_cfg)
+        ns = Ns(subsys, ns_cfg.nsid, backend, ns_cfg)
+        why = self.p2p.check_ns(ns, [*self.namespaces(), ns])
+        if why:
+            backend.close()
+            raise ConfigError(f"namespace {ns_cfg.nsid} of {subsys_cfg.nqn}: p2pmem "
+                              f"{ns_cfg.p2pmem}: {why}")
+        subsys.ns[ns.nsid] = ns
         log.info("namespace %d of %s enabled: %s", ns_cfg.nsid, subsys.nqn, backend.describe())
         for ctrl in subsys.ctrls.values():
+            ctrl.p2p_ns_map.pop(ns.nsid, None)  # as nvmet_p2pmem_ns_add_p2p(): decide now
+            ctrl.p2p_choice(ns)
             ctrl.ns_changed(ns_cfg.nsid)
 
     def ns_disable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
@@ -177,6 +200,7 @@ class Target(TreeHooks):
         ns.disable()
         log.info("namespace %d of %s disabled (%d in flight)", ns.nsid, subsys.nqn, ns.inflight)
         for ctrl in subsys.ctrls.values():
+            ctrl.p2p_ns_map.pop(ns.nsid, None)
             ctrl.ns_changed(ns.nsid)
 
     def _start_port(self, port: Port) -> None:
@@ -188,12 +212,32 @@ class Target(TreeHooks):
                               f"available in this target (have: {', '.join(self.transports)})")
         try:
             ops.add_port(port)
-        except NvmetError as e:
-            raise ConfigError(f"port {port.portid}: cannot listen on {port.addr_traddr}:"
-                              f"{port.addr_trsvcid}: {e}") from e
+        except (NvmetError, OSError) as e:
+            why = (f"cannot listen on {port.addr_traddr}:{port.addr_trsvcid}: {e}; "
+                   "retrying")
+            if self.listen_errors.get(port.portid) != why:
+                log.warning("port %d: %s", port.portid, why)
+            self.listen_errors[port.portid] = why
+            return
         self.listening[port.portid] = ops
+        self.listen_errors.pop(port.portid, None)
         log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
                  port.addr_traddr, port.addr_trsvcid)
+
+    def retry_ports(self) -> None:
+        """Try again to listen on every linked port that is not listening."""
+        for portid in list(self.listen_errors):
+            port = self.root.ports.get(portid)
+            if port is None or not port.subsystems:
+                self.listen_errors.pop(portid, None)
+                continue
+            self._start_port(port)
+
+    def port_down(self, port: Port, why: str) -> None:
+        """A transport lost a listener (its device went away): retried like a failed start."""
+        if self.listening.pop(port.portid, None) is not None:
+            log.warning("port %d: %s; retrying", port.portid, why)
+            self.listen_errors[port.portid] = f"{why}; retrying"
 
     def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
         self._start_port(port)  # a port listens once its first subsystem is linked
@@ -209,6 +253,8 @@ class Target(TreeHooks):
                              subsys.nqn, port.portid)
                     ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
+        if not remaining:
+            self.listen_errors.pop(port.portid, None)
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)
             log.info("port %d: stopped listening", port.portid)
@@ -240,11 +286,17 @@ class Target(TreeHooks):
     def p2p_status(self) -> dict:
         """The P2P decision of every live (controller, namespace), and the providers."""
         decisions = [dict(d.to_json(), cntlid=c.cntlid) for c in self.controllers()
-                     for d in c.p2p.values()]
-        namespaces = [ns for s in self._subsystems.values() for ns in s.ns.values()]
-        providers = [c.provider.describe() for c in self.p2p.candidates(namespaces)
-                     if c.provider is not None]
-        return {"decisions": decisions, "providers": providers}
+                     for d in c.p2p_ns_map.values()]
+        return {"decisions": decisions, "providers": self.p2p.providers(self.namespaces())}
+
+    def namespaces(self) -> list[Ns]:
+        """Every enabled namespace of every subsystem, in configuration order."""
+        out: list[Ns] = []
+        for nqn in self.root.subsystems:
+            subsys = self.get_subsys(nqn)
+            if subsys is not None:
+                out.extend(ns for ns in subsys.ns.values() if not ns.closing)
+        return out
 
     def status(self) -> dict:
         subsystems = {}
@@ -254,11 +306,13 @@ class Target(TreeHooks):
             subsystems[nqn] = {"namespaces": [ns.describe() for ns in subsys.ns.values()],
                                "controllers": [c.cntlid for c in subsys.ctrls.values()]}
         return {
-            "ports": {pid: {"listening": pid in self.listening} for pid in self.root.ports},
+            "ports": {pid: {"listening": pid in self.listening,
+                            **({"error": self.listen_errors[pid]}
+                               if pid in self.listen_errors else {})}
+                      for pid in self.root.ports},
             "subsystems": subsystems,
             "controllers": [c.describe() for c in self.controllers()],
             "disc_genctr": self.disc_genctr,
             "p2p": self.p2p_status(),
-            "transports": {name: (ops.resources() if hasattr(ops, "resources") else {})
-                           for name, ops in self.transports.items()},
+            "transports": {name: ops.resources() for name, ops in self.transports.items()},
         }

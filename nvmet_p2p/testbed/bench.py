@@ -1,9 +1,9 @@
 """`nvmet-p2p bench`: our target against the kernel's nvmet-rdma and nvmet-tcp, same VM
 boot, same fio jobs.
 
-Owns the benchmark matrix (the fio job files in bench/jobs/, run over each transport),
-the measuring loop that runs inside the soft-RoCE VM (or on a real Linux host with
---no-vm), the results schema (bench/README.md), and the report: per transport a
+Owns the benchmark matrix (the fio job files in nvmet_p2p/testbed/jobs/, run over each
+transport), the measuring loop that runs inside the soft-RoCE VM (or on a real Linux host
+with --no-vm), the results schema (bench/README.md), and the report: per transport a
 Markdown table with the ratio ours/kernel per job, and a PNG plot.
 
 Measuring, in one VM boot: rxe0 on a dummy netdev (its address also carries NVMe/TCP);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import shlex
@@ -41,8 +42,10 @@ from typing import Any
 from nvmet_p2p.errors import NvmetError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-JOBS_DIR = REPO_ROOT / "bench" / "jobs"
-DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+JOBS_DIR = Path(__file__).resolve().parent / "jobs"  # package data: installed with the code
+# bench/results in a source checkout; installed, the current directory's nvmet-p2p-bench/
+DEFAULT_RESULTS_DIR = (REPO_ROOT / "bench" / "results" if (REPO_ROOT / "bench").is_dir()
+                       else Path.cwd() / "nvmet-p2p-bench")
 SCHEMA = 1
 
 OURS, KERNEL = "ours", "kernel"
@@ -68,7 +71,7 @@ HOSTID_FMT = "5be0c000-0000-4000-8000-{:012d}"  # one host ID per host NQN, as t
 
 @dataclass(frozen=True)
 class Job:
-    """One fio job file of bench/jobs/ and how to read its result."""
+    """One fio job file of nvmet_p2p/testbed/jobs/ and how to read its result."""
 
     name: str
     ddirs: tuple[str, ...]  # fio result sections that carry this job's I/O
@@ -732,6 +735,10 @@ def _vm_timeout(timing: Timing, njobs: int, ntargets: int) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("matplotlib") is None:  # say so before the matrix runs
+        print("bench: the report's plot needs matplotlib, which is not installed: "
+              "pip install 'nvmet-p2p[bench]'", file=sys.stderr)
+        return 2
     timing = _timing(args)
     jobs = _jobs(args.job)
     targets = args.target or list(TARGETS)
@@ -755,6 +762,11 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(md.read_text())
     print(f"bench: {results_file}, {md}, {png} ({results['meta']['wall_seconds']:.0f} s)")
+    failed = [r for r in results["runs"] if r.get("error")]
+    if failed or not results["runs"]:
+        print(f"bench: {len(failed)} of {len(results['runs'])} run(s) failed",
+              file=sys.stderr)
+        return rc or 1
     return rc
 
 
@@ -814,7 +826,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp", type=int, help="fio ramp_time seconds (default 2; quick: 1)")
     p.add_argument("--repeat", type=int, help="repeats per job and target (default 3; quick: 1)")
     p.add_argument("--job", action="append", choices=JOB_NAMES,
-                   help="run only this job (repeatable; default: all of bench/jobs)")
+                   help="run only this job (repeatable; default: all of nvmet_p2p/testbed/jobs)")
     p.add_argument("--target", action="append", choices=TARGETS,
                    help="run only this target (repeatable; default: both)")
     p.add_argument("--transport", action="append", choices=TRANSPORTS,
@@ -830,9 +842,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p = subparsers.add_parser(
         "bench", help="fio matrix: nvmet-p2p vs the kernel's nvmet-rdma and nvmet-tcp "
                       "(bench/README.md)",
-        description="Boot the soft-RoCE VM once, run the fio jobs of bench/jobs/ over RDMA "
-                    "and TCP against nvmet-p2p and the kernel's nvmet-rdma and nvmet-tcp "
-                    "serving the same file, measure "
+        description="Boot the soft-RoCE VM once, run the fio jobs of nvmet_p2p/testbed/jobs/ "
+                    "over RDMA and TCP against nvmet-p2p and the kernel's nvmet-rdma and "
+                    "nvmet-tcp serving the same file, measure "
                     "the fabric limit, and write results.json, results.md and results.png.")
     p.add_argument("--quick", action="store_true", help="5-second jobs, once each")
     p.add_argument("--out", metavar="DIR", help="results directory "

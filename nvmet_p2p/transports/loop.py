@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nvmet_p2p.cmb import copy_from, copy_into
+from nvmet_p2p.cmb import Provider, copy_from, copy_into
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.wire.command import SQE_SIZE
@@ -82,37 +82,37 @@ class LoopConnection:
                 self.sq.ctrl.fatal_error("capsule shorter than 64 bytes")
             self.disconnect()
             return
-        capsule = bytearray(capsule)
-        req = self.sq.new_request(memoryview(capsule))
+        # a private copy: the host may reuse its buffer, and in-capsule data is used in place
+        data = memoryview(bytearray(capsule))
+        req = self.sq.new_request(data)
         if not req.init():
             return
         target = self.transport.target
         m = map_sgl(req.sqe.sgl, transfer_len=req.transfer_len,
                     host_write=req.data_dir == DataDir.TO_CTRL,
                     inline_data_size=self.inline_data_size,
-                    capsule_data_len=len(capsule) - SQE_SIZE, keyed_sgls=True,
+                    capsule_data_len=len(data) - SQE_SIZE, keyed_sgls=True,
                     max_transfer=target.max_transfer)
         if isinstance(m, int):
             req.complete(m)
             return
         req.priv = m
         if m.kind == SglKind.INLINE:
-            req.buf = memoryview(capsule)[SQE_SIZE + m.offset:SQE_SIZE + m.offset + m.length]
+            base = SQE_SIZE + m.offset
+            req.use_in_capsule_data(data[base:base + m.length])
         elif m.kind == SglKind.KEYED:
-            chunk = req.p2p_dev.alloc(m.length) if req.p2p_dev is not None else None
-            if chunk is not None:
-                req.chunk, req.buf = chunk, chunk.view
-            else:  # no P2P provider, or it is exhausted: system memory for this request
-                req.buf = memoryview(bytearray(m.length))
+            req.alloc_data_buffer(m.length)  # without a pool: never exhausted
+            buf = req.buf
+            assert buf is not None
             if req.data_dir == DataDir.TO_CTRL:
                 src = self.mem.window(m.key, m.addr, m.length)
                 if src is None:
                     req.complete(Status.DATA_XFER_ERROR | DNR)
                     return
-                if chunk is not None:
-                    copy_into(chunk, src, chunk.provider.access)  # BAR memory: its rules
+                if req.p2p_dev is not None:  # BAR memory: its access rules
+                    copy_into(buf, src, req.p2p_dev.access)
                 else:
-                    req.buf[:] = src
+                    buf[:] = src
         req.execute()
 
     def disconnect(self) -> None:
@@ -145,23 +145,25 @@ class LoopTransport:
         must reach the provider."""
         return None
 
+    def p2p_can_register(self, provider: Provider) -> str | None:
+        """The CPU reaches any provider's mapping (with its access rules)."""
+        return None
+
     def queue_response(self, req: Request) -> None:
-        conn: LoopConnection = req.sq.priv
+        conn = req.sq.priv
+        assert isinstance(conn, LoopConnection)
         m: DataMap | None = req.priv if isinstance(req.priv, DataMap) else None
         if (m is not None and m.kind == SglKind.KEYED and req.data_dir == DataDir.FROM_CTRL
                 and req.cqe.status == 0):
+            assert req.buf is not None  # attached before execute(), freed only below
             dst = conn.mem.window(m.key, m.addr, m.length)
             if dst is None:
                 req.fail_data_transfer()
-            elif req.chunk is not None:
-                dst[:] = copy_from(req.chunk.view, req.chunk.provider.access)
+            elif req.p2p_dev is not None:
+                dst[:] = copy_from(req.buf, req.p2p_dev.access)
             else:
-                assert req.buf is not None  # the transport attached it before execute
                 dst[:] = req.buf
-        if req.chunk is not None:
-            req.buf = None
-            req.chunk.free()
-            req.chunk = None
+        req.free_data_buffer()
         if conn.connected:
             conn.on_cqe(req.cqe.encode())
 
@@ -180,5 +182,10 @@ class LoopTransport:
         self.conns.add(conn)
         return conn
 
-    def resources(self) -> dict:
+    def resources(self) -> dict[str, int]:
         return {"queues": len(self.conns), "ports": len(self.ports)}
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            conn.disconnect()
+        self.ports.clear()

@@ -98,7 +98,7 @@ def test_identify(ctrl):
     assert ctrl.block_size in (512, 4096)
     assert ctrl.nblocks >= (16 << 20) // ctrl.block_size
     assert "QEMU" in ctrl.id_ctrl.mn
-    assert ctrl.cap.cmbs and ctrl.accepts_p2p and ctrl.p2p_client == ctrl.bdf
+    assert ctrl.cap.cmbs and ctrl.p2p_kinds and ctrl.p2p_client == ctrl.bdf
     FIGURES["ctrl"] = {"mn": ctrl.id_ctrl.mn.strip(), "mdts_kib": ctrl.max_xfer >> 10,
                        "block_size": ctrl.block_size, "nblocks": ctrl.nblocks}
 

@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-import nvmet_p2p.core.target as core_mod
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.backends.memory import MemoryBackend
 from nvmet_p2p.errors import ConfigError
@@ -475,7 +474,7 @@ def test_ns_disable_completes_inflight_first(target_env: LoopEnv, monkeypatch) -
         b = SlowBackend(path, size, block_size)
         made.append(b)
         return b
-    monkeypatch.setattr(core_mod, "open_backend", slow_open)
+    monkeypatch.setattr(env.target, "open_backend", slow_open)
     sub = env.root.subsystems[SUBNQN]
     env.add_namespace(sub, 2, size=1 << 20)
     backend = made[0]

@@ -12,10 +12,15 @@ from typing import Any
 import pytest
 
 from nvmet_p2p import cli
+from nvmet_p2p.backends import open_backend
+from nvmet_p2p.backends.bdev import P2P_NEEDS as BDEV_NEEDS
+from nvmet_p2p.backends.vfio_nvme.backend import VfioNvmeBackend
 from nvmet_p2p.config.tree import Root
 from nvmet_p2p.control.rpc import RpcServer
 from nvmet_p2p.core.target import Target
-from nvmet_p2p.p2p.policy import P2PPolicy, explain_config, rdma_device_of_netdev
+from nvmet_p2p.p2p.explain import explain_config
+from nvmet_p2p.p2p.netdev import rdma_device_of_netdev
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 from tests.support.p2p_machine import AMD_ZEN, INTEL, NOT_PCI, Machine
 
@@ -90,14 +95,16 @@ def test_offline_decision_for_every_port_and_namespace(m):
     assert d.text() == (f"port 2 {NQN} ns 1: P2P memory from {cmb(m.nvme)} (bus_addr, "
                         "distance 0)")
     assert by[2, 2].reason == f"namespace 2: memory mem is not a PCI device; it {NOT_PCI}"
-    # a block device under peer1: the topology finds the CMB (4 hops), the backend refuses
-    assert by[2, 3].reason == ("namespace 3: the bdev /dev/nvme9n1 backend cannot issue "
-                               "P2P-flagged I/O")
-    assert by[2, 3].provider == cmb(m.nvme) and by[2, 3].distance == 4
+    # a kernel NVMe namespace under peer1: O_DIRECT cannot pin the pages of a CMB our own
+    # driver maps, and no kernel p2pmem is published here
+    assert by[2, 3].reason == (
+        f"no usable P2P memory provider: {cmb(m.nvme)}, {cmb(m.far)}: the bdev "
+        f"/dev/nvme9n1 backend cannot use nvme-cmb memory: {BDEV_NEEDS}")
+    assert by[2, 3].provider is None
     assert all(by[p, 4].reason == "namespace 4 is not enabled" for p in range(1, 7))
     # pinned to peer2, whose namespace is disabled: its CMB is no candidate
-    assert by[2, 5].reason.startswith(f"namespace 5: pinned provider {m.peer2} is not a P2P "
-                                      "memory provider (known: ")
+    assert by[2, 5].reason.startswith(f"namespace 5: pinned provider {m.peer2} publishes no "
+                                      "P2P memory: it has no p2pmem in sysfs and no CMB ")
     # a hardware RDMA NIC on the same switch: NIC -> CMB 4 + NVMe -> own CMB 0
     d = by[3, 1]
     assert d.p2p and d.clients == ["mlx5_0", m.nvme] and d.distance == 4
@@ -131,7 +138,13 @@ def test_published_kernel_p2pmem_is_a_candidate(m):
     doc["subsystems"][0]["namespaces"][4]["p2pmem"] = m.peer1
     out = {(d.portid, d.nsid): d for d in explain_config(
         root_of(doc), sysfs_root=m.root, cpu=AMD_ZEN, netdev_of=ADDRS.get)}
-    assert out[2, 5].p2p and out[2, 5].provider == f"p2pmem {m.peer1}"
+    # the kernel NVMe namespace under peer1: O_DIRECT from peer1's own p2pmem
+    d = out[2, 3]
+    assert d.p2p and d.provider == f"p2pmem {m.peer1}" and d.distance == 0
+    # our NVMe driver pinned to it: its PRPs need a bus address, which p2pmem does not show
+    assert out[2, 5].reason == (
+        f"namespace 5: pinned provider {m.peer1} cannot be used: p2pmem {m.peer1}: the "
+        f"vfio-nvme {m.far} backend cannot use p2pmem memory: {VfioNvmeBackend.p2p_needs}")
 
 
 def test_rdma_device_of_netdev(m):
@@ -207,16 +220,17 @@ def test_cli_needs_exactly_one_source(capsys):
 # -- live, through the daemon's control socket -----------------------------------------------
 
 class _Daemon:
-    """What RpcServer needs of the daemon: a target (and a config path)."""
+    """What RpcServer needs of the daemon: a target, its P2P policy (and a config path)."""
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    def __init__(self, target: Target, p2p: P2PPolicy) -> None:
+        self.target, self.p2p = target, p2p
         self.config_path = None
 
 
 def test_cli_live_asks_the_daemon(m, tmp_path, capsys):
     loop = asyncio.new_event_loop()
-    target = Target(loop=loop, p2p=P2PPolicy(m.root, cpu=INTEL))
+    policy = P2PPolicy(m.root, cpu=INTEL)
+    target = Target(loop=loop, open_backend=open_backend, p2p=policy)
     LoopTransport(target)
     root = target.root
     subsys = root.create_subsystem(NQN)
@@ -229,7 +243,7 @@ def test_cli_live_asks_the_daemon(m, tmp_path, capsys):
     p.attr_allow_p2pmem = True
     p.link_subsystem(NQN)
     sock = str(tmp_path / "rpc.sock")
-    server = RpcServer(_Daemon(target), sock)
+    server = RpcServer(_Daemon(target, policy), sock)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -244,6 +258,7 @@ def test_cli_live_asks_the_daemon(m, tmp_path, capsys):
         loop.close()
     assert rc == 0, err
     assert out == (f"port 7 {NQN} ns 1: system memory: namespace 1: memory mem is not a PCI "
-                   f"device; it {NOT_PCI}\n")
+                   f"device; it {NOT_PCI}; payload so far: 0 bytes P2P, 0 in system "
+                   f"memory\n")
     assert rc_json == 0
     assert [(d["portid"], d["nsid"], d["p2p"]) for d in json.loads(out_json)] == [(7, 1, False)]

@@ -1,5 +1,6 @@
-"""The P2P policy (nvmet_p2p/p2p.py): every step of the decision order with its exact reason,
-the choice among providers, and the loop data path end to end over a synthetic sysfs tree.
+"""The P2P policy (nvmet_p2p/p2p/): every step of the decision order with its exact reason,
+the choice among providers, and the loop data path end to end over a synthetic sysfs tree
+(the core's per-request buffer, its fallbacks and counters).
 
 The end-to-end tests put a fake PCI NVMe namespace (a Backend whose P2P-flagged I/O moves
 data between an in-memory "media" and the chunk, as a controller's DMA would) behind a loop
@@ -21,15 +22,11 @@ import pytest
 
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.cmb import Chunk, SysfsBarProvider, copy_from, copy_into
-from nvmet_p2p.core import target as core
-from nvmet_p2p.p2p.policy import (
-    REASON_EXHAUSTED,
-    REASON_IN_CAPSULE,
-    Candidate,
-    P2PPolicy,
-    decide,
-    explain,
-)
+from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
+from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.p2p.decision import Candidate, decide
+from nvmet_p2p.p2p.explain import explain
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.p2p.topology import Topology
 from nvmet_p2p.wire.command import IoOpcode, Sqe
 from tests.support.loop_env import PORTID, SUBNQN, LoopEnv
@@ -37,6 +34,7 @@ from tests.support.p2p_machine import AMD_ZEN, INTEL, NOT_PCI, Machine
 
 NO_PROVIDER = ("no P2P memory provider is available (no published p2pmem, no NVMe CMB with "
                "WDS and RDS)")
+ANY_KIND = frozenset({"p2pmem", "nvme-cmb", "sysfs-bar", "vfio-bar"})
 
 
 @pytest.fixture
@@ -51,13 +49,14 @@ def port(allow: bool = True, portid: int = 1) -> Any:
 def run_decide(m: Machine, *, cpu: str = INTEL, allow: bool = True, p2pmem: str = "1",
                transport_client: str | None = None, transport_reason: str | None = None,
                ns_client: str | None = None, ns_label: str = "vfio-nvme x",
-               accepts: bool = True, candidates: list[Candidate] | None = None,
+               kinds: frozenset[str] = ANY_KIND, needs: str = "it needs a bus address",
+               candidates: list[Candidate] | None = None,
                can_register: Any = None, rng: random.Random | None = None):
     return decide(Topology(m.root, cpu=cpu), port=port(allow), subnqn=SUBNQN, nsid=1,
                   ns_p2pmem=p2pmem, transport_client=transport_client,
                   transport_reason=transport_reason,
                   ns_client=m.nvme if ns_client is None and ns_label.startswith("vfio")
-                  else ns_client, ns_label=ns_label, backend_accepts=accepts,
+                  else ns_client, ns_label=ns_label, backend_kinds=kinds, backend_needs=needs,
                   candidates=[Candidate(m.peer1, "peer1")] if candidates is None
                   else candidates, can_register=can_register, rng=rng)
 
@@ -85,16 +84,19 @@ def test_step2_namespace_p2pmem_0(m):
     assert not d.p2p and d.reason == "namespace 1: p2pmem is 0"
 
 
-def test_step3_transport_without_p2p_client(m):
+def test_step3_the_transport_is_asked_through_its_declared_interface(m):
     policy = P2PPolicy(m.root, cpu=INTEL)
     ns = SimpleNamespace(nsid=1, cfg=None, backend=FakePciNvme(m.nvme, 1 << 20))
     subsys = SimpleNamespace(nqn=SUBNQN, ns={1: ns})
-    ops = SimpleNamespace(trtype="tcp")  # no p2p_client
-    d = policy.decide_for(port(), ops, subsys, ns)
-    assert not d.p2p
-    assert d.reason == "transport tcp cannot do peer-to-peer DMA (it names no p2p_client)"
+    asked = []
+    ops = SimpleNamespace(p2p_client=lambda p: asked.append(p) or "rxe0",
+                          p2p_can_register=lambda prov: None)
+    p = port()
+    d = policy.decide_for(p, ops, subsys, ns, [ns])
+    assert asked == [p] and not d.p2p
+    assert d.reason == f"rxe0 is not a PCI device (soft-RoCE); it {NOT_PCI}"
     d = policy.decide_for(SimpleNamespace(portid=1, attr_allow_p2pmem=True,
-                                          addr_trtype="fc"), None, subsys, ns)
+                                          addr_trtype="fc"), None, subsys, ns, [ns])
     assert d.reason == "transport fc is not available in this target"
 
 
@@ -135,8 +137,9 @@ def test_step4_pinned_bdf_unknown(m):
     d = run_decide(m, p2pmem="0000:09:00.0",
                    candidates=[Candidate(m.peer2, "peer2"), Candidate(m.peer1, "peer1")])
     assert not d.p2p
-    assert d.reason == (f"namespace 1: pinned provider 0000:09:00.0 is not a P2P memory "
-                        f"provider (known: {m.peer1}, {m.peer2})")
+    assert d.reason == (f"namespace 1: pinned provider 0000:09:00.0 publishes no P2P memory: "
+                        f"it has no p2pmem in sysfs and no CMB our NVMe driver enabled "
+                        f"(known providers: {m.peer1}, {m.peer2})")
 
 
 def test_step4_pinned_bdf_wins_over_a_nearer_one(m):
@@ -159,11 +162,24 @@ def test_step5_topology_not_supported_on_intel_without_whitelisted_host_bridge(m
 
 
 def test_step6_backend_that_does_not_accept_p2p(m):
-    d = run_decide(m, ns_label="bdev /dev/nvme0n1", ns_client=m.nvme, accepts=False)
+    d = run_decide(m, ns_label="bdev /dev/vda", ns_client=m.nvme, kinds=frozenset(),
+                   needs="/dev/vda is not an NVMe namespace")
     assert not d.p2p
-    assert d.reason == "namespace 1: the bdev /dev/nvme0n1 backend cannot issue P2P-flagged I/O"
+    assert d.reason == ("namespace 1: the bdev /dev/vda backend cannot issue P2P-flagged "
+                        "I/O: /dev/vda is not an NVMe namespace")
     assert d.provider == "peer1" and d.distance == 4  # the topology was fine
     assert d.text().endswith("(nearest provider peer1, distance 4)")
+
+
+def test_step4_memory_the_backend_cannot_use_is_no_candidate(m):
+    cands = [Candidate(m.nvme_fn1, "fn1/cmb", kind="nvme-cmb"), Candidate(m.peer2, "peer2")]
+    bdev = {"ns_label": "bdev /dev/nvme0n1", "ns_client": m.nvme,
+            "kinds": frozenset({"p2pmem"}), "needs": "O_DIRECT needs pinnable pages"}
+    d = run_decide(m, candidates=cands, **bdev)
+    assert d.p2p and d.provider == "peer2"  # fn1 is nearer, but a BAR mapped by VFIO
+    d = run_decide(m, candidates=cands[:1], **bdev)
+    assert d.reason == ("no usable P2P memory provider: fn1/cmb: the bdev /dev/nvme0n1 "
+                        "backend cannot use nvme-cmb memory: O_DIRECT needs pinnable pages")
 
 
 def test_step6_registration_refused(m):
@@ -179,15 +195,15 @@ def test_step6_registration_refused(m):
     assert asked == [prov] and not d.p2p
     assert d.reason == ("the transport cannot register peer1/bar2: ibv_reg_mr failed: Bad "
                         "address (no P2P support in ib_umem_get)")
-    assert d.provider_obj is None
+    assert d.p2p_dev is None
 
 
 def test_unknown_namespace_device_is_reported_not_raised(m):
     policy = P2PPolicy(m.root, cpu=INTEL)
     ns = SimpleNamespace(nsid=1, cfg=None, backend=FakePciNvme("0000:0f:00.0", 1 << 20))
     subsys = SimpleNamespace(nqn=SUBNQN, ns={1: ns})
-    ops = SimpleNamespace(trtype="loop", p2p_client=lambda p: None)
-    d = policy.decide_for(port(), ops, subsys, ns)
+    ops = SimpleNamespace(p2p_client=lambda p: None, p2p_can_register=lambda prov: None)
+    d = policy.decide_for(port(), ops, subsys, ns, [ns])
     assert not d.p2p
     assert d.reason == ("topology could not be evaluated: no PCI device 0000:0f:00.0 under "
                         f"{m.root}")
@@ -222,7 +238,7 @@ def test_several_pools_behind_one_bdf_pick_the_roomiest(m):
         return SimpleNamespace(counters=lambda: {"available": avail})
     small, big = pool(4096), pool(1 << 20)
     d = run_decide(m, candidates=[Candidate(m.peer1, "a", small), Candidate(m.peer1, "b", big)])
-    assert d.provider == "b" and d.provider_obj is big
+    assert d.provider == "b" and d.p2p_dev is big
 
 
 # -- the loop data path end to end -----------------------------------------------------------
@@ -233,7 +249,7 @@ class FakePciNvme(Backend):
     on the loop later, as a real device's would, so requests overlap."""
 
     kind = "fake-nvme"
-    accepts_p2p = True
+    p2p_kinds = frozenset({"nvme-cmb"})
 
     def __init__(self, bdf: str, size: int, loop: asyncio.AbstractEventLoop | None = None,
                  cmb: Any = None) -> None:
@@ -294,37 +310,52 @@ NS_BYTES = 4 << 20
 
 class P2PEnv:
     """A LoopEnv whose target has a P2P policy over the synthetic machine and whose
-    namespaces named 'fake-nvme' are FakePciNvme with a 'CMB' (resource2 of the NVMe)."""
+    namespaces named 'fake-nvme' are FakePciNvme with a 'CMB' (resource2 of the NVMe), as
+    our own NVMe driver sees one; 'fake-kernel-nvme' is a namespace of the kernel's NVMe
+    driver, whose P2P-flagged I/O (O_DIRECT) takes kernel p2pmem (`kernel_p2pmem()`)."""
 
     def __init__(self, env: LoopEnv, m: Machine, monkeypatch: pytest.MonkeyPatch,
                  cmb_size: int = 1 << 20) -> None:
         self.env, self.m = env, m
-        env.target.p2p = P2PPolicy(m.root, cpu=INTEL, rng=random.Random(1))
+        self.policy = P2PPolicy(m.root, cpu=INTEL, rng=random.Random(1))
+        env.p2p = env.target.p2p = self.policy
         m.bar(m.nvme, 2, 1 << 20)
         self.cmb_size = cmb_size
         self.backends: list[FakePciNvme] = []
-        real = core.open_backend
+        real = env.target.open_backend
 
         def open_backend(path, **kw):
-            if path != "fake-nvme":
+            if path == "fake-kernel-nvme":
+                b = FakePciNvme(m.nvme, NS_BYTES, env.loop)
+                b.p2p_kinds = frozenset({"p2pmem"})
+            elif path == "fake-nvme":
+                cmb = SysfsBarProvider(m.root, m.nvme, 2, size=self.cmb_size,
+                                       kind="nvme-cmb")
+                b = FakePciNvme(m.nvme, NS_BYTES, env.loop, cmb)
+            else:
                 return real(path, **kw)
-            cmb = SysfsBarProvider(m.root, m.nvme, 2, size=self.cmb_size, kind="nvme-cmb")
-            b = FakePciNvme(m.nvme, NS_BYTES, env.loop, cmb)
             self.backends.append(b)
             return b
-        monkeypatch.setattr(core, "open_backend", open_backend)
+        monkeypatch.setattr(env.target, "open_backend", open_backend)
+
+    def kernel_p2pmem(self, fn: Any, size: int, available: int | None = None,
+                      published: bool = True) -> None:
+        """`fn` publishes `size` bytes of p2pmem; its allocate file is a plain file."""
+        d = self.m.tree.p2pmem(fn, size, available, published=published)
+        with open(d / "allocate", "wb") as f:
+            f.truncate(size)
 
     def setup(self, *, allow: bool = True, p2pmem: str = "1", inline: int = 0,
-              extra_ns: dict[int, str] | None = None) -> Any:
+              extra_ns: dict[int, str] | None = None, path: str = "fake-nvme") -> Any:
         env = self.env
         p = env.port(PORTID, inline_data_size=inline)
         p.attr_allow_p2pmem = allow
         subsys = env.add_subsystem(namespaces=extra_ns or {}, portid=None)
+        p.link_subsystem(SUBNQN)
         ns = subsys.create_namespace(1)
-        ns.device_backend, ns.device_path, ns.device_size = "memory", "fake-nvme", NS_BYTES
+        ns.device_backend, ns.device_path, ns.device_size = "memory", path, NS_BYTES
         ns.p2pmem = p2pmem
         ns.enable = True
-        p.link_subsystem(SUBNQN)
         return subsys
 
     @property
@@ -364,7 +395,7 @@ def test_loop_writes_and_reads_go_through_the_cmb(p2p_env, caplog):
     assert counters["allocated"] == 0 and counters["allocs"] == 8
     assert counters["available"] == p2p_env.cmb_size
     ctrl = p2p_env.env.target.controllers()[-1]
-    decision = ctrl.p2p[1]
+    decision = ctrl.p2p_ns_map[1]
     assert decision.p2p and decision.provider == f"{p2p_env.m.nvme}/bar2"
     assert decision.distance == 0 and decision.clients == [p2p_env.m.nvme]
     logged = [r.getMessage() for r in caplog.records if "ns 1:" in r.getMessage()]
@@ -460,7 +491,7 @@ def test_explain_a_running_target(p2p_env):
     subsys = p2p_env.setup(extra_ns={2: "memory"})
     ns3 = subsys.create_namespace(3)
     ns3.device_backend, ns3.device_path, ns3.device_size = "memory", "off", 1 << 20
-    out = explain(p2p_env.env.target)
+    out = explain(p2p_env.env.target, p2p_env.policy)
     assert [(e["portid"], e["nsid"], e["p2p"]) for e in out] == [(1, 1, True), (1, 2, False),
                                                                 (1, 3, False)]
     assert out[0]["provider"] == f"{p2p_env.m.nvme}/bar2" and out[0]["distance"] == 0
@@ -468,6 +499,100 @@ def test_explain_a_running_target(p2p_env):
     assert all(e["text"].startswith(f"port 1 {SUBNQN} ns ") for e in out)
     assert p2p_env.cmb.counters()["allocs"] == 0  # explaining allocates nothing
 
+
+
+# -- kernel p2pmem: the kernel NVMe driver published its controller's CMB --------------------
+
+def test_kernel_p2pmem_of_the_namespaces_own_controller(p2p_env):
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+    p2p_env.kernel_p2pmem(m.peer1_fn, 1 << 20)  # farther: 4 hops
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    total = 0
+    for i, (slba, n) in enumerate([(0, 4096), (100, 65536), (900, 1 << 20)]):
+        data = payload(n, 20 + i)
+        host.write(1, slba, data)
+        assert host.read(1, slba, n // 512) == data
+        assert bytes(p2p_env.backend.media[slba * 512:slba * 512 + n]) == data
+        total += 2 * n
+    st = p2p_env.env.ns(1).stats
+    assert st["p2p_bytes"] == total and st["sysmem_bytes"] == 0
+    d = p2p_env.env.target.controllers()[-1].p2p_ns_map[1]
+    assert d.p2p and d.provider == f"p2pmem {m.nvme}" and d.distance == 0
+    assert d.p2p_dev.kind == "p2pmem" and d.p2p_dev.size == 1 << 20
+    assert p2p_env.backend.p2p_ios == {"read": 3, "write": 3}
+    explained = explain(p2p_env.env.target, p2p_env.policy)[0]
+    assert explained["payload"]["p2p_bytes"] == total
+    assert explained["text"].endswith(f"payload so far: {total} bytes P2P, 0 in system memory")
+
+
+def test_kernel_p2pmem_pool_exhausted_falls_back_per_request(p2p_env):
+    p2p_env.policy.p2pmem_pool_size = 16 << 10  # what we map of the device's p2pmem
+    p2p_env.kernel_p2pmem(p2p_env.m.nvme_fn, 1 << 20)
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    q = host.io[min(host.io)]
+    datas = [payload(4096, 40 + i) for i in range(8)]
+    pend = [q.submit(Sqe(opcode=IoOpcode.WRITE, nsid=1, cdw10=i * 8, cdw12=7), data=d)
+            for i, d in enumerate(datas)]
+    assert all(q.wait(p, 10.0)[0].status == 0 for p in pend)
+    for i, d in enumerate(datas):
+        assert host.read(1, i * 8, 8) == d
+    st = p2p_env.env.ns(1).stats
+    assert st["sysmem_by_reason"] == {REASON_EXHAUSTED: 4}
+    assert st["sysmem_bytes_by_reason"] == {REASON_EXHAUSTED: 4 * 4096}
+    assert st["p2p_bytes"] == (4 + 8) * 4096  # 4 writes fit, and every read did
+
+
+def test_p2pmem_with_nothing_available_is_no_candidate(p2p_env):
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20, available=0)
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    host.write(1, 0, payload(4096, 5))
+    why = (f"no usable P2P memory provider: p2pmem {m.nvme}: {m.nvme}: p2pmem is exhausted "
+           f"(0 of {1 << 20} bytes available; the rest is allocated by its other users)")
+    assert p2p_env.env.ns(1).stats["sysmem_by_reason"] == {why: 1}
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_pinned_provider_that_publishes_nothing_fails_enable(p2p_env, published):
+    """As the kernel's nvmet_p2pmem_ns_enable(): a namespace pinned to a provider that
+    cannot serve it is not enabled, with the reason; the target serves the others."""
+    m = p2p_env.m
+    if not published:
+        p2p_env.kernel_p2pmem(m.peer2_fn, 1 << 20, published=False)
+    with pytest.raises(ConfigError) as e:
+        p2p_env.setup(path="fake-kernel-nvme", p2pmem=m.peer2, extra_ns={2: "memory"})
+    why = (f"cannot be used: p2pmem {m.peer2}: p2pmem is not published (its driver keeps it "
+           "private)" if not published else
+           "publishes no P2P memory: it has no p2pmem in sysfs and no CMB our NVMe driver "
+           "enabled (known providers: none)")
+    assert str(e.value) == (f"namespace 1 of {SUBNQN}: p2pmem {m.peer2}: namespace 1: pinned "
+                            f"provider {m.peer2} {why}")
+    assert p2p_env.env.ns(1) is None and p2p_env.backends[-1].closed
+    host = p2p_env.env.connect()
+    assert host.active_ns() == [2]
+    host.write(2, 0, payload(512, 1))
+    assert host.read(2, 0, 1) == payload(512, 1)
+
+
+def test_pinned_namespace_whose_device_cannot_do_p2p_fails_enable(p2p_env):
+    """A block device that is not an NVMe namespace: the kernel issues no P2P I/O to it."""
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+    real = p2p_env.env.target.open_backend
+
+    def virtio_blk(path, **kw):
+        b = real(path, **kw)
+        b.p2p_kinds, b.p2p_needs = frozenset(), "/dev/vda is not an NVMe namespace"
+        return b
+    p2p_env.env.target.open_backend = virtio_blk
+    with pytest.raises(ConfigError) as e:
+        p2p_env.setup(path="fake-kernel-nvme", p2pmem=m.nvme)
+    assert str(e.value).endswith("namespace 1: the fake-nvme " + m.nvme + " backend cannot "
+                                 "issue P2P-flagged I/O: /dev/vda is not an NVMe namespace")
 
 
 # -- the vfio-nvme route of the backend factory ----------------------------------------------

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from nvmet_p2p.backends import open_backend
+from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.host.loop import LoopHost
-from nvmet_p2p.p2p.policy import REASON_EXHAUSTED, P2PPolicy
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.testbed.guest import cmb_nvme_bdf, on_vfio, setup_rxe
 from nvmet_p2p.transports.loop import LoopTransport
 from nvmet_p2p.wire.command import IoOpcode, Sqe
@@ -51,7 +53,7 @@ class VmTarget:
     def __init__(self, bdf: str) -> None:
         self.bdf = bdf
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop, p2p=P2PPolicy())
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=P2PPolicy())
         self.transport = LoopTransport(self.target)
         root = self.target.root
         subsys = root.create_subsystem(NQN)
@@ -117,7 +119,7 @@ def test_decision_uses_the_cmb(vt):
     assert cmb is not None, vt.ns.backend.cmb_reason
     host = vt.connect(P2P_PORT)
     ctrl = vt.target.controllers()[-1]
-    d = ctrl.p2p[1]
+    d = ctrl.p2p_ns_map[1]
     assert d.p2p, d.text()
     assert d.provider == cmb.name and d.provider_bdf == vt.bdf and d.distance == 0
     assert host.active_ns() == [1]

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.core.clock import FakeClock
 from nvmet_p2p.core.subsys import Ns
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.host.loop import LoopHost
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 
 SUBNQN = "nqn.2026-11.io.nvmet-p2p:test"
@@ -44,7 +46,9 @@ class LoopEnv:
         self.tmp_path = tmp_path
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
-        self.target = Target(loop=self.loop, clock=self.clock)
+        self.p2p = P2PPolicy()
+        self.target = Target(loop=self.loop, clock=self.clock, open_backend=open_backend,
+                             p2p=self.p2p)
         self.transport = LoopTransport(self.target)
         self.root = self.target.root
         self.hosts: list[LoopHost] = []

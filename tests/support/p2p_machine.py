@@ -29,11 +29,13 @@ class Machine:
         t.host_bridge(rb)
         rp = t.root_port(rb, 1)
         _, dsps = t.switch(rp, 4)
-        self.nvme = t.endpoint(dsps[0]).bdf
+        self.nvme_fn = t.endpoint(dsps[0])
+        self.nvme = self.nvme_fn.bdf
         self.nvme_fn1 = t.endpoint(dsps[0], 0, 1).bdf
         self.peer1_fn = t.endpoint(dsps[1])
         self.peer1 = self.peer1_fn.bdf
-        self.peer2 = t.endpoint(dsps[2]).bdf
+        self.peer2_fn = t.endpoint(dsps[2])
+        self.peer2 = self.peer2_fn.bdf
         self.nic_fn = nic = t.endpoint(dsps[3], vendor=0x15B3, device=0x1017,
                                        class_code=0x020000)
         self.nic = nic.bdf

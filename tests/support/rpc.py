@@ -79,7 +79,8 @@ class InProcess:
         self.env = env
         self.dir = Path(tempfile.mkdtemp(prefix="nvmet-rpc-"))
         self.path = str(self.dir / "ctl.sock")
-        self.server = RpcServer(SimpleNamespace(target=env.target, config_path=None), self.path)
+        self.server = RpcServer(SimpleNamespace(target=env.target, p2p=env.p2p,
+                                                config_path=None), self.path)
         env.loop.run_until_complete(self.server.start())
         self._ids = 0
 

@@ -173,6 +173,22 @@ class FakeReq:
         self.cqe.status = status
         self.sq.transport.queue_response(self)
 
+    # the core's buffer calls, as core.request.Request without P2P
+    def alloc_data_buffer(self, length, pool=None):
+        chunk = pool.alloc(length)
+        if chunk is None:
+            return False
+        self.chunk, self.buf = chunk, chunk.view
+        return True
+
+    def use_in_capsule_data(self, data):
+        self.buf = data
+
+    def free_data_buffer(self):
+        chunk, self.chunk, self.buf = self.chunk, None, None
+        if chunk is not None:
+            chunk.free()
+
 
 class FakeSQ:
     def __init__(self, transport, sync=True):
@@ -265,7 +281,7 @@ def test_host_write_keyed_walks_every_state(env):
     assert c.state is rdma.CmdState.TRANSFERRING_HOST_TO_TARGET
     assert [s.opcode for s in q.qp.sends] == [pv.IBV_WR_RDMA_READ]
     assert q.reads_in_flight == 1 and q.qp.recvs == []
-    c.chunk.view[:] = b"\x5a" * 512  # what the RDMA READ brought in
+    c.req.chunk.view[:] = b"\x5a" * 512  # what the RDMA READ brought in
     t._completion(q, wc_for(q, c.index))
     assert c.state is rdma.CmdState.COMPLETING
     assert q.sq.written == [b"\x5a" * 512]
