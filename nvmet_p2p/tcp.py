@@ -17,7 +17,9 @@ Queue life: accept -> ICReq (PFV 1.0, HPDA honoured for our C2HData, digests as 
 asks, as the kernel does) -> ICResp (CPDA 0, MAXH2CDATA) -> capsules.  The NVMe queue
 id and size come with Connect (TCP has no connection-time private data).  A connection
 without a controller after `connect_timeout` is closed; one with a controller lives
-under keep-alive.  A fatal PDU error sends a C2HTermReq with the fatal error status,
+under keep-alive, and one that holds buffers for R2Ts and sends nothing for
+`data_timeout` (the host's own I/O timeout would have fired by then) is closed and its
+controller made fatal, so that a stalled host cannot keep the buffer pool from others.  A fatal PDU error sends a C2HTermReq with the fatal error status,
 closes the connection and, as the kernel's nvmet_tcp_fatal_error, makes the controller
 fatal so that its host reconnects every queue.
 
@@ -49,6 +51,8 @@ from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.errors import TransportError
 from nvmet_p2p.wire import tcp as pdu
 from nvmet_p2p.wire.command import SQE_SIZE
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_RDMA_IP_PORT
+from nvmet_p2p.wire.status import Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port
@@ -59,18 +63,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmet_p2p.tcp")
 
-DEFAULT_TRSVCID = 4420
+DEFAULT_TRSVCID = NVME_RDMA_IP_PORT  # the IANA NVMe-oF port serves TCP too
 # Data bytes one H2CData PDU may carry (ICResp MAXH2CDATA).  SPDK's default; the kernel
 # offers 16 MiB.  Bigger writes come as several PDUs of one R2T.
 MAXH2CDATA = 128 << 10
-ADMIN_CCSZ = 8192  # NVME_TCP_ADMIN_CCSZ: in-capsule data the Linux host assumes on admin queues
-PRE_CONNECT_CMDS = 32  # commands a queue may hold before Connect tells its size (admin depth)
+PRE_CONNECT_CMDS = NVME_AQ_DEPTH  # commands a queue may hold before Connect sizes it
 CONNECT_TIMEOUT_S = 30.0  # a connection must have a controller by then
+DATA_TIMEOUT_S = 30.0  # R2T'd data may pause this long (the Linux host's nvme_core.io_timeout)
 RECV_BUDGET = 16  # receives per readable event before other connections get a turn
 IOV_MAX = 512  # buffers per sendmsg (Linux UIO_MAXIOV is 1024)
 LISTEN_BACKLOG = 128  # NVMET_TCP_BACKLOG
 DEFAULT_POOL_SIZE = 32 << 20
-TRANSIENT_TRANSPORT_ERROR = 0x022  # generic status 22h: retry may succeed (no DNR)
 
 
 class CmdState(IntEnum):  # int hashing: _STEPS is looked up at every step
@@ -176,7 +179,7 @@ class TcpQueue:
         self.hdgst = self.ddgst = False
         self.hpda = 0
         self.maxr2t = 0
-        self.rx = pdu.PduReceiver(pdu.Role.CONTROLLER, max_cmd_data=ADMIN_CCSZ,
+        self.rx = pdu.PduReceiver(pdu.Role.CONTROLLER, max_cmd_data=pdu.NVME_TCP_ADMIN_CCSZ,
                                   maxh2cdata=transport.maxh2cdata)
         self.capsule: bytearray | bytes = b""  # the CapsuleCmd whose data is arriving
         self.out: deque[tuple[memoryview, Callable[[], None] | None]] = deque()
@@ -185,7 +188,10 @@ class TcpQueue:
         self.cmds: list[TcpCmd] = []
         self.free_cmds: deque[TcpCmd] = deque()
         self.inflight: set[TcpCmd] = set()
-        self.timer: Any = None
+        self.timer: Any = None  # the connect deadline
+        self.data_timer: Any = None  # armed while R2Ts wait for their data
+        self.rx_bytes = 0  # received so far: the data timer's measure of progress
+        self.rx_mark = 0
         self.sq: SQ = transport.target.create_sq(port, transport)
         self.sq.priv = self
         self.sq.local_traddr = sock.getsockname()[0]
@@ -198,7 +204,7 @@ class TcpQueue:
         """In-capsule data this queue takes: the port's on I/O queues, the host's 8 KiB
         assumption on the admin queue and before Connect says which queue this is."""
         if self.sq.ctrl is None or self.sq.qid == 0:
-            return max(ADMIN_CCSZ, self.transport.target.inline_data_size(self.port))
+            return max(pdu.NVME_TCP_ADMIN_CCSZ, self.transport.target.inline_data_size(self.port))
         return self.transport.target.inline_data_size(self.port)
 
     def get_cmd(self) -> TcpCmd | None:
@@ -229,7 +235,8 @@ class TcpTransport:
 
     def __init__(self, target: Target, pool: Any = None, *,
                  pool_size: int = DEFAULT_POOL_SIZE, maxh2cdata: int = MAXH2CDATA,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S,
+                 data_timeout: float = DATA_TIMEOUT_S) -> None:
         if maxh2cdata < pdu.MIN_MAXH2CDATA or maxh2cdata % 4:
             raise ValueError(f"MAXH2CDATA {maxh2cdata} must be a multiple of 4, at least "
                              f"{pdu.MIN_MAXH2CDATA}")
@@ -240,6 +247,7 @@ class TcpTransport:
         self._own_pool = pool is None
         self.maxh2cdata = maxh2cdata
         self.connect_timeout = connect_timeout
+        self.data_timeout = data_timeout
         self.listeners: dict[int, Listener] = {}  # portid -> listener
         self.queues: dict[int, TcpQueue] = {}  # fd -> queue
         self.wait_buffer: deque[tuple[TcpQueue, TcpCmd]] = deque()
@@ -340,9 +348,10 @@ class TcpTransport:
         q.state, q.dead = QueueState.DEAD, True
         log.info("tcp: qid %d (%s) torn down: %s", q.qid, q.peer, why)
         self.queues.pop(q.fd, None)
-        if q.timer is not None:
-            q.timer.cancel()
-            q.timer = None
+        for timer in (q.timer, q.data_timer):
+            if timer is not None:
+                timer.cancel()
+        q.timer = q.data_timer = None
         self.loop.remove_reader(q.fd)
         if q.writer:
             self.loop.remove_writer(q.fd)
@@ -358,6 +367,23 @@ class TcpTransport:
             self._finish(q, cmd)
         self.wait_buffer = deque((wq, c) for wq, c in self.wait_buffer if wq is not q)
         q.sq.destroy()
+
+    def _data_deadline(self, q: TcpQueue) -> None:
+        """R2Ts are outstanding: the host must have sent something since the last look."""
+        q.data_timer = None
+        if q.dead or not any(c.state is CmdState.TRANSFERRING_HOST_TO_TARGET
+                             for c in q.inflight):
+            return
+        if q.rx_bytes == q.rx_mark:
+            why = f"no data for its R2Ts within {self.data_timeout:g} s"
+            log.warning("tcp: qid %d (%s): %s; closing the connection", q.qid, q.peer, why)
+            ctrl = q.sq.ctrl
+            self._teardown(q, why)
+            if ctrl is not None:
+                ctrl.fatal_error(f"NVMe/TCP qid {q.qid}: {why}")
+            return
+        q.rx_mark = q.rx_bytes
+        q.data_timer = self.loop.call_later(self.data_timeout, self._data_deadline, q)
 
     def _fatal(self, q: TcpQueue, err: pdu.PduError) -> None:
         """A PDU broke the binding: C2HTermReq, close, and the controller goes fatal."""
@@ -391,6 +417,7 @@ class TcpTransport:
                                + (" in the middle of a PDU" if q.rx.mid_pdu else ""))
                 return
             q.rx.received(n)
+            q.rx_bytes += n
             try:
                 while not q.dead and (ev := q.rx.next_event()) is not None:
                     self._event(q, ev)
@@ -541,7 +568,7 @@ class TcpTransport:
         if not req.init():
             return CmdState.EXECUTED  # the core completed it already
         if cmd.ddgst_error:
-            req.complete(TRANSIENT_TRANSPORT_ERROR)  # the in-capsule data arrived damaged
+            req.complete(Status.TRANSIENT_TRANSPORT)  # the in-capsule data arrived damaged
             return CmdState.EXECUTED
         assert req.cmd is not None
         m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
@@ -582,6 +609,9 @@ class TcpTransport:
             return CmdState.READY_TO_EXECUTE
         # One R2T for the whole transfer, as the kernel and SPDK send it.
         self.stats["r2t"] += 1
+        if q.data_timer is None:
+            q.rx_mark = q.rx_bytes
+            q.data_timer = self.loop.call_later(self.data_timeout, self._data_deadline, q)
         q.send(pdu.header(pdu.PduType.R2T, pdu.R2T(req.cqe.cid, cmd.index, 0,
                                                    cmd.dmap.length), hdgst=q.hdgst))
         return CmdState.TRANSFERRING_HOST_TO_TARGET
@@ -591,7 +621,7 @@ class TcpTransport:
         if cmd.received < cmd.dmap.length:
             return CmdState.TRANSFERRING_HOST_TO_TARGET
         if cmd.ddgst_error:
-            cmd.req.complete(TRANSIENT_TRANSPORT_ERROR)
+            cmd.req.complete(Status.TRANSIENT_TRANSPORT)
             return CmdState.EXECUTED
         return CmdState.READY_TO_EXECUTE
 

@@ -71,9 +71,7 @@ def map_sgl(sgl: Sgl, *, transfer_len: int, host_write: bool, inline_data_size: 
         return DataMap(SglKind.KEYED, length=sgl.length, addr=sgl.addr, key=sgl.key,
                        invalidate=subtype == 0xF)
     if sgl.type == SglType.TRANSPORT_DATA_BLOCK and transport_sgls:
-        if sgl.length > max_transfer:
-            return Status.SGL_INVALID_DATA | DNR
-        if sgl.length != transfer_len:
+        if sgl.length > max_transfer or sgl.length != transfer_len:
             return Status.SGL_INVALID_DATA | DNR
         if not sgl.length:
             return DataMap(SglKind.NONE)

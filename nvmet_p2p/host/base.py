@@ -253,7 +253,7 @@ class Host(ABC):
                   **cdws: int) -> tuple[Cqe, bytes | None]:
         sqe = Sqe(opcode=opcode, nsid=nsid, **cdws)  # type: ignore[arg-type]  # only cdwN
         return self.aq.execute(sqe, read_len=read_len,
-                                  check=f"admin opcode {opcode:#x}" if check else None)
+                               check=f"admin opcode {opcode:#x}" if check else None)
 
     def identify(self, cns: int, nsid: int = 0) -> bytes:
         _, data = self.admin_cmd(AdminOpcode.IDENTIFY, nsid=nsid, cdw10=cns,

@@ -37,6 +37,7 @@ MAX_TERM_PLEN = 152  # NVME_TCP_MAX_C2HTERM_PLEN: a TermReq header + 128 bytes o
 TERM_ERROR_DATA = MAX_TERM_PLEN - TERM_HLEN  # how much of the bad PDU's header a TermReq echoes
 MAX_PDA = 31  # HPDA/CPDA are 0's based dword counts, 0..31
 MIN_MAXH2CDATA = 4096  # the smallest MAXH2CDATA the Linux host accepts
+NVME_TCP_ADMIN_CCSZ = 8192  # in-capsule data the Linux host puts in admin queue capsules
 STAGE_SIZE = 64 << 10  # bytes received at once when headers or small data are expected
 DIRECT_MIN = 4096  # data left in a PDU from which it is received straight into its buffer
 

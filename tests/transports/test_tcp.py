@@ -315,3 +315,13 @@ def test_admin_queue_takes_in_capsule_data_whatever_the_port_says(env: TcpEnv) -
                   dptr=Sgl(SglType.DATA_BLOCK_OFFSET, 0, 512).encode()).encode() + bytes(512))
     assert err.value.fes == t.Fes.DATA_LIMIT_EXCEEDED
     h.disconnect()
+
+
+def test_connect_data_by_r2t(env: TcpEnv) -> None:
+    """A host may send Connect's 1 KiB by R2T instead of in the capsule (SPDK's host can);
+    before Connect the queue's size is unknown and the command still gets its buffer."""
+    env.add_subsystem()
+    r2ts = env.call(lambda: env.tcp.stats["r2t"])
+    h = env.tcp_connect(inline_connect=False, nr_io_queues=2)
+    assert env.call(lambda: env.tcp.stats["r2t"]) == r2ts + 3  # admin + 2 I/O Connects
+    h.write(1, 0, bytes(512))

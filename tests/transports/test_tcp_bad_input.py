@@ -28,6 +28,7 @@ DNR = 0x4000
 INLINE = 4096
 MiB = 1 << 20
 CONNECT_TIMEOUT = 0.5
+DATA_TIMEOUT = 1.0
 
 
 @pytest.fixture
@@ -411,3 +412,34 @@ def test_host_that_stops_reading(env: TcpEnv, good: TcpHost) -> None:
     h.disconnect()
     settled(env, good)
     env.wait(lambda: env.tcp.pool.counters()["allocated"] == 0, "every buffer back")
+
+
+def test_a_host_sitting_on_r2ts_cannot_starve_the_others(tmp_path: Path) -> None:
+    """The pool holds 2 MiB; a host takes it all with two 1 MiB writes and never sends
+    their data.  A good host's 1 MiB write waits for a buffer, and gets one when the
+    stalled connection is cut after the data timeout (its controller goes fatal)."""
+    e = TcpEnv(tmp_path, pool_size=2 * MiB, data_timeout=DATA_TIMEOUT)
+    try:
+        e.call(lambda: e.port())
+        e.add_subsystem()
+        good = e.tcp_connect()
+        stalled = e.tcp_connect(nr_io_queues=1)
+        q = stalled.io[1]
+        assert isinstance(q, TcpHostQueue)
+        for cid in (1, 2):
+            _write_waiting_for_r2t(q, cid=cid, length=MiB)
+        assert e.call(lambda: e.tcp.pool.counters()["available"]) == 0
+        data = random.randbytes(MiB)
+        t0 = time.monotonic()
+        good.write(1, 4096, data)  # waits for a buffer the stalled host holds
+        waited = time.monotonic() - t0
+        assert DATA_TIMEOUT * 0.8 < waited < DATA_TIMEOUT * 10, waited
+        assert good.read(1, 4096, MiB // 512) == data
+        e.wait(lambda: stalled.cntlid not in e.target.get_subsys(stalled.subnqn).ctrls,
+               "the stalled host's controller to be deleted")
+        assert e.call(lambda: e.tcp.stats["buffer_waits"]) >= 1
+        stalled.disconnect()
+        verify_io(good)
+    finally:
+        leaks = e.close()
+    assert not leaks, leaks
