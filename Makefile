@@ -26,5 +26,6 @@ bench: setup
 # ruff everywhere, mypy on the typed layers, and the layer contracts (pyproject.toml).
 lint: setup
 	$(PY) -m ruff check nvmet_p2p tests bench tools
-	$(PY) -m mypy nvmet_p2p/core nvmet_p2p/wire nvmet_p2p/p2p
+	$(PY) -m mypy nvmet_p2p/wire nvmet_p2p/core nvmet_p2p/transports nvmet_p2p/rdma.py nvmet_p2p/backends \
+		nvmet_p2p/p2p nvmet_p2p/tcp.py nvmet_p2p/host/tcp.py
 	.venv/bin/lint-imports --no-cache

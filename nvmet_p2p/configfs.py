@@ -26,11 +26,10 @@ from nvmet_p2p.config.tree import (
     TreeHooks,
     lookup,
 )
-from nvmet_p2p.config.values import NVME_DISC_SUBSYS_NAME, check_nqn
+from nvmet_p2p.config.values import check_nqn
 from nvmet_p2p.errors import ConfigError
 
 __all__ = [
-    "NVME_DISC_SUBSYS_NAME",
     "AttrSpec",
     "ConfigError",
     "Host",

@@ -1,8 +1,9 @@
 """The project's error hierarchy.
 
-Errors caused by a peer (a host sending something malformed) and errors caused by
-us or our environment are different types.  NVMe status codes stay values inside
-the protocol layers; these exceptions exist at API edges (config, CLI, RPC, setup).
+What a peer gets wrong (a host sending something malformed) is answered with an NVMe
+status, a value inside the protocol layers, never an exception.  These exceptions are
+errors of ours, the operator's or the environment's, raised at API edges (config,
+CLI, RPC, setup).
 """
 
 
@@ -20,10 +21,6 @@ class BackendError(NvmetError):
 
 class TransportError(NvmetError):
     """A transport could not set up or keep a port, queue or resource."""
-
-
-class PeerError(NvmetError):
-    """The remote side broke the protocol (not our bug, not the operator's)."""
 
 
 class P2PError(NvmetError):

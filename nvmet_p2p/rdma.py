@@ -45,7 +45,6 @@ from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
 from nvmet_p2p.errors import NvmetError, TransportError
 from nvmet_p2p.transports.rdma_cm import (
-    NVMF_RDMA_MAX_INLINE,
     CmEvent,
     CmEventType,
     CmId,
@@ -60,43 +59,27 @@ from nvmet_p2p.transports.rdma_cm import (
 from nvmet_p2p.transports.rdma_mr import PoolRegistration, register_provider
 from nvmet_p2p.transports.rdma_verbs import Device, QueuePair, RegisteredBuffer, recv_wr, send_wr
 from nvmet_p2p.wire.command import CQE_SIZE, SQE_SIZE
+from nvmet_p2p.wire.limits import (
+    NVME_RDMA_IP_PORT,
+    NVMET_NR_QUEUES,
+    NVMET_RDMA_MAX_INLINE_DATA_SIZE,
+)
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.core.ctrl import Ctrl
+    from nvmet_p2p.core.queue import SQ
     from nvmet_p2p.core.request import Request
     from nvmet_p2p.core.target import Target
 
 log = logging.getLogger("nvmet_p2p.rdma")
 
-DEFAULT_TRSVCID = 4420
-DEFAULT_INLINE_DATA_SIZE = 4096
-DEFAULT_MAX_QUEUE_SIZE = 128  # the kernel target's default I/O queue size limit
-MAX_QID = 128  # the kernel target's NVMET_NR_QUEUES: larger qids are refused at CM time
 POLL_BATCH = 32
 DATA_WR_CACHE = 1024  # RDMA READ/WRITE work requests kept per queue, by chunk
 DEFAULT_POOL_SIZE = 32 << 20
 
 _RECV = 0  # wr_id kind (high bits): a RECV slot; flushed WCs carry no valid opcode
 _CMD = 1
-
-
-def _positive(value: Any, default: int) -> int:
-    """configfs spells "not set" as -1 (nvmetcli saves it so) or leaves it empty."""
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        return default
-    return v if v > 0 else default
-
-
-def inline_data_size(port: Any) -> int:
-    """The port's in-capsule area for I/O queues (0 is a valid choice: none)."""
-    try:
-        v = int(getattr(port, "param_inline_data_size", -1))
-    except (TypeError, ValueError):
-        return DEFAULT_INLINE_DATA_SIZE
-    return DEFAULT_INLINE_DATA_SIZE if v < 0 else v
 
 
 def _wr_id(kind: int, index: int) -> int:
@@ -167,7 +150,7 @@ class Listener:
     def __init__(self, transport: RdmaTransport, port: Any) -> None:
         self.port = port
         family = getattr(port, "addr_adrfam", "ipv4") or "ipv4"
-        svc = int(getattr(port, "addr_trsvcid", "") or DEFAULT_TRSVCID)
+        svc = int(getattr(port, "addr_trsvcid", "") or NVME_RDMA_IP_PORT)
         self.cm_id = CmId(transport.channel)
         try:
             self.cm_id.bind(family, port.addr_traddr, svc)
@@ -196,12 +179,12 @@ class RdmaQueue:
         self.slot_size = SQE_SIZE + self.inline_size
         self.established = False
         self.dead = False
-        self.sq = None
+        self.sq: SQ | None = None
         self.qp: QueuePair | None = None
         self.ring: RegisteredBuffer | None = None
         self.rsp: RegisteredBuffer | None = None
         # A command holds at most 2 send-queue slots (READ, or WRITE + SEND).
-        send_depth = min(2 * self.depth + 1, dev.max_qp_wr)
+        send_depth = min(2 * self.depth + 1, dev.max_qp_wr, transport.max_send_depth)
         ncmds = self.depth + send_depth  # executing + still waiting for SEND completions
         self.event_fd: int | None = None
         self.recv_wrs: list[RecvWR] = []
@@ -217,8 +200,9 @@ class RdmaQueue:
                             max_dest_rd_atomic=max_dest_rd_atomic)
             for slot in range(self.depth):
                 self.post_recv(slot)
-            self.event_fd = self.qp.event_fd
-            transport.loop.add_reader(self.event_fd, transport._cq_ready, self)
+            self.event_fd = fd = self.qp.event_fd
+            assert fd is not None  # a QP made with events has a completion channel
+            transport.loop.add_reader(fd, transport._cq_ready, self)
         except Exception:
             self.close_verbs()
             raise
@@ -245,6 +229,7 @@ class RdmaQueue:
     def data_wr(self, cmd: RdmaCmd, opcode: int) -> SendWR:
         """The RDMA READ or WRITE moving `cmd`'s chunk to or from the host's buffer."""
         m, addr = cmd.dmap, cmd.sge_addr
+        assert m is not None  # only keyed commands move data
         key = (opcode, addr, m.length, cmd.lkey)
         wr = self.data_wrs.get(key)
         if wr is None:
@@ -307,8 +292,13 @@ class RdmaTransport:
     msdbd = 1
 
     def __init__(self, target: Target, pool: Provider | None = None, *,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, max_send_depth: int = 1 << 16) -> None:
+        """`max_send_depth` caps each QP's send queue (tests of back-pressure); at least 2,
+        the WRITE + SEND of one read."""
+        if max_send_depth < 2:
+            raise ValueError("max_send_depth must be at least 2 (a read's WRITE + SEND)")
         self.target = target
+        self.max_send_depth = max_send_depth
         self.loop = target.loop
         self.pool = pool if pool is not None else SystemMemoryProvider(pool_size,
                                                                        hugepages=False)
@@ -333,7 +323,7 @@ class RdmaTransport:
             self.loop.add_reader(self.channel.fd, self._cm_events)
         self.listeners[port.portid] = Listener(self, port)
         log.info("rdma: port %d listening on %s:%s", port.portid, port.addr_traddr,
-                 port.addr_trsvcid or DEFAULT_TRSVCID)
+                 port.addr_trsvcid or NVME_RDMA_IP_PORT)
 
     def remove_port(self, port: Any) -> None:
         lst = self.listeners.pop(port.portid, None)
@@ -410,6 +400,7 @@ class RdmaTransport:
 
     # -- CM events ------------------------------------------------------------------
     def _cm_events(self) -> None:
+        assert self.channel is not None  # the reader is removed when the channel closes
         while True:
             try:
                 ev = self.channel.get_event()
@@ -433,7 +424,9 @@ class RdmaTransport:
                 for portid, lst in list(self.listeners.items()):
                     if lst.cm_id.ptr == ev.id:
                         log.error("rdma: port %d: device removed, listener closed", portid)
-                        self.listeners.pop(portid).close()
+                        del self.listeners[portid]
+                        lst.close()
+                        self.target.port_down(lst.port, "RDMA device removed")
             return
         if ev.type == CmEventType.ESTABLISHED:
             q.established = True
@@ -442,13 +435,6 @@ class RdmaTransport:
                          CmEventType.UNREACHABLE, CmEventType.REJECTED,
                          CmEventType.ADDR_CHANGE):
             self._teardown(q, ev.type.name.lower())
-
-    def _max_io_queue_size(self, port: Any) -> int:
-        """min(CAP.MQES + 1, param_max_queue_size): the largest I/O queue to accept."""
-        limit = _positive(getattr(port, "param_max_queue_size", 0), DEFAULT_MAX_QUEUE_SIZE)
-        if port is None:
-            return limit
-        return min(limit, self.target.mqes(port) + 1)
 
     def _device(self, name: str) -> Device:
         dev = self.devices.get(name)
@@ -462,8 +448,9 @@ class RdmaTransport:
                      if lst.cm_id.ptr == ev.listen_id), None)
         parsed = parse_cm_request(ev.private_data)
         if isinstance(parsed, CmRequest):
-            max_io = self._max_io_queue_size(port)
-            status = check_cm_request(parsed, max_qid=MAX_QID, max_io_queue_size=max_io)
+            # CAP.MQES + 1: the port's param_max_queue_size, capped by the core
+            max_io = self.target.mqes(port) + 1 if port is not None else 0
+            status = check_cm_request(parsed, max_qid=NVMET_NR_QUEUES, max_io_queue_size=max_io)
         else:
             status = parsed
         if port is None:
@@ -484,6 +471,7 @@ class RdmaTransport:
             log.exception("rdma: creating qid %d failed", parsed.qid)
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
+        assert q.qp is not None  # RdmaQueue() made it or raised
         try:
             cm_id.accept(encode_cm_accept(q.depth), q.qp.qp_num,
                          responder_resources=0,  # hosts never RDMA READ from a target
@@ -504,7 +492,7 @@ class RdmaTransport:
         reg, why = self._registration(dev, self.pool)
         if reg is None:
             raise TransportError(f"the system memory pool cannot be registered: {why}")
-        inline = min(inline_data_size(port), NVMF_RDMA_MAX_INLINE)
+        inline = min(self.target.inline_data_size(port), NVMET_RDMA_MAX_INLINE_DATA_SIZE)
         # Our RDMA READs may not exceed what the host offered as responder resources.
         max_rd = min(ev.initiator_depth, dev.max_qp_init_rd_atom)
         q = RdmaQueue(self, port, cm_id, dev, creq, inline_size=inline,
@@ -636,11 +624,13 @@ class RdmaTransport:
             cmd.busy = False
 
     def _st_new(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        assert q.sq is not None  # set right after the queue is made, before any RECV
         req = q.sq.new_request(q.capsule(cmd.slot, cmd.byte_len))
         cmd.req = req
         req.priv = cmd
         if not req.init():
             return CmdState.EXECUTED  # the core completed it already
+        assert req.cmd is not None  # init() decoded it
         m = map_sgl(req.cmd.sgl, transfer_len=req.transfer_len,
                     host_write=req.data_dir == DataDir.TO_CTRL, inline_data_size=q.inline_size,
                     capsule_data_len=cmd.byte_len - SQE_SIZE, keyed_sgls=True,
@@ -672,6 +662,7 @@ class RdmaTransport:
         if cmd.waiting:
             cmd.waiting = False
             self.wait_buffer.popleft()
+        assert cmd.req is not None
         if cmd.req.data_dir == DataDir.TO_CTRL:
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
         return CmdState.READY_TO_EXECUTE
@@ -681,9 +672,11 @@ class RdmaTransport:
         pool) and the lkey and SGE address of the MR covering it; False while the pool is
         exhausted."""
         req = cmd.req
+        assert req is not None and cmd.dmap is not None  # NEED_BUFFER comes after the map
         if not req.alloc_data_buffer(cmd.dmap.length, self.pool):
             return False
         chunk = req.chunk
+        assert chunk is not None  # with a pool, the buffer is always a chunk
         reg, _ = self._registration(q.dev, chunk.provider)
         # The pool's MRs are made before the queue (_create_queue), and the policy chooses
         # a P2P provider only after p2p_can_register() got every listener's device's MRs.
@@ -703,6 +696,7 @@ class RdmaTransport:
         return self.registrations[key]
 
     def _st_read_pending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        assert q.qp is not None and q.qp.qp is not None and cmd.req is not None
         if q.qp.max_rd_atomic == 0:
             cmd.req.complete(Status.DATA_XFER_ERROR | DNR)  # the host offered no READ depth
             return CmdState.EXECUTED
@@ -733,6 +727,7 @@ class RdmaTransport:
         return CmdState.READY_TO_EXECUTE if cmd.read_done else cmd.state
 
     def _st_ready(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
+        assert cmd.req is not None
         cmd.req.execute()  # may call queue_response before returning
         return CmdState.EXECUTING
 
@@ -748,23 +743,25 @@ class RdmaTransport:
         return CmdState.READY_TO_COMPLETE
 
     def _st_ready_to_complete(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
-        req, m = cmd.req, cmd.dmap
+        req, m, send = cmd.req, cmd.dmap, cmd.send_wr
+        assert req is not None and send is not None and q.qp is not None and q.rsp is not None
+        qp, rsp = q.qp.qp, q.rsp.view  # a live queue's verbs objects
+        assert qp is not None and rsp is not None
         with_data = (m is not None and m.kind == SglKind.KEYED and req.cqe.status == 0
                      and req.data_dir == DataDir.FROM_CTRL)
         need = 2 if with_data else 1
         if not self._my_turn(q.wait_send, cmd, q.send_credits >= need, "send_waits"):
             return CmdState.READY_TO_COMPLETE
-        q.rsp.view[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
+        rsp[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
         inv = m is not None and m.kind == SglKind.KEYED and m.invalidate
-        send = cmd.send_wr
         send.opcode = e.IBV_WR_SEND_WITH_INV if inv else e.IBV_WR_SEND
-        send.imm_data = m.key if inv else 0  # imm_data is invalidate_rkey's storage
+        send.imm_data = m.key if m is not None and inv else 0  # imm_data is invalidate_rkey's storage
         if with_data:
             write = q.data_wr(cmd, e.IBV_WR_RDMA_WRITE)
             write.next_wr = send  # one post: the data lands before the completion
-            q.qp.qp.post_send(write)
+            qp.post_send(write)
         else:
-            q.qp.qp.post_send(send)
+            qp.post_send(send)
         q.send_credits -= need
         cmd.wr_count = need
         return CmdState.TRANSFERRING_TARGET_TO_HOST if with_data else CmdState.COMPLETING

@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-    python3-venv python3-pyverbs
+    python3-venv python3-pyverbs python3-nvme
     qemu-system-x86 busybox-static kmod cpio linux-image-amd64 e2fsprogs
     rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest
     libibverbs-dev librdmacm-dev
-    nvme-cli fio iproute2 pciutils
+    nvme-cli fio iproute2 pciutils libaio1 debian-archive-keyring file
 )
 
 missing=()
@@ -23,6 +23,9 @@ if ((${#missing[@]})); then
     apt-get update -q
     apt-get install -y -q "${missing[@]}"
 fi
+
+# The VM's 7.x kernel (PCI P2PDMA) under /lib/modules; the 6.1 kernel above stays in /boot.
+tools/vm-kernel.sh
 
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv

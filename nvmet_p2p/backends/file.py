@@ -26,7 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from nvmet_p2p.backends.aligned import AlignedPool, is_aligned
+from nvmet_p2p.backends.aio import AioRing, open_ring
+from nvmet_p2p.backends.aligned import ALIGN, AlignedPool, buffer_address, is_aligned
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.errors import BackendError
 from nvmet_p2p.wire.status import DNR, Status
@@ -188,6 +189,8 @@ class FileBackend(Backend):
         # handover) than the copy.  The completion is still posted, never run in submit_*.
         self.memory_fs = memory_fs(fd)
         self._inline = self.memory_fs is not None and hasattr(loop, "call_soon")
+        # Aligned O_DIRECT reads and writes go to the kernel from the reactor (aio.py).
+        self._aio: AioRing | None = open_ring(fd, loop, path) if o_direct else None
 
     # ---- submission (reactor thread) ---------------------------------------------
 
@@ -195,7 +198,7 @@ class FileBackend(Backend):
         status = self._check(slba, nlb, buf)
         if status:
             self._post(cb, status)
-        else:
+        elif not self._submit_aio(False, buf, slba * self.block_size, False, cb):
             self._submit(self._read, cb, slba * self.block_size, buf)
 
     def submit_write(self, slba: int, nlb: int, buf: memoryview, fua: bool,
@@ -203,7 +206,7 @@ class FileBackend(Backend):
         status = self._check(slba, nlb, buf)
         if status:
             self._post(cb, status)
-        else:
+        elif not self._submit_aio(True, buf, slba * self.block_size, fua, cb):
             self._submit(self._write, cb, slba * self.block_size, buf, fua)
 
     def submit_flush(self, cb: Completion) -> None:
@@ -231,6 +234,8 @@ class FileBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        if self._aio is not None:
+            self._aio.close()  # waits for the kernel to give the buffers back
         # wait: the fd must not be closed (and its number reused) under a running syscall
         self._pool.shutdown(wait=True, cancel_futures=True)
         os.close(self._fd)
@@ -243,6 +248,7 @@ class FileBackend(Backend):
                 "nblocks": self.nblocks, "o_direct": self.o_direct,
                 "o_direct_fallback": self.fallback_reason, "vwc": self.vwc,
                 "memory_fs": self.memory_fs,
+                "io_engine": "aio" if self._aio is not None else "threads",
                 "p2p_client": self.p2p_client}
 
     def _check(self, slba: int, nlb: int, buf: memoryview) -> int:
@@ -263,6 +269,39 @@ class FileBackend(Backend):
                 pass  # the loop is closed: nobody is left to receive the completion
             return
         self._pool.submit(self._run, op, args, cb)
+
+    def _submit_aio(self, write: bool, buf: memoryview, offset: int, fua: bool,
+                    cb: Completion) -> bool:
+        """Hand an aligned O_DIRECT transfer to the kernel from the reactor; False: use
+        the worker pool (no ring, buffered fd, unaligned buffer, FUA without RWF_DSYNC)."""
+        ring = self._aio
+        if ring is None or not self.o_direct or (fua and not self._rwf_dsync):
+            return False
+        addr = buffer_address(buf)
+        if addr is None or addr % ALIGN:
+            return False
+        if self._closed:
+            raise BackendError(f"{self.path}: I/O submitted after the backend was closed")
+
+        def done(err: int | None) -> None:
+            if self._closed:
+                return
+            if err is None:  # refused for AIO here: the worker path knows the fallbacks
+                if write:
+                    self._submit(self._write, cb, offset, buf, fua)
+                else:
+                    self._submit(self._read, cb, offset, buf)
+                return
+            if err:
+                log.warning("%s: %s of %d bytes at %d failed: %s", self.path,
+                            "write" if write else "read", buf.nbytes, offset,
+                            os.strerror(err))
+                cb(errno_to_status(err))
+                return
+            cb(0)
+
+        ring.submit(write, buf, addr, offset, done, os.RWF_DSYNC if fua else 0)
+        return True
 
     def _post(self, cb: Completion, status: int) -> None:
         try:

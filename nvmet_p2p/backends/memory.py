@@ -31,7 +31,11 @@ class MemoryBackend(Backend):
         self.nblocks = size // block_size
         # private anonymous: page aligned, pages allocated on first touch, and
         # MADV_DONTNEED really gives them back (a shared mapping would keep the data)
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        except (OSError, OverflowError) as e:  # ENOMEM: larger than the machine allows
+            raise BackendError(f"memory namespace {label}: cannot reserve {size} bytes: "
+                               f"{getattr(e, 'strerror', None) or e}; lower device_size") from e
         self._mv: memoryview | None = memoryview(self._map)
 
     def submit_read(self, slba: int, nlb: int, buf: memoryview, cb: Completion) -> None:

@@ -101,6 +101,9 @@ class Node:
         old = self._get(spec)
         if new != old:
             self._apply(spec, old, new)
+            # Undone by committing the old value again: in reverse order the object is
+            # in the state this change left it in, so the parse and the checks are moot.
+            self._root.record(lambda: self._apply(spec, new, old))
 
     def spec(self, group: str, name: str) -> AttrSpec:
         for spec in self.ATTRS:

@@ -19,17 +19,30 @@ a subsystem "passthru" entry, accepted only when disabled.
 Restore runs in dependency order (hosts, subsystems with their attributes, allowed
 hosts and namespaces, then ports with attributes, referrals and finally links) and
 reports every problem with the file, the JSON path and what is wrong.
+
+Reading is bounded before anything is parsed: only regular files (never a FIFO, a
+device or a directory, which could block or never end), at most MAX_DOC_BYTES, at
+most MAX_DEPTH levels of nesting and numbers of at most MAX_NUMBER_CHARS digits.
+`parse_json` applies the same limits to JSON from the control socket.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
+from nvmet_p2p.config.values import MAX_NUMBER_CHARS
 from nvmet_p2p.errors import ConfigError
+
+MAX_DOC_BYTES = 16 << 20  # a configuration of thousands of objects is a few MiB
+MAX_DEPTH = 32  # an nvmetcli document nests 6 deep; json's C parser recurses per level
 
 # Attributes of newer kernels that nvmet-p2p does not implement, accepted at these values.
 _TOLERATED = {("param", "mdts"): "-1", ("attr", "tbkas"): "0", ("resv", "enable"): "0"}
@@ -132,7 +145,8 @@ class _Restorer:
             self.err(path, f"{key!r} is missing")
             return None
         value = doc[key]
-        if kind is int and isinstance(value, str) and value.isdigit():
+        if kind is int and isinstance(value, str) and value.isascii() and \
+                value.isdigit() and len(value) <= MAX_NUMBER_CHARS:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, kind):
             self.err(f"{path}.{key}", f"expected {'an integer' if kind is int else 'a string'}, "
@@ -272,33 +286,110 @@ def restore_root(root: Any, doc: Any, *, source: str,
 
 # -- files ----------------------------------------------------------------------------
 
-def read_doc(path: str | os.PathLike) -> Any:
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    depth = 0
+    for m in _BRACKET_RE.finditer(_STRING_RE.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number of {len(text)} digits is longer than any value here "
+                         f"(at most {MAX_NUMBER_CHARS})")
+    return int(text)
+
+
+def parse_json(data: str | bytes, source: str) -> Any:
+    """JSON text -> value, within the limits above; ConfigError names what is wrong."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text at byte {e.start}; is this JSON?") \
+                from None
+    if _depth_exceeds(data, MAX_DEPTH):
+        raise ConfigError(f"{source}: JSON nested deeper than {MAX_DEPTH} levels; an nvmetcli "
+                          "configuration needs 6")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        return json.loads(data, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: line {e.lineno} column {e.colno}: not valid JSON: "
+                          f"{e.msg}") from None
+    except (ValueError, RecursionError) as e:  # _parse_int, or a float too long to parse
+        raise ConfigError(f"{source}: not valid JSON: {e}") from None
+
+
+def read_doc(path: str | os.PathLike) -> Any:
+    """Read a configuration file: a regular file of at most MAX_DOC_BYTES, never blocking."""
+    try:
+        kind = _kind_problem(os.stat(path))
+        if kind is None:
+            # O_NONBLOCK: should the path turn into a FIFO meanwhile, open() still returns
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                kind = _kind_problem(os.fstat(fd))
+                data = b"" if kind else os.read(fd, MAX_DOC_BYTES + 1)
+            finally:
+                os.close(fd)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text at byte {e.start}; is this a JSON file?") \
-            from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON: "
-                          f"{e.msg}") from e
+    if kind is not None:
+        raise ConfigError(f"{path} is {kind}, not a configuration file; give the path of a "
+                          "JSON file")
+    if len(data) > MAX_DOC_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_DOC_BYTES >> 20} MiB; that is not a "
+                          "configuration file")
+    return parse_json(data, str(path))
+
+
+def _kind_problem(st: os.stat_result) -> str | None:
+    for test, kind in _FILE_KINDS:
+        if test(st.st_mode):
+            return kind
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
+BACKUPS = 10  # as targetcli keeps: the newest configurations before each save
+BACKUP_DIR = "backup"
 
 
 def save_doc(path: str | os.PathLike, doc: dict) -> None:
-    """Write `doc` as nvmetcli does (sorted keys, indent 2), atomically and durably."""
+    """Write `doc` as nvmetcli does (sorted keys, indent 2), atomically and durably.
+
+    The directory is created (nvmetcli creates /etc/nvmet); a file already there keeps
+    its mode (new files are 0600: they may name hosts) and is first copied to
+    backup/<name>.<time> beside it, the newest BACKUPS copies kept.
+    """
     path = os.fspath(path)
     text = json.dumps(doc, sort_keys=True, indent=2) + "\n"
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            old = os.stat(path)
+        except FileNotFoundError:
+            mode = 0o600
+        else:
+            mode = stat.S_IMODE(old.st_mode)
+            _backup(path, directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)  # nvmetcli's mode: the file may name hosts
+            os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -317,3 +408,20 @@ def save_doc(path: str | os.PathLike, doc: dict) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _backup(path: str, directory: str) -> None:
+    backups = os.path.join(directory, BACKUP_DIR)
+    os.makedirs(backups, mode=0o700, exist_ok=True)
+    name = os.path.basename(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(backups, f"{name}.{stamp}")
+    n = 1
+    while os.path.exists(target):  # two saves in one second
+        target = os.path.join(backups, f"{name}.{stamp}.{n}")
+        n += 1
+    shutil.copy2(path, target)
+    mine = sorted((e for e in os.scandir(backups) if e.name.startswith(name + ".")),
+                  key=lambda e: e.stat().st_mtime_ns)
+    for old in mine[:-BACKUPS]:
+        os.unlink(old.path)

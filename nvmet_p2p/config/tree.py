@@ -10,28 +10,36 @@ would leave a dangling link (deleting a host that a subsystem still allows, or a
 subsystem a port still exports) the tree refuses instead and says what to remove
 first; deleting a subsystem or a port removes its own children (namespaces,
 allowed-host links, port links, referrals) as nvmetcli's delete does.
+
+`Root.transaction()` makes a group of changes all or nothing: every change records
+how to undo itself while a transaction is open, and any exception (a refusal, a
+backend that cannot open, or a bug) undoes them in reverse order before it propagates.
+Undo puts back the same objects, so a rolled-back delete leaves nothing changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import os
 import secrets
 import uuid as uuidlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import nvmet_p2p
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.config.attrs import AttrSpec, Node
+from nvmet_p2p.config.shape import CHILD_DIRS
 from nvmet_p2p.config.values import (
-    NVME_DISC_SUBSYS_NAME,
     ascii_text,
     check_nqn,
     choice,
     int_choice,
     int_range,
+    nqn_format_warning,
     parse_bool,
     parse_ieee_oui,
     parse_nguid,
@@ -45,26 +53,33 @@ from nvmet_p2p.config.values import (
     show_int,
     show_size,
     token,
+    utf8_size,
 )
 from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.wire.limits import (
+    NVME_CNTLID_MAX,
+    NVME_CNTLID_MIN,
+    NVME_DISC_SUBSYS_NAME,
+    NVME_NSID_MAX,
+    NVME_RDMA_IP_PORT,
+    NVMET_DEFAULT_MAX_QUEUE_SIZE,
+    NVMET_FR_MAX_SIZE,
+    NVMET_MAX_ANAGRPS,
+    NVMET_MAX_NAMESPACES,
+    NVMET_MAX_QUEUE_SIZE,
+    NVMET_MIN_QUEUE_SIZE,
+    NVMET_MN_MAX_SIZE,
+    NVMET_NR_QUEUES,
+    NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE,
+    NVMET_RDMA_MAX_INLINE_DATA_SIZE,
+    NVMET_SN_MAX_SIZE,
+    NVMET_TCP_DEF_INLINE_DATA_SIZE,
+    NVMF_TRADDR_SIZE,
+    NVMF_TRSVCID_SIZE,
+)
 
-# Limits from drivers/nvme/target/nvmet.h and include/linux/nvme.h.
-NVME_CNTLID_MAX = 0xFFEF  # 0xFFF0..0xFFFF are reserved; 0xFFFF requests dynamic allocation
-NVMET_NR_QUEUES = 128  # most I/O queues a controller may have (attr_qid_max bound)
-NVMET_SN_MAX_SIZE = 20  # Identify Controller SN field
-NVMET_MN_MAX_SIZE = 40  # Identify Controller MN field
-NVMET_FR_MAX_SIZE = 8  # Identify Controller FR field
-NVMET_MAX_ANAGRPS = 128
-NVME_NSID_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is the broadcast NSID
-NVMF_TRADDR_SIZE = 256
-NVMF_TRSVCID_SIZE = 32
-NVMET_MIN_QUEUE_SIZE = 16
-NVMET_MAX_QUEUE_SIZE = 1024
-# RDMA in-capsule data is at most 16 KiB (NVMET_RDMA_MAX_INLINE_DATA_SIZE at 4 KiB pages).
-MAX_INLINE_DATA_SIZE = 16384
-DEFAULT_INLINE_DATA_SIZE = 4096
-DEFAULT_MAX_QUEUE_SIZE = 128  # NVME_RDMA_DEFAULT_QUEUE_SIZE
-NVMF_DEFAULT_PORT = "4420"  # IANA port for NVMe over Fabrics (RDMA and TCP)
+log = logging.getLogger("nvmet_p2p.config")
+
 TRANSPORT_DEFAULT = -1  # param value meaning "let the transport choose", as in the kernel
 
 FIRMWARE = getattr(nvmet_p2p, "__version__", "0.1.0")[:NVMET_FR_MAX_SIZE]
@@ -167,10 +182,18 @@ class Namespace(Node):
         hooks = self._root.hooks
         if new:
             self._check_enable()
+            enabled = self._subsys._nr_enabled
+            if enabled >= NVMET_MAX_NAMESPACES:  # nvmet_ns_enable() answers -EMFILE
+                raise ConfigError(f"cannot enable {self.describe()}: "
+                                  f"{self._subsys.describe()} already has {enabled} enabled "
+                                  f"namespaces, the most a subsystem can have "
+                                  f"(NVMET_MAX_NAMESPACES); disable one first")
             hooks.ns_enable(self._subsys, self)  # may veto by raising
             self._values["enable"] = True
+            self._subsys._nr_enabled += 1
         else:
             self._values["enable"] = False
+            self._subsys._nr_enabled -= 1
             hooks.ns_disable(self._subsys, self)
 
     def _check_enable(self) -> None:
@@ -199,9 +222,10 @@ class Subsystem(Node):
     KIND = "subsystem"
     ATTRS = (
         _bool("attr", "allow_any_host"),
-        AttrSpec("attr", "cntlid_max", int_range(1, NVME_CNTLID_MAX), show_int,
+        AttrSpec("attr", "cntlid_max", int_range(NVME_CNTLID_MIN, NVME_CNTLID_MAX), show_int,
                  NVME_CNTLID_MAX),
-        AttrSpec("attr", "cntlid_min", int_range(1, NVME_CNTLID_MAX), show_int, 1),
+        AttrSpec("attr", "cntlid_min", int_range(NVME_CNTLID_MIN, NVME_CNTLID_MAX), show_int,
+                 NVME_CNTLID_MIN),
         AttrSpec("attr", "firmware", ascii_text(NVMET_FR_MAX_SIZE, what="firmware revision"),
                  str, FIRMWARE),
         AttrSpec("attr", "ieee_oui", parse_ieee_oui, show_ieee_oui, 0),
@@ -222,6 +246,7 @@ class Subsystem(Node):
         self._namespaces: dict[int, Namespace] = {}
         self._allowed_hosts: list[str] = []
         self._discovered = False
+        self._nr_enabled = 0  # enabled namespaces, as the kernel's nr_namespaces
 
     @property
     def nqn(self) -> str:
@@ -287,6 +312,7 @@ class Subsystem(Node):
                               "NSID or delete the existing one")
         ns = Namespace(self._root, self, nsid)
         self._namespaces[nsid] = ns
+        self._root.record(lambda: _forget(self._namespaces, nsid, ns))
         return ns
 
     def delete_namespace(self, nsid: int) -> None:
@@ -297,8 +323,8 @@ class Subsystem(Node):
                               f"{_listing(self._namespaces)}")
         if ns.enable:
             ns.enable = False  # configfs rmdir disables the namespace first
-        del self._namespaces[nsid]
-        ns._deleted = True
+        self._root.record(_restore_later(self._namespaces, nsid, ns))
+        _forget(self._namespaces, nsid, ns)
 
     def add_allowed_host(self, nqn: str) -> None:
         self._check_live()
@@ -311,6 +337,7 @@ class Subsystem(Node):
         if nqn in self._allowed_hosts:
             raise ConfigError(f"host {nqn} is already allowed by {self.describe()}")
         self._allowed_hosts.append(nqn)
+        self._root.record(lambda: self.remove_allowed_host(nqn))
         self._root.hooks.subsys_hosts_changed(self)
         self._root.hooks.discovery_changed()
 
@@ -319,7 +346,14 @@ class Subsystem(Node):
         if nqn not in self._allowed_hosts:
             raise ConfigError(f"host {nqn} is not in the allowed_hosts of {self.describe()}; "
                               f"allowed: {', '.join(self._allowed_hosts) or '(none)'}")
+        index = self._allowed_hosts.index(nqn)
         self._allowed_hosts.remove(nqn)
+        self._root.record(lambda: self._insert_allowed_host(index, nqn))
+        self._root.hooks.subsys_hosts_changed(self)
+        self._root.hooks.discovery_changed()
+
+    def _insert_allowed_host(self, index: int, nqn: str) -> None:
+        self._allowed_hosts.insert(index, nqn)
         self._root.hooks.subsys_hosts_changed(self)
         self._root.hooks.discovery_changed()
 
@@ -412,12 +446,12 @@ class Port(_Address):
                                          "datagram": "is not supported; use connected"}),
                  str, "", ("connected", "none")),
         AttrSpec("param", "inline_data_size",
-                 int_range(0, MAX_INLINE_DATA_SIZE, also=(TRANSPORT_DEFAULT,),
-                           why=" (-1: transport default)"), show_int, DEFAULT_INLINE_DATA_SIZE),
+                 int_range(0, NVMET_RDMA_MAX_INLINE_DATA_SIZE, also=(TRANSPORT_DEFAULT,),
+                           why=" (-1: transport default)"), show_int, NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE),
         AttrSpec("param", "max_queue_size",
                  int_range(NVMET_MIN_QUEUE_SIZE, NVMET_MAX_QUEUE_SIZE,
                            also=(TRANSPORT_DEFAULT,), why=" (-1: transport default)"),
-                 show_int, DEFAULT_MAX_QUEUE_SIZE),
+                 show_int, NVMET_DEFAULT_MAX_QUEUE_SIZE),
         _bool("param", "pi_enable", refuse_true="protection information is not supported by "
               "nvmet-p2p; set pi_enable to 0"),
         # The 2018 P2P series' per-port gate; see DESIGN.md "P2P knobs".
@@ -450,18 +484,22 @@ class Port(_Address):
         # The kernel leaves trsvcid empty; the NVMe-oF port is the only sensible default.
         if spec.pyname == "addr_trsvcid" and not value and \
                 self._values["addr_trtype"] in ("rdma", "tcp"):
-            return NVMF_DEFAULT_PORT
+            return str(NVME_RDMA_IP_PORT)
         return value
 
     def resolved_inline_data_size(self) -> int:
         """param_inline_data_size with -1 ("transport default") resolved."""
         size = self._values["param_inline_data_size"]
-        return DEFAULT_INLINE_DATA_SIZE if size == TRANSPORT_DEFAULT else size
+        if size != TRANSPORT_DEFAULT:
+            return size
+        if self._values["addr_trtype"] == "tcp":
+            return NVMET_TCP_DEF_INLINE_DATA_SIZE
+        return NVMET_RDMA_DEFAULT_INLINE_DATA_SIZE
 
     def resolved_max_queue_size(self) -> int:
         """param_max_queue_size with -1 ("transport default") resolved."""
         size = self._values["param_max_queue_size"]
-        return DEFAULT_MAX_QUEUE_SIZE if size == TRANSPORT_DEFAULT else size
+        return NVMET_DEFAULT_MAX_QUEUE_SIZE if size == TRANSPORT_DEFAULT else size
 
     def _check_writable(self, spec: AttrSpec) -> None:
         # A port with linked subsystems is enabled: the kernel answers EACCES.
@@ -500,7 +538,7 @@ class Port(_Address):
                 raise ConfigError(f"cannot enable {self.describe()}: addr_traddr {traddr} is "
                                   f"not {adrfam}; fix addr_adrfam or addr_traddr")
         svc = self.addr_trsvcid
-        if not svc.isdigit() or not 1 <= int(svc) <= 0xFFFF:
+        if not (svc.isascii() and svc.isdigit()) or not 1 <= int(svc) <= 0xFFFF:
             raise ConfigError(f"cannot enable {self.describe()}: addr_trsvcid {svc!r} is not "
                               "a port number; set it, e.g. 4420")
 
@@ -516,6 +554,7 @@ class Port(_Address):
             self._check_enable()
         self._root.hooks.port_add_subsys(self, subsys)  # may veto by raising
         self._subsystems.append(nqn)
+        self._root.record(lambda: self.unlink_subsystem(nqn))
         self._root.hooks.discovery_changed()
 
     def unlink_subsystem(self, nqn: str) -> None:
@@ -523,8 +562,15 @@ class Port(_Address):
         if nqn not in self._subsystems:
             raise ConfigError(f"subsystem {nqn} is not linked to {self.describe()}; linked: "
                               f"{', '.join(self._subsystems) or '(none)'}")
+        index = self._subsystems.index(nqn)
         self._subsystems.remove(nqn)
+        self._root.record(lambda: self._relink(index, nqn))
         self._root.hooks.port_remove_subsys(self, self._root._subsystems[nqn])
+        self._root.hooks.discovery_changed()
+
+    def _relink(self, index: int, nqn: str) -> None:
+        self._root.hooks.port_add_subsys(self, self._root._subsystems[nqn])
+        self._subsystems.insert(index, nqn)
         self._root.hooks.discovery_changed()
 
     def create_referral(self, name: str) -> Referral:
@@ -536,8 +582,10 @@ class Port(_Address):
         if name in self._referrals:
             raise ConfigError(f"{self.describe()} already has a referral {name}; pick another "
                               "name or delete it")
+        utf8_size(name, "referral name")
         ref = Referral(self._root, self, name)
         self._referrals[name] = ref
+        self._root.record(lambda: _forget(self._referrals, name, ref))
         return ref
 
     def delete_referral(self, name: str) -> None:
@@ -548,8 +596,8 @@ class Port(_Address):
                               f"{_listing(self._referrals)}")
         if ref.enable:
             ref.enable = False  # the kernel's disconnect_notify disables it first
-        del self._referrals[name]
-        ref._deleted = True
+        self._root.record(_restore_later(self._referrals, name, ref))
+        _forget(self._referrals, name, ref)
 
 
 class Root:
@@ -560,6 +608,47 @@ class Root:
         self._hosts: dict[str, Host] = {}
         self._subsystems: dict[str, Subsystem] = {}
         self._ports: dict[int, Port] = {}
+        self._journal: list[Callable[[], None]] | None = None  # undo steps, in a transaction
+
+    # -- transactions ----------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: on any exception every change made inside is undone.
+
+        A transaction inside another one joins it (the outer one decides).  The undo
+        steps go through the hooks, so live state (backends, listeners, controllers)
+        follows the tree back.
+        """
+        if self._journal is not None:
+            yield
+            return
+        self._journal = []
+        try:
+            yield
+        except BaseException:
+            journal, self._journal = self._journal, None
+            for undo in reversed(journal):
+                try:
+                    undo()
+                except Exception:  # keep going: every other step still goes back
+                    log.exception("config: undoing a change failed")
+            raise
+        self._journal = None
+
+    def record(self, undo: Callable[[], None]) -> None:
+        """Called by the tree for each change: how to undo it, if a transaction is open."""
+        if self._journal is not None:
+            self._journal.append(undo)
+
+    def warnings(self) -> list[str]:
+        """What is accepted but worth a look: NQNs off the NVMe naming format."""
+        out = []
+        for kind, names in (("host", self._hosts), ("subsystem", self._subsystems)):
+            for nqn in names:
+                why = nqn_format_warning(nqn)
+                if why is not None:
+                    out.append(f"{kind} {why}")
+        return out
 
     @property
     def hosts(self) -> Mapping[str, Host]:
@@ -582,6 +671,8 @@ class Root:
             raise ConfigError(f"host {nqn} already exists")
         host = Host(self, nqn)
         self._hosts[nqn] = host
+        self.record(lambda: _forget(self._hosts, nqn, host))
+        _warn_nqn("host", nqn)
         return host
 
     def delete_host(self, nqn: str) -> None:
@@ -591,7 +682,9 @@ class Root:
         if users:
             raise ConfigError(f"host {nqn} is still allowed by {', '.join(users)}; remove it "
                               "from their allowed_hosts first")
-        self._hosts.pop(nqn)._deleted = True
+        host = self._hosts[nqn]
+        self.record(_restore_later(self._hosts, nqn, host))
+        _forget(self._hosts, nqn, host)
 
     def create_subsystem(self, nqn: str) -> Subsystem:
         if nqn == NVME_DISC_SUBSYS_NAME:
@@ -602,6 +695,8 @@ class Root:
             raise ConfigError(f"subsystem {nqn} already exists")
         subsys = Subsystem(self, nqn)
         self._subsystems[nqn] = subsys
+        self.record(lambda: _forget(self._subsystems, nqn, subsys))
+        _warn_nqn("subsystem", nqn)
         return subsys
 
     def delete_subsystem(self, nqn: str) -> None:
@@ -616,8 +711,8 @@ class Root:
             subsys.delete_namespace(nsid)
         for host in list(subsys._allowed_hosts):
             subsys.remove_allowed_host(host)
-        del self._subsystems[nqn]
-        subsys._deleted = True
+        self.record(_restore_later(self._subsystems, nqn, subsys))
+        _forget(self._subsystems, nqn, subsys)
 
     def create_port(self, portid: int) -> Port:
         if isinstance(portid, bool) or not isinstance(portid, int) or \
@@ -627,6 +722,7 @@ class Root:
             raise ConfigError(f"port {portid} already exists; pick another port id")
         port = Port(self, portid)
         self._ports[portid] = port
+        self.record(lambda: _forget(self._ports, portid, port))
         return port
 
     def delete_port(self, portid: int) -> None:
@@ -637,8 +733,8 @@ class Root:
             port.unlink_subsystem(nqn)
         for name in list(port._referrals):
             port.delete_referral(name)
-        del self._ports[portid]
-        port._deleted = True
+        self.record(_restore_later(self._ports, portid, port))
+        _forget(self._ports, portid, port)
 
     def clear(self) -> None:
         """Tear everything down in reverse dependency order, calling the hooks."""
@@ -664,11 +760,8 @@ class Root:
     def load(cls, path: str | os.PathLike, hooks: TreeHooks | None = None) -> Root:
         root = cls(hooks)
         doc = jsonfile.read_doc(path)
-        try:
+        with root.transaction():  # nothing half-configured stays live
             root.restore(doc, source=str(path))
-        except ConfigError:
-            root.clear()  # nothing half-configured stays live
-            raise
         return root
 
 
@@ -692,19 +785,44 @@ def lookup(root: Root, path: str) -> Any:
 
 
 def _children(node: Any) -> dict[str, Any] | None:
-    if isinstance(node, Root):
-        return {"hosts": node.hosts, "subsystems": node.subsystems, "ports": node.ports}
-    if isinstance(node, Subsystem):
-        hosts = node._root._hosts
-        return {"namespaces": node.namespaces,
-                "allowed_hosts": MappingProxyType({h: hosts[h] for h in node._allowed_hosts})}
-    if isinstance(node, Port):
-        subsystems = node._root._subsystems
-        return {"subsystems": MappingProxyType({n: subsystems[n] for n in node._subsystems}),
-                "referrals": node.referrals}
     if isinstance(node, Mapping):
         return {str(k): v for k, v in node.items()}
-    return None
+    kind = "root" if isinstance(node, Root) else getattr(node, "KIND", "")
+    names = CHILD_DIRS.get(kind)
+    if names is None:
+        return None
+    out = {}
+    for name in names:
+        value = getattr(node, name)
+        if isinstance(value, list):  # a directory of links: names of objects elsewhere
+            pool = node._root.hosts if name == "allowed_hosts" else node._root.subsystems
+            value = MappingProxyType({n: pool[n] for n in value})
+        out[name] = value
+    return out
+
+
+def _forget(children: dict[Any, Any], key: Any, obj: Node) -> None:
+    del children[key]
+    obj._deleted = True
+
+
+def _restore_later(children: dict[Any, Any], key: Any, obj: Node) -> Callable[[], None]:
+    """The undo of deleting `obj`: the same object back at its place in `children`."""
+    index = list(children).index(key)
+
+    def undo() -> None:
+        items = list(children.items())
+        items.insert(index, (key, obj))
+        children.clear()
+        children.update(items)
+        obj._deleted = False
+    return undo
+
+
+def _warn_nqn(kind: str, nqn: str) -> None:
+    why = nqn_format_warning(nqn)
+    if why is not None:
+        log.warning("config: %s %s (accepted, as the kernel target does)", kind, why)
 
 
 def _listing(d: Mapping[Any, Any]) -> str:

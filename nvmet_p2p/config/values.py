@@ -15,18 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.wire.limits import NVMF_NQN_SIZE
 
-# NVMe base spec 4.5: an NQN is at most 223 bytes of UTF-8 (NVMF_NQN_SIZE in the kernel).
-NVMF_NQN_SIZE = 223
-NVME_DISC_SUBSYS_NAME = "nqn.2014-08.org.nvmexpress.discovery"
 _UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 # "nqn.yyyy-mm.reverse.domain:anything": the date is when the domain was owned.
-_NQN_RE = re.compile(r"^nqn\.(\d{4})-(\d{2})\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_NQN_RE = re.compile(r"^nqn\.([0-9]{4})-([0-9]{2})\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
                      r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*:.+$", re.DOTALL)
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
                       r"-[0-9a-fA-F]{12}$")
 _BDF_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,20})\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+# Every number the kernel parses fits in 64 bits (20 digits, or 0x + 16); longer text is
+# refused before int() sees it (its 4,300-digit limit would raise ValueError).
+MAX_NUMBER_CHARS = 24
+PATH_MAX = 4096  # include/uapi/linux/limits.h, counting the terminating NUL
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 # kstrtobool() accepts these spellings (first character decides, plus on/off).
 _TRUE = {"1", "y", "yes", "t", "true", "on"}
@@ -36,30 +38,60 @@ Parser = Callable[[Any], Any]
 
 
 def check_nqn(nqn: Any, what: str = "NQN") -> str:
-    """Validate an NQN the way the NVMe spec defines it; return it unchanged."""
+    """Accept an NQN as the kernel target does; return it unchanged.
+
+    nvmet_subsys_make() and nvmet_hosts_make_group() take any configfs directory name:
+    only the discovery NQN is refused (by the caller), and a directory name cannot be
+    empty, "." or "..", nor hold '/' or NUL.  An NQN off the NVMe naming format is
+    accepted with a warning (see nqn_format_warning); one longer than NVMF_NQN_SIZE is
+    refused where the kernel silently truncates it (docs/kernel-differences.md).
+    """
     if not isinstance(nqn, str):
         raise ConfigError(f"{what} must be a string like nqn.2014-08.com.example:target1, "
                           f"not {nqn!r}")
-    hint = ("use nqn.yyyy-mm.reverse.domain:name (e.g. nqn.2014-08.com.example:disk1) or "
-            f"{_UUID_NQN_PREFIX}<uuid>")
-    size = len(nqn.encode("utf-8"))
+    size = utf8_size(nqn, what)
     if size > NVMF_NQN_SIZE:
         raise ConfigError(f"{what} {nqn[:40]!r}... is {size} bytes; an NQN is at most "
                           f"{NVMF_NQN_SIZE} bytes of UTF-8, shorten it")
+    if nqn in ("", ".", ".."):
+        raise ConfigError(f"{what} {nqn!r} cannot name a configfs directory: use "
+                          f"nqn.yyyy-mm.reverse.domain:name")
+    if "/" in nqn or "\0" in nqn:
+        raise ConfigError(f"{what} {nqn!r} contains '/' or NUL, which a configfs directory "
+                          "name cannot hold; remove them")
+    return nqn
+
+
+def nqn_format_warning(nqn: str) -> str | None:
+    """Why `nqn` does not follow the NVMe naming format (base spec 4.5), or None.
+
+    Such NQNs work (the kernel target takes them too) but some hosts and tools may
+    refuse or mangle them.
+    """
+    hint = ("the NVMe format is nqn.yyyy-mm.reverse.domain:name (e.g. "
+            f"nqn.2014-08.com.example:disk1) or {_UUID_NQN_PREFIX}<uuid>")
     if not nqn.startswith("nqn."):
-        raise ConfigError(f"{what} {nqn!r} does not start with 'nqn.': {hint}")
-    if any(c.isspace() or c == "/" or ord(c) < 0x20 for c in nqn):
-        raise ConfigError(f"{what} {nqn!r} contains whitespace, control characters or '/': "
-                          f"{hint}")
+        return f"NQN {nqn!r} does not start with 'nqn.'; {hint}"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in nqn):
+        return f"NQN {nqn!r} contains whitespace or control characters; {hint}"
     if nqn.startswith(_UUID_NQN_PREFIX):
         if not _UUID_RE.match(nqn[len(_UUID_NQN_PREFIX):]):
-            raise ConfigError(f"{what} {nqn!r}: the uuid form needs a UUID after "
-                              f"{_UUID_NQN_PREFIX} (8-4-4-4-12 hex digits)")
-        return nqn
+            return (f"NQN {nqn!r}: the uuid form needs a UUID after {_UUID_NQN_PREFIX} "
+                    "(8-4-4-4-12 hex digits)")
+        return None
     m = _NQN_RE.match(nqn)
     if not m or not 1 <= int(m.group(2)) <= 12:
-        raise ConfigError(f"{what} {nqn!r} is malformed: {hint}")
-    return nqn
+        return f"NQN {nqn!r} is not in the NVMe format; {hint}"
+    return None
+
+
+def utf8_size(text: str, what: str) -> int:
+    """Bytes of `text` in UTF-8; a lone surrogate (possible in JSON) is refused."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} {text[:40]!r} is not valid Unicode (a lone surrogate at "
+                          f"character {e.start}); fix the text") from None
 
 
 def parse_bool(value: Any) -> bool:
@@ -84,17 +116,22 @@ def _to_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{value!r} is not a number: write digits, e.g. 4096")
     if isinstance(value, int):
+        if value.bit_length() > 64:
+            raise ConfigError(f"{str(value)[:24]}... is too large: every value here fits "
+                              "in 64 bits")
         return value
     if isinstance(value, str):
         text = value.strip()
-        try:
-            return int(text, 10)
-        except ValueError:
-            pass
-        try:
-            return int(text, 0)  # the kernel's kstrto*(..., 0) also takes 0x...
-        except ValueError:
-            pass
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ConfigError(f"{text[:24]!r}... is too long for a number: every value here "
+                              "fits in 64 bits")
+        # int() also takes other scripts' digits and '_' separators; kstrto*() does not.
+        if text.isascii() and "_" not in text:
+            for base in (10, 0):  # the kernel's kstrto*(..., 0) also takes 0x...
+                try:
+                    return int(text, base)
+                except ValueError:
+                    pass
     raise ConfigError(f"{value!r} is not a number: write digits, e.g. 4096")
 
 
@@ -125,7 +162,10 @@ def show_int(value: int) -> str:
 def choice(options: tuple[str, ...], refused: dict[str, str] | None = None) -> Parser:
     """Parser for an enumerated string; `refused` maps known-but-unsupported values to why."""
     def parse(value: Any) -> str:
-        text = value.strip() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            shown = ", ".join(repr(o) for o in options)
+            raise ConfigError(f"{value!r} is not valid: use one of {shown}")
+        text = value.strip()
         if refused and text in refused:
             raise ConfigError(f"{text!r} {refused[text]}")
         if text not in options:
@@ -160,6 +200,7 @@ def token(max_len: int, *, what: str) -> Parser:
         if not isinstance(value, str):
             raise ConfigError(f"{what} must be text, not {value!r}")
         text = value.strip()
+        utf8_size(text, what)
         if any(c.isspace() for c in text):
             raise ConfigError(f"{what} {text!r} contains whitespace: give a single word")
         if len(text) > max_len:
@@ -172,6 +213,13 @@ def parse_path(value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"device_path must be text, not {value!r}")
     text = value.split("\n", 1)[0]
+    if "\0" in text:
+        raise ConfigError(f"device_path {text[:60]!r} contains a NUL byte, which no file "
+                          "name can hold; remove it")
+    size = utf8_size(text, "device_path")
+    if size >= PATH_MAX:
+        raise ConfigError(f"device_path is {size} bytes; a path is at most {PATH_MAX - 1} "
+                          "bytes (PATH_MAX), shorten it")
     # An unset kernel device_path reads back as "(null)" and nvmetcli saves that text.
     return "" if text == "(null)" else text
 
@@ -244,13 +292,15 @@ def parse_size(value: Any) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+    elif isinstance(value, str) and value.isascii() and (m := _SIZE_RE.match(value)):
         n = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
     else:
         raise ConfigError(f"{value!r} is not a size: write bytes or a number with K, M, G or "
                           "T (powers of 1024), e.g. 64M")
     if n <= 0:
         raise ConfigError(f"size {n} must be positive")
+    if n.bit_length() > 64:
+        raise ConfigError(f"size {str(n)[:24]}... is too large: at most 2^64 - 1 bytes")
     return n
 
 

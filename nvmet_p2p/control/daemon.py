@@ -1,9 +1,17 @@
 """The target process: event loop, transports, configuration, signals, control socket.
 
 `nvmet-p2p serve --config FILE` restores the configuration (nvmetcli JSON plus our
-attributes) into a live `Target`, runs until SIGTERM/SIGINT, and then tears every
-controller down so hosts see a disconnect rather than a hang.  SIGUSR1 logs the
-status (controllers, queues, namespaces, resource counts) as JSON.
+attributes) into a live `Target`, all or nothing, runs until SIGTERM/SIGINT, and then
+tears every controller down so hosts see a disconnect rather than a hang.  SIGHUP
+reloads the file the same way load_config does (nothing changes unless all of it
+loads).  SIGUSR1 logs the status (controllers, queues, namespaces, resource counts).
+Under systemd (Type=notify, tools/nvmet-p2p.service) it reports READY=1 once the
+configuration is live and the control socket answers, RELOADING=1 around a reload and
+STOPPING=1 at shutdown (sd_notify's datagram protocol, no library needed).
+
+Ports that could not start listening are retried every PORT_RETRY_S and as soon as
+an RDMA device appears in /sys/class/infiniband (at boot the NIC often comes up after
+the target).
 """
 
 from __future__ import annotations
@@ -11,20 +19,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
+import time
 from typing import Any
 
 from nvmet_p2p.backends import open_backend
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.core.transport import TransportOps
-from nvmet_p2p.errors import ConfigError, NvmetError
+from nvmet_p2p.errors import NvmetError
 from nvmet_p2p.p2p.policy import P2PPolicy
+from nvmet_p2p.tcp import TcpTransport
 from nvmet_p2p.transports.loop import LoopTransport
 
 log = logging.getLogger("nvmet_p2p.daemon")
 
 TICK_S = 1.0  # keep-alive granularity (KAS is 1 s)
+PORT_RETRY_S = 5.0  # how often a port that cannot listen is tried again
+RDMA_DEVICES_DIR = "/sys/class/infiniband"
+
+
+def rdma_devices() -> frozenset[str]:
+    try:
+        return frozenset(os.listdir(RDMA_DEVICES_DIR))
+    except OSError:
+        return frozenset()
 
 
 def _rdma_transport(target: Target) -> TransportOps | None:
@@ -37,42 +58,89 @@ def _rdma_transport(target: Target) -> TransportOps | None:
     return RdmaTransport(target)
 
 
+def sd_notify(state: str) -> None:
+    """Tell systemd (when it started us with NOTIFY_SOCKET) how the service is doing."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), path)
+    except OSError as e:
+        log.warning("sd_notify %s: %s", state.split("=", 1)[0], e)
+
+
 class Daemon:
-    def __init__(self, config_path: str | None, rpc_socket: str | None = None) -> None:
+    def __init__(self, config_path: str | None, rpc_socket: str | None = None, *,
+                 optional_config: bool = False, **target_opts: Any) -> None:
+        """`target_opts`: Target's controller bounds (max_ctrls_per_host, enable_timeout)."""
         self.config_path = config_path
+        self.optional_config = optional_config  # the default file: missing means empty
         self.rpc_socket = rpc_socket
         self.loop = asyncio.new_event_loop()
         self.p2p = P2PPolicy()
-        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p)
-        self.transports: list[TransportOps] = [LoopTransport(self.target)]
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p,
+                             **target_opts)
+        self.transports: list[TransportOps] = [LoopTransport(self.target),
+                                               TcpTransport(self.target)]
         rdma = _rdma_transport(self.target)
         if rdma is not None:
             self.transports.append(rdma)
         self.rpc: Any = None
         self._stopping = asyncio.Event()
+        self._rdma_devices = rdma_devices()
+        self._next_retry = 0.0
 
     def load(self) -> None:
         """Restore the configuration file; on any error nothing stays live."""
         if not self.config_path:
             return
+        if self.optional_config and not os.path.exists(self.config_path):
+            return
         doc = jsonfile.read_doc(self.config_path)
-        try:
+        with self.target.root.transaction():
             self.target.root.restore(doc, source=self.config_path)
-        except ConfigError:
-            self.target.root.clear()
-            raise
+
+    def reload(self) -> None:
+        """SIGHUP: replace the configuration with the file's, all or nothing."""
+        from nvmet_p2p.control.rpc import RpcError, replace_config
+
+        if not self.config_path:
+            log.warning("SIGHUP: no --config file to reload")
+            return
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            doc = jsonfile.read_doc(self.config_path)
+            replace_config(self.target.root, doc, self.config_path, replace=True)
+        except (NvmetError, RpcError) as e:
+            log.error("SIGHUP: %s was not reloaded; the configuration is unchanged: %s",
+                      self.config_path, e)
+        except Exception:
+            log.exception("SIGHUP: reloading %s failed; the configuration is unchanged",
+                          self.config_path)
+        sd_notify("READY=1")
 
     def status(self) -> dict:
         return self.target.status()
 
     def _tick(self) -> None:
         self.target.tick()
+        devices = rdma_devices()
+        now = self.loop.time()
+        if self.target.listen_errors and (devices - self._rdma_devices or
+                                          now >= self._next_retry):
+            self.target.retry_ports()
+            self._next_retry = now + PORT_RETRY_S
+        self._rdma_devices = devices
         self.loop.call_later(TICK_S, self._tick)
 
     def _dump_status(self) -> None:
-        log.warning("status: %s", json.dumps(self.status(), default=str))
+        log.info("status:\n%s", json.dumps(self.status(), default=str, indent=2))
 
     def stop(self) -> None:
+        sd_notify("STOPPING=1")
         self._stopping.set()
 
     async def _main(self) -> None:
@@ -85,8 +153,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop)
         self.loop.add_signal_handler(signal.SIGUSR1, self._dump_status)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.loop.call_later(TICK_S, self._tick)
         log.info("nvmet-p2p serving (%d ports listening)", len(self.target.listening))
+        for portid, why in self.target.listen_errors.items():
+            log.warning("port %d is not listening yet: %s", portid, why)
+        sd_notify("READY=1")
         await self._stopping.wait()
         log.info("shutting down")
 
@@ -95,6 +167,11 @@ class Daemon:
             self.loop.run_until_complete(self._main())
         except NvmetError as e:
             log.error("%s", e)
+            return 1
+        except Exception as e:  # a bug: one line here, the traceback only at debug level
+            log.error("internal error: %s: %s (run with --log-level debug for the "
+                      "traceback)", type(e).__name__, e)
+            log.debug("traceback", exc_info=True)
             return 1
         finally:
             self.close()

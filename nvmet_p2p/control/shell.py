@@ -27,10 +27,12 @@ from configshell_fb import (  # type: ignore[import-untyped]
     ExecutionError,
 )
 
+import nvmet_p2p
+from nvmet_p2p.config.values import nqn_format_warning
+from nvmet_p2p.control.defaults import DEFAULT_RPC_SOCKET
 from nvmet_p2p.control.rpc import NOT_AVAILABLE, RpcClient, RpcError, RpcUnreachable
 from nvmet_p2p.errors import NvmetError
 
-DEFAULT_RPC_SOCKET = "/run/nvmet-p2p.sock"  # the same default as `nvmet-p2p rpc`
 DEFAULT_PREFS_DIR = "~/.targetcli-ext"
 UNPREFIXED_GROUP = "attr"  # the shell's name for configfs group "" (see module docstring)
 GLOBAL_GROUP = "global"
@@ -185,6 +187,20 @@ class UINode(ConfigNode):
         result = self.call("save_config", path=path)
         self.shell.con.display(f"Configuration saved to {result['path']}.")
 
+    def ui_command_info(self) -> None:
+        '''
+        Shows everything about this object: every attribute (group_name: value, the
+        exact byte counts `ls` rounds) and its run-time status.
+        '''
+        values = self.call("get", path=self.rpc_path)
+        for group, names in values.items():
+            shown = _shell_group(group, values)
+            for name, value in names.items():
+                self.shell.con.display(f"{shown}_{name}: {value}")
+        status = self.status_part(self.call("status"))
+        if status:
+            self.shell.con.display("status: " + json.dumps(status, indent=2, sort_keys=True))
+
     # -- status ------------------------------------------------------------------------
     def ui_command_status(self) -> None:
         '''
@@ -223,6 +239,25 @@ class UIDirectory(UINode):
     """A configfs directory of objects: create and delete children."""
 
     label = "Objects"
+    member_kind = ""  # the kind of object `create` makes
+    create_group = ""  # the attribute group `create name=value` writes
+
+    def _create_table(self) -> dict[str, list[str] | None]:
+        if not self.create_group:
+            return {}
+        return self.call("attr_names", kind=self.member_kind).get(self.create_group, {})
+
+    def ui_complete_create(self, parameters: dict, text: str, current_param: str) -> list[str]:
+        """The enumerated values of a create attribute (`create 1 trtype=<TAB>`)."""
+        choices = self._create_table().get(current_param) or []
+        return _one([c for c in choices if c.startswith(text)])
+
+    def complete_free_kparams(self, command: str, text: str, kparams: dict) -> list[str]:
+        """`create 1 tr<TAB>` -> trtype= (configshell completes declared params only)."""
+        if command != "create":
+            return []
+        return [n + "=" for n in self._create_table() if n.startswith(text) and
+                n not in kparams]
 
     def summary(self) -> tuple[str, bool | None]:
         return (f"{self.label}: {len(self.child_names())}", None)
@@ -255,6 +290,8 @@ class UIHosts(UIDirectory):
 
 class UISubsystems(UIDirectory):
     label = "Subsystems"
+    member_kind = "subsystem"
+    create_group = "attr"
 
     def ui_command_create(self, nqn: str, **attr: str) -> None:
         '''
@@ -267,6 +304,8 @@ class UISubsystems(UIDirectory):
 
 class UINamespaces(UIDirectory):
     label = "Namespaces"
+    member_kind = "namespace"
+    create_group = "device"
 
     def ui_command_create(self, nsid: str | None = None, **device: str) -> None:
         '''
@@ -283,6 +322,8 @@ class UINamespaces(UIDirectory):
 
 class UIPorts(UIDirectory):
     label = "Ports"
+    member_kind = "port"
+    create_group = "addr"
 
     def ui_command_create(self, portid: str, **addr: str) -> None:
         '''
@@ -295,6 +336,8 @@ class UIPorts(UIDirectory):
 
 class UIReferrals(UIDirectory):
     label = "Referrals"
+    member_kind = "referral"
+    create_group = "addr"
 
     def ui_command_create(self, name: str, **addr: str) -> None:
         '''
@@ -358,29 +401,43 @@ class UIRoot(UINode):
     def summary(self) -> tuple[str, bool | None]:
         return (f"{len(self.call('status')['controllers'])} controllers", None)
 
-    def ui_command_restoreconfig(self, savefile: str, clear_existing: str = "false") -> None:
+    def ui_command_restoreconfig(self, savefile: str | None = None,
+                                 clear_existing: str = "false") -> None:
         '''
-        Loads an nvmetcli JSON file (read by the daemon).  All or nothing: every
-        problem in the file is reported and nothing is loaded.  With
+        Loads an nvmetcli JSON file (read by the daemon; without a file, the one the
+        daemon was started with, by default /etc/nvmet-p2p/config.json).  All or
+        nothing: every problem in the file is reported and nothing is loaded.  With
         clear_existing=true the current configuration is replaced.
         '''
         replace = clear_existing.lower() not in _OFF
-        result = self.call("load_config", path=os.path.abspath(savefile), replace=replace)
-        self.shell.con.display(f"Configuration restored from {savefile}: {result['hosts']} "
-                               f"hosts, {result['subsystems']} subsystems, "
-                               f"{result['ports']} ports.")
+        path = os.path.abspath(savefile) if savefile else None
+        try:
+            result = self.call("load_config", path=path, replace=replace)
+        except RpcError as e:
+            if "pass replace: true" in e.message:  # the RPC's words, not the shell's
+                raise ExecutionError("the target already has a configuration; run "
+                                     f"`restoreconfig {savefile or ''} clear_existing=true`"
+                                     " to replace it, or `clear confirm=true` first") from None
+            raise
+        self.shell.con.display(f"Configuration restored from {savefile or 'the daemon file'}"
+                               f": {result['hosts']} hosts, {result['subsystems']} "
+                               f"subsystems, {result['ports']} ports.")
 
-    def ui_command_clear(self) -> None:
+    def ui_command_clear(self, confirm: str = "false") -> None:
         '''
         Deletes the whole configuration: ports first (hosts see a disconnect), then
-        subsystems, then hosts.
+        subsystems, then hosts.  Asks for confirm=true, as targetcli does.
         '''
+        if confirm.lower() in _OFF:
+            raise ExecutionError("clear deletes the whole configuration and disconnects "
+                                 "every host; run `clear confirm=true` to do it")
         self.call("clear_config")
         self.shell.con.display("All configuration cleared.")
 
 
 class UIHost(UINode):
-    pass
+    def summary(self) -> tuple[str, bool | None]:
+        return (_nqn_note(self.name), None)
 
 
 class UISubsystem(UINode):
@@ -388,7 +445,8 @@ class UISubsystem(UINode):
         attrs = self.attrs("attr")
         access = "any host" if attrs["allow_any_host"] == "1" else "allowed hosts only"
         ctrls = self.status_part(self.call("status")).get("controllers", [])
-        return (f"{access}, {len(ctrls)} controllers", None)
+        note = _nqn_note(self.name)
+        return (f"{access}, {len(ctrls)} controllers{', ' + note if note else ''}", None)
 
     def status_part(self, status: dict) -> Any:
         return status["subsystems"].get(self.name, {})
@@ -398,17 +456,18 @@ class UINamespace(UINode):
     def summary(self) -> tuple[str, bool | None]:
         values = self.call("get", path=self.rpc_path)
         device, enabled = values["device"], values[""]["enable"] == "1"
-        size = f" {device['size']}" if device.get("size") else ""
+        size = f" {human_size(device['size'])}" if device.get("size") else ""
         parts = [f"{device['path'] or '(no path)'} ({device['backend']}{size})",
                  "enabled" if enabled else "disabled"]
         status = self.call("status")
         decision = self._decision(status) or self._explained()
         if decision is not None:
             parts.append(f"p2p: {decision['provider']}" if decision.get("p2p")
-                         else f"system memory: {decision.get('reason', '?')}")
+                         else f"system memory: {_short(decision.get('reason', '?'))}")
         stats = self.status_part(status).get("stats", {})
         if stats.get("p2p_bytes") or stats.get("sysmem_bytes"):  # Read/Write payload so far
-            parts.append(f"{stats['p2p_bytes']} B P2P, {stats['sysmem_bytes']} B system memory")
+            parts.append(f"{human_size(str(stats['p2p_bytes']))} P2P, "
+                         f"{human_size(str(stats['sysmem_bytes']))} system memory")
         return (", ".join(parts), True if enabled else None)
 
     def _ids(self) -> tuple[str, str]:
@@ -472,8 +531,10 @@ class UIPort(UINode):
         if addr["trtype"] in ("rdma", "tcp"):
             where += f" {addr['traddr']}:{addr['trsvcid']}"
         p2p = "P2P allowed" if values["attr"]["allow_p2pmem"] == "1" else "P2P off"
-        listening = self.status_part(self.call("status")).get("listening", False)
-        return (f"{where}, {p2p}", True if listening else None)
+        port = self.status_part(self.call("status"))
+        if port.get("error"):
+            return (f"{where}, {p2p}, not listening: {port['error']}", False)
+        return (f"{where}, {p2p}", True if port.get("listening") else None)
 
     def status_part(self, status: dict) -> Any:
         return status["ports"].get(self.name, {})
@@ -512,6 +573,31 @@ class UIReferral(UINode):
 class UILink(UINode):
     def summary(self) -> tuple[str, bool | None]:
         return ("link", None)
+
+
+LS_REASON_CHARS = 48  # a P2P reason in `ls`; `info` and `p2p` show it whole
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= LS_REASON_CHARS else text[:LS_REASON_CHARS - 1] + "… (info)"
+
+
+def human_size(value: str) -> str:
+    """A byte count as ls shows it: 64M, 1.5G, 512 (exact below 1 KiB)."""
+    try:
+        n = int(value)
+    except ValueError:
+        return value
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            q = n / (1 << shift)
+            return f"{q:.0f}{unit}" if q == int(q) or q >= 100 else f"{q:.1f}{unit}"
+    return str(n)
+
+
+def _nqn_note(nqn: str) -> str:
+    """A short mark for an NQN accepted although off the NVMe format (status says why)."""
+    return "NQN not in the NVMe format" if nqn_format_warning(nqn) else ""
 
 
 def _show_p2p(node: UINode) -> None:
@@ -604,12 +690,56 @@ def make_shell(rpc_socket: str = DEFAULT_RPC_SOCKET,
                prefs_dir: str | None = DEFAULT_PREFS_DIR) -> ConfigShell:
     """A shell whose root node talks to the daemon at `rpc_socket`."""
     shell = ConfigShell(_writable_prefs_dir(prefs_dir))
+    shell._parser = _quoting_parser()
+    _complete_free_kparams(shell)
     # configshell's Console (a Borg) took sys.stdout when it was imported; write to
     # whatever stdout and stderr are at the time (redirected, captured).
     Console(stdin=sys.stdin, stdout=_CurrentStream("stdout"), stderr=_CurrentStream("stderr"))
     shell.log.debug = _DebugLog(shell.log)  # the Log is a Borg: every instance gets it
     UIRoot(shell, RpcClient(rpc_socket))
     return shell
+
+
+def _complete_free_kparams(shell: ConfigShell) -> None:
+    """Let nodes complete the names of **kwargs parameters (create's attributes)."""
+    declared = shell._complete_token_pparam
+
+    def complete(text: str, path: str, command: str, pparams: list, kparams: dict) -> list:
+        out = declared(text, path, command, pparams, kparams)
+        node = shell._current_node.get_node(path)
+        extra = getattr(node, "complete_free_kparams", None)
+        if extra is not None and len(pparams) > 1 - (not text):
+            out += [c for c in extra(command, text, kparams) if c not in out]
+        return out
+    shell._complete_token_pparam = complete
+
+
+def _quoting_parser() -> Any:
+    """configshell's command-line grammar, with "quoted" and 'quoted' values added, so
+    that `set addr treq="not required"` works (configshell takes bare words only)."""
+    from pyparsing import (  # configshell-fb's own dependency
+        OneOrMore,
+        Optional,
+        QuotedString,
+        Regex,
+        Suppress,
+        Word,
+        alphanums,
+        locatedExpr,
+    )
+
+    command = locatedExpr(Word(alphanums + "_"))("command")
+    var = Word(alphanums + r"?;&*$!#,=_\+/.<>()~@:-%[]")
+    value = QuotedString('"', esc_char="\\") | QuotedString("'") | var
+    keyword = Word(alphanums + r"_\-")
+    kparam = locatedExpr(keyword + Suppress("=") + Optional(value, default=""))("kparams*")
+    pparam = locatedExpr(value)("pparams*")
+    parameters = OneOrMore(kparam | pparam)
+    bookmark = Regex("@([A-Za-z0-9:_.]|-)+")
+    pathstd = (Regex(r"([A-Za-z0-9:_.\[\]]|-)*" + "/" + r"([A-Za-z0-9:_.\[\]/]|-)*")
+               | ".." | ".")
+    path = locatedExpr(bookmark | pathstd | "*")("path")
+    return Optional(path) + Optional(command) + Optional(parameters)
 
 
 def run_command(shell: ConfigShell, line: str) -> int:
@@ -654,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"shell preferences and history (default: {DEFAULT_PREFS_DIR})")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="[PATH] COMMAND [ARGS...]: run one command and exit")
+    parser.add_argument("--version", action="version",
+                        version=f"targetcli-ext (nvmet-p2p) {nvmet_p2p.__version__}")
     args = parser.parse_args(argv)
     shell = make_shell(args.rpc_socket, args.prefs_dir)
     if args.command:

@@ -11,26 +11,33 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.core import discovery, fabrics
-from nvmet_p2p.core.ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR, ASYNC_EVENTS, ERROR_LOG_SLOTS
+from nvmet_p2p.core.ctrl import AEN_CFG_DISC_CHANGE, AEN_CFG_NS_ATTR
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
+from nvmet_p2p.wire import sqe_layout as ipo
 from nvmet_p2p.wire.command import AdminOpcode
+from nvmet_p2p.wire.limits import (
+    NVME_NSID_ALL,
+    NVMET_ASYNC_EVENTS,
+    NVMET_ERROR_LOG_SLOTS,
+    NVMET_KAS,
+    NVMET_MAX_NAMESPACES,
+)
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.core.request import Handler, Request
     from nvmet_p2p.core.subsys import Subsys
 
-NVMET_MAX_NAMESPACES = 1024  # NN: NSIDs a subsystem may hold (the kernel's limit)
-KAS_100MS = 10  # keep-alive granularity: 10 x 100 ms = 1 s
-NSID_ALL = 0xFFFFFFFF
 
 FID_VWC = 0x06
 FID_NUM_QUEUES = 0x07
 FID_ASYNC_EVENT = 0x0B
 FID_KATO = 0x0F
 FID_HOST_ID = 0x81
+HOST_ID_SIZE = 16  # the extended (128-bit) host identifier, the only size we support
+EXHID = 1 << 0  # Get/Set Features 81h CDW11: the 128-bit host identifier
 # mandatory features the kernel target answers with 0 (nothing useful to report)
 _FIDS_ZERO = {0x01, 0x02, 0x04, 0x05, 0x08, 0x09, 0x0A}
 
@@ -44,11 +51,11 @@ def parse(req: Request) -> int:
     if cmd.opcode == AdminOpcode.FABRICS:
         return fabrics.parse_property(req)
     if not ctrl.ready:
-        req.set_error_loc(0)
+        req.set_error_loc(ipo.IPO_OPCODE)
         return Status.CMD_SEQ_ERROR | DNR
     op = cmd.opcode
     if ctrl.subsys.is_discovery and op not in _DISC_OPCODES:
-        req.set_error_loc(0)
+        req.set_error_loc(ipo.IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR
     if op == AdminOpcode.IDENTIFY:
         req.transfer_len, req.data_dir = idf.IDENTIFY_DATA_SIZE, DataDir.FROM_CTRL
@@ -56,14 +63,19 @@ def parse(req: Request) -> int:
     elif op == AdminOpcode.GET_LOG_PAGE:
         length = lg.GetLogPageCmd.from_sqe(cmd).length
         if length > lg.MAX_LOG_LEN:
-            req.set_error_loc(40)
+            req.set_error_loc(ipo.IPO_LOG_NUMDL)
             return Status.INVALID_FIELD | DNR
         req.transfer_len, req.data_dir = length, DataDir.FROM_CTRL
         req.handler = _get_log_page
+    elif op == AdminOpcode.GET_FEATURES and cmd.cdw10 & 0xFF == FID_HOST_ID \
+            and not ctrl.subsys.is_discovery:
+        # the one feature with data: the 128-bit host ID, as nvmet_feat_data_len() says
+        req.transfer_len, req.data_dir = HOST_ID_SIZE, DataDir.FROM_CTRL
+        req.handler = _get_features
     elif op in _NO_DATA_HANDLERS:
         req.handler = _NO_DATA_HANDLERS[op]
     else:
-        req.set_error_loc(0)
+        req.set_error_loc(ipo.IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR
     return 0
 
@@ -96,8 +108,8 @@ def id_ctrl(req: Request) -> idf.IdCtrl:
         ieee=subsys.ieee_oui, cmic=idf.CTRL_CMIC_MULTI_PORT | idf.CTRL_CMIC_MULTI_CTRL,
         mdts=target.mdts, cntlid=ctrl.cntlid, ver=subsys.version,
         cntrltype=idf.CntrlType.DISC if subsys.is_discovery else idf.CntrlType.IO,
-        acl=3, aerl=ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
-        elpe=ERROR_LOG_SLOTS - 1, kas=KAS_100MS, maxcmd=target.mqes(req.sq.port) + 1,
+        acl=3, aerl=NVMET_ASYNC_EVENTS - 1, frmw=3, lpa=_lpa(log_pages(subsys)),
+        elpe=NVMET_ERROR_LOG_SLOTS - 1, kas=NVMET_KAS, maxcmd=target.mqes(req.sq.port) + 1,
         sgls=sgls, subnqn=subsys.nqn, msdbd=ops.msdbd,
         ctratt=1 << 0 | 1 << 6,  # 128-bit host identifier, traffic-based keep-alive
     )
@@ -134,33 +146,33 @@ def _identify(req: Request) -> None:
     ctrl = req.ctrl
     nsid = req.sqe.nsid
     if ctrl.subsys.is_discovery and cmd.cns != idf.Cns.CTRL:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_IDENTIFY_CNS)
         req.complete(Status.INVALID_FIELD | DNR)
         return
     if cmd.cns == idf.Cns.CTRL:
         ctrl.subsys.mark_discovered()  # as the kernel: the host now knows serial, model, ...
         _reply(req, id_ctrl(req).encode())
     elif cmd.cns == idf.Cns.NS:
-        if nsid in (0, NSID_ALL):
-            req.set_error_loc(4)
+        if nsid in (0, NVME_NSID_ALL):
+            req.set_error_loc(ipo.IPO_NSID)
             req.complete(Status.INVALID_NS | DNR)
             return
         _reply(req, _id_ns(req))
     elif cmd.cns == idf.Cns.NS_ACTIVE_LIST:
         if nsid >= 0xFFFFFFFE:
-            req.set_error_loc(4)
+            req.set_error_loc(ipo.IPO_NSID)
             req.complete(Status.INVALID_NS | DNR)
             return
         _reply(req, idf.active_ns_list(ctrl.subsys.active_nsids(), nsid))
     elif cmd.cns == idf.Cns.NS_DESC_LIST:
         ns = ctrl.subsys.find_ns(nsid)
         if ns is None:
-            req.set_error_loc(4)
+            req.set_error_loc(ipo.IPO_NSID)
             req.complete(Status.INVALID_NS | DNR)
             return
         _reply(req, idf.ns_desc_list(nguid=ns.nguid, uuid=ns.uuid, csi=idf.Csi.NVM))
     else:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_IDENTIFY_CNS)
         req.complete(Status.INVALID_FIELD | DNR)
 
 
@@ -173,7 +185,7 @@ def _supported_log(req: Request) -> bytes:
 
 def _error_log(req: Request) -> bytes:
     entries = [lg.ErrorLogEntry(**e) for e in req.ctrl.errors]
-    return lg.error_log(entries, ERROR_LOG_SLOTS)
+    return lg.error_log(entries, NVMET_ERROR_LOG_SLOTS)
 
 
 def _smart_log(req: Request) -> bytes:
@@ -214,7 +226,8 @@ def _cmd_effects_log(req: Request) -> bytes:
 
 
 def _disc_log(req: Request) -> bytes:
-    return discovery.disc_log_page(req.sq.target, req.sq.port, req.ctrl.hostnqn)
+    return discovery.disc_log_page(req.sq.target, req.sq.port, req.ctrl.hostnqn,
+                                   req.sq.local_traddr)
 
 
 # The log pages each kind of controller serves, LID -> the whole page.  Get Log Page
@@ -255,12 +268,12 @@ def _get_log_page(req: Request) -> None:
     ctrl = req.ctrl
     build = log_pages(ctrl.subsys).get(cmd.lid)
     if build is None:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_LOG_LID)
         req.complete(Status.INVALID_FIELD | DNR)
         return
     data = lg.slice_log(build(req), cmd.lpo, cmd.length)
     if data is None:
-        req.set_error_loc(48)
+        req.set_error_loc(ipo.IPO_LOG_LPO)
         req.complete(Status.INVALID_FIELD | DNR)
         return
     ctrl.log_read(cmd.lid, cmd.rae)
@@ -279,20 +292,20 @@ def _set_features(req: Request) -> None:
     fid, save = req.sqe.cdw10 & 0xFF, req.sqe.cdw10 >> 31
     val = req.sqe.cdw11
     if save:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_CDW10)
         req.complete(Status.FEATURE_NOT_SAVEABLE | DNR)
         return
     disc = ctrl.subsys.is_discovery
     if fid == FID_NUM_QUEUES and not disc:
         if val & 0xFFFF == 0xFFFF or val >> 16 == 0xFFFF:
-            req.set_error_loc(44)
+            req.set_error_loc(ipo.IPO_CDW11)
             req.complete(Status.INVALID_FIELD | DNR)
             return
         req.complete(0, _num_queues_result(req))
     elif fid == FID_ASYNC_EVENT:
         allowed = AEN_CFG_DISC_CHANGE if disc else AEN_CFG_NS_ATTR
         if val & ~allowed:
-            req.set_error_loc(44)
+            req.set_error_loc(ipo.IPO_CDW11)
             req.complete(Status.INVALID_FIELD | DNR)
             return
         ctrl.aen_enabled = val
@@ -304,7 +317,7 @@ def _set_features(req: Request) -> None:
     elif fid == FID_HOST_ID and not disc:
         req.complete(Status.CMD_SEQ_ERROR | DNR)  # the host ID is fixed at Connect
     else:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_CDW10)
         req.complete(Status.INVALID_FIELD | DNR)
 
 
@@ -317,17 +330,24 @@ def _get_features(req: Request) -> None:
     elif fid == FID_ASYNC_EVENT:
         req.complete(0, ctrl.aen_enabled)
     elif disc:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_CDW10)
         req.complete(Status.INVALID_FIELD | DNR)
     elif fid == FID_NUM_QUEUES:
         req.complete(0, _num_queues_result(req))
+    elif fid == FID_HOST_ID:
+        # as the kernel: the Connect data's host ID, only with the 128-bit size asked for
+        if not req.sqe.cdw11 & EXHID:
+            req.set_error_loc(ipo.IPO_CDW11)
+            req.complete(Status.INVALID_FIELD | DNR)
+            return
+        _reply(req, bytes(ctrl.hostid).ljust(HOST_ID_SIZE, b"\0")[:HOST_ID_SIZE])
     elif fid == FID_VWC:
         vwc = any(ns.backend.vwc for ns in ctrl.subsys.ns.values())
         req.complete(0, int(vwc))
     elif fid in _FIDS_ZERO:
         req.complete(0, 0)
     else:
-        req.set_error_loc(40)
+        req.set_error_loc(ipo.IPO_CDW10)
         req.complete(Status.INVALID_FIELD | DNR)
 
 

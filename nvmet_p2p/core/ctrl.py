@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
+from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.core import p2pmem
+from nvmet_p2p.wire.limits import (
+    NVME_MAX_CHANGED_NAMESPACES,
+    NVMET_ASYNC_EVENTS,
+    NVMET_DISC_KATO_MS,
+    NVMET_ERROR_LOG_SLOTS,
+)
 from nvmet_p2p.wire.regs import CC_EN, CC_SHN_MASK, CSTS_CFS, CSTS_RDY, CSTS_SHST_CMPLT
 from nvmet_p2p.wire.status import Status
 
@@ -26,12 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmet_p2p.core")
 
-NVME_AQ_DEPTH = 32  # admin queue entries the Linux host uses; also the discovery ASQSZ
-ASYNC_EVENTS = 4  # outstanding AERs we hold (AERL + 1), as the kernel target
-ERROR_LOG_SLOTS = 128  # error log entries kept (ELPE + 1)
-MAX_CHANGED_NS = 1024  # changed-namespace log holds 1024 NSIDs; beyond: 0xFFFFFFFF
-DISC_KATO_S = 120  # discovery controllers keep alive 120 s when the host asks for 0
-
 # Asynchronous event configuration bits (Set Features 0x0B) and event encodings
 AEN_CFG_NS_ATTR = 1 << 8
 AEN_CFG_DISC_CHANGE = 1 << 31
@@ -40,6 +42,48 @@ AER_NOTICE_NS_CHANGED = 0x00
 AER_NOTICE_DISC_CHANGED = 0xF0
 LOG_CHANGED_NS = 0x04
 LOG_DISC = 0x70
+
+
+class CtrlState(Enum):
+    """A controller's lifecycle (CC/CSTS).  Enabling and shutting down have no state of
+    their own: both complete inside the Property Set that starts them."""
+
+    CONNECTED = auto()  # admin queue up, CC.EN = 0: waits for CC.EN = 1 (enable deadline)
+    READY = auto()  # CC.EN = 1, CSTS.RDY = 1: serves commands; waits for CC.EN = 0 or SHN
+    CONFIG_FATAL = auto()  # CC.EN = 1 with a configuration we refuse, CSTS.CFS: waits for
+    #                        the host to reset it (CC.EN = 0)
+    SHUT_DOWN = auto()  # CC.SHN written, CSTS.SHST complete, CC cleared: waits for the host
+    #                     to disconnect or enable again
+    FATAL = auto()  # keep-alive expired or the target tore it down: waits for nothing
+
+
+class CcEvent(Enum):
+    ENABLE = auto()  # CC.EN 0 -> 1 with a configuration we support
+    ENABLE_INVALID = auto()  # CC.EN 0 -> 1 with one we do not
+    DISABLE = auto()  # CC.EN 1 -> 0: a controller reset
+    SHUTDOWN = auto()  # CC.SHN 0 -> normal or abrupt
+    FATAL = auto()  # keep-alive expiry, target shutdown
+
+
+_S, _E = CtrlState, CcEvent
+# (state, event) -> next state.  A pair that is missing cannot happen: CC.EN 0 -> 1 needs
+# CC.EN = 0 (CONNECTED, SHUT_DOWN), CC.EN 1 -> 0 needs CC.EN = 1 (READY, CONFIG_FATAL).
+TRANSITIONS: dict[tuple[CtrlState, CcEvent], CtrlState] = {
+    (_S.CONNECTED, _E.ENABLE): _S.READY,
+    (_S.CONNECTED, _E.ENABLE_INVALID): _S.CONFIG_FATAL,
+    (_S.CONNECTED, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.CONNECTED, _E.FATAL): _S.FATAL,
+    (_S.READY, _E.DISABLE): _S.CONNECTED,
+    (_S.READY, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.READY, _E.FATAL): _S.FATAL,
+    (_S.CONFIG_FATAL, _E.DISABLE): _S.CONNECTED,
+    (_S.CONFIG_FATAL, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.CONFIG_FATAL, _E.FATAL): _S.FATAL,
+    (_S.SHUT_DOWN, _E.ENABLE): _S.READY,
+    (_S.SHUT_DOWN, _E.ENABLE_INVALID): _S.CONFIG_FATAL,
+    (_S.SHUT_DOWN, _E.SHUTDOWN): _S.SHUT_DOWN,
+    (_S.SHUT_DOWN, _E.FATAL): _S.FATAL,
+}
 
 
 class Ctrl:
@@ -54,9 +98,11 @@ class Ctrl:
         self.ops = ops  # the transport that created the admin queue
         self.cc = 0
         self.csts = 0
+        self.state = CtrlState.CONNECTED
+        self.state_since = target.clock.now()  # for the enable deadline
         self.kato = kato_ms // 1000 if kato_ms % 1000 == 0 else kato_ms // 1000 + 1
         if self.kato == 0 and subsys.is_discovery:
-            self.kato = DISC_KATO_S
+            self.kato = NVMET_DISC_KATO_MS // 1000
         self.aen_enabled = AEN_CFG_NS_ATTR | (AEN_CFG_DISC_CHANGE if subsys.is_discovery else 0)
         self.aen_masked = 0  # events sent and not yet cleared by reading their log
         self.sqs: dict[int, SQ] = {}
@@ -64,40 +110,64 @@ class Ctrl:
         self.pending_events: deque[int] = deque()
         self.changed_ns: list[int] = []
         self.err_counter = 0
-        self.errors: deque[dict] = deque(maxlen=ERROR_LOG_SLOTS)
+        self.errors: deque[dict] = deque(maxlen=NVMET_ERROR_LOG_SLOTS)
         self.last_seen = target.clock.now()
         self.dead = False
         self.p2p_ns_map: dict[int, P2PChoice] = {}  # nsid -> the P2P policy's decision
 
-    # -- registers ------------------------------------------------------------
+    # -- registers and lifecycle -------------------------------------------------
     def update_cc(self, new: int) -> None:
+        """Property Set CC: the write's events, in the kernel's order, drive the state."""
         old, self.cc = self.cc, new
+        events = []
         if new & CC_EN and not old & CC_EN:
-            self._start()
+            events.append(CcEvent.ENABLE if self._config_ok() else CcEvent.ENABLE_INVALID)
         if not new & CC_EN and old & CC_EN:
-            self._clear()
+            events.append(CcEvent.DISABLE)
+        # CC.SHN going back to 0 needs no event: a shutdown clears CC, so no later write
+        # sees SHN set in the old value (as nvmet_update_cc(), whose branch never runs)
         if new & CC_SHN_MASK and not old & CC_SHN_MASK:
-            self._clear()
-            self.csts |= CSTS_SHST_CMPLT
-        if not new & CC_SHN_MASK and old & CC_SHN_MASK:
-            self.csts &= ~CSTS_SHST_CMPLT
+            events.append(CcEvent.SHUTDOWN)
+        for event in events:
+            self._transition(event)
 
-    def _start(self) -> None:
+    def _config_ok(self) -> bool:
+        """The CC fields nvmet_start_ctrl() checks: NVM command set, 4 KiB pages, round
+        robin, and 64/16-byte I/O queue entries (discovery controllers have none)."""
         iosqes, iocqes = (self.cc >> 16) & 0xF, (self.cc >> 20) & 0xF
         mps, ams, css = (self.cc >> 7) & 0xF, (self.cc >> 11) & 0x7, (self.cc >> 4) & 0x7
-        if (not self.subsys.is_discovery and (iosqes != 6 or iocqes != 4)) or mps or ams or css:
-            self.csts = CSTS_CFS  # an invalid configuration is a controller fatal status
+        io_ok = self.subsys.is_discovery or (iosqes == 6 and iocqes == 4)
+        return io_ok and not (mps or ams or css)
+
+    def _transition(self, event: CcEvent) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:  # the event cannot happen in this state (FATAL takes none)
             return
-        self.csts = CSTS_RDY
+        _ACTIONS[event](self)
+        if nxt is not self.state:
+            self.state, self.state_since = nxt, self.target.clock.now()
+
+    def _start(self) -> None:
+        self.csts = CSTS_RDY  # assigned, as the kernel does: a stale CFS or SHST goes
         self.last_seen = self.target.clock.now()
+
+    def _refuse_config(self) -> None:
+        self.csts = CSTS_CFS  # an invalid configuration is a controller fatal status
 
     def _clear(self) -> None:
         self.csts &= ~CSTS_RDY
         self.cc = 0
 
+    def _shutdown(self) -> None:
+        self._clear()
+        self.csts |= CSTS_SHST_CMPLT  # nothing to flush first: completes at once
+
+    def _fatal(self) -> None:
+        self.csts |= CSTS_CFS
+
     @property
     def ready(self) -> bool:
-        return bool(self.cc & CC_EN and self.csts & CSTS_RDY)
+        return self.state is CtrlState.READY
 
     # -- keep-alive -------------------------------------------------------------
     def touch(self) -> None:
@@ -113,7 +183,7 @@ class Ctrl:
             return
         log.warning("ctrl %d (%s on %s): %s; tearing down", self.cntlid, self.hostnqn,
                     self.subsys.nqn, why)
-        self.csts |= CSTS_CFS
+        self._transition(CcEvent.FATAL)
         self.delete()
 
     def delete(self) -> None:
@@ -151,7 +221,7 @@ class Ctrl:
 
     # -- asynchronous events --------------------------------------------------
     def queue_aer(self, req: Request) -> int:
-        if len(self.aer_reqs) >= ASYNC_EVENTS:
+        if len(self.aer_reqs) >= NVMET_ASYNC_EVENTS:
             return Status.ASYNC_LIMIT
         self.aer_reqs.append(req)
         self._deliver_events()
@@ -173,7 +243,7 @@ class Ctrl:
         # as nvmet_add_to_changed_ns_log(): once more than 1024 changed, the list is the
         # single entry 0xFFFFFFFF until the host reads it
         if self.changed_ns != [0xFFFFFFFF] and nsid not in self.changed_ns:
-            if len(self.changed_ns) < MAX_CHANGED_NS:
+            if len(self.changed_ns) < NVME_MAX_CHANGED_NAMESPACES:
                 self.changed_ns.append(nsid)
             else:
                 self.changed_ns = [0xFFFFFFFF]
@@ -212,4 +282,15 @@ class Ctrl:
     def describe(self) -> dict:
         return {"cntlid": self.cntlid, "subsys": self.subsys.nqn, "hostnqn": self.hostnqn,
                 "portid": self.port.portid, "kato": self.kato,
-                "ready": self.ready, "queues": sorted(self.sqs)}
+                "ready": self.ready, "state": self.state.name.lower(),
+                "queues": sorted(self.sqs)}
+
+
+# What each event does to the registers, whatever the state (nvmet_update_cc's helpers).
+_ACTIONS: dict[CcEvent, Callable[[Ctrl], None]] = {
+    CcEvent.ENABLE: Ctrl._start,
+    CcEvent.ENABLE_INVALID: Ctrl._refuse_config,
+    CcEvent.DISABLE: Ctrl._clear,
+    CcEvent.SHUTDOWN: Ctrl._shutdown,
+    CcEvent.FATAL: Ctrl._fatal,
+}

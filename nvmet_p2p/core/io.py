@@ -8,41 +8,38 @@ completes the request from the backend's completion callback.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from nvmet_p2p.core.request import DataDir
-from nvmet_p2p.wire.command import IoOpcode
+from nvmet_p2p.wire.command import NVME_DSM_RANGE, IoOpcode
+from nvmet_p2p.wire.limits import NVME_DSMGMT_AD, NVME_RW_FUA
+from nvmet_p2p.wire.sqe_layout import IPO_DSM_NR, IPO_NSID, IPO_OPCODE, IPO_RW_SLBA
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
     from nvmet_p2p.core.request import Request
     from nvmet_p2p.core.subsys import Ns
 
-RW_FUA = 1 << 30  # cdw12
-DSM_AD = 1 << 2  # cdw11: attribute deallocate
-DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB (1's based), SLBA
-
 
 def parse(req: Request) -> int:
     cmd = req.sqe
     ctrl = req.ctrl
     if not ctrl.ready:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.CMD_SEQ_ERROR | DNR
     if cmd.opcode == IoOpcode.FABRICS:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR  # a second Connect on a live queue, or anything else
     ns = ctrl.subsys.find_ns(cmd.nsid)
     if ns is None:
-        req.set_error_loc(4)
+        req.set_error_loc(IPO_NSID)
         return Status.INVALID_NS | DNR
     op = cmd.opcode
     if op in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.WRITE_ZEROES):
         slba = cmd.cdw10 | cmd.cdw11 << 32
         nlb = (cmd.cdw12 & 0xFFFF) + 1
         if slba + nlb > ns.nblocks:  # Python ints: a range wrapping 2^64 is simply too far
-            req.set_error_loc(40)
+            req.set_error_loc(IPO_RW_SLBA)
             return Status.LBA_RANGE | DNR
         if op == IoOpcode.READ:
             req.transfer_len, req.data_dir, req.handler = nlb << ns.blksize_shift, \
@@ -55,10 +52,10 @@ def parse(req: Request) -> int:
     elif op == IoOpcode.FLUSH:
         req.handler = _flush
     elif op == IoOpcode.DSM:
-        req.transfer_len = ((cmd.cdw10 & 0xFF) + 1) * DSM_RANGE.size
+        req.transfer_len = ((cmd.cdw10 & 0xFF) + 1) * NVME_DSM_RANGE.size
         req.data_dir, req.handler = DataDir.TO_CTRL, _dsm
     else:
-        req.set_error_loc(0)
+        req.set_error_loc(IPO_OPCODE)
         return Status.INVALID_OPCODE | DNR
     ns.get()
     req.ns = ns
@@ -106,7 +103,7 @@ def _read(req: Request) -> None:
 def _write(req: Request) -> None:
     slba, nlb = _rw_args(req)
     ns = _ns(req)
-    fua = bool(req.sqe.cdw12 & RW_FUA)
+    fua = bool(req.sqe.cdw12 & NVME_RW_FUA)
     ns.stats["write_cmds"] += 1
     ns.stats["write_bytes"] += req.transfer_len
     _account(ns, req)
@@ -127,15 +124,15 @@ def _flush(req: Request) -> None:
 
 
 def _dsm(req: Request) -> None:
-    if not req.sqe.cdw11 & DSM_AD:
+    if not req.sqe.cdw11 & NVME_DSMGMT_AD:
         req.complete(0)  # only deallocate has an effect; other attributes are hints
         return
     assert req.buf is not None  # parse set DataDir.TO_CTRL: the transport fetched the ranges
     ns = _ns(req)
     ranges = []
-    for _attr, nlb, slba in DSM_RANGE.iter_unpack(bytes(req.buf[:req.transfer_len])):
+    for _attr, nlb, slba in NVME_DSM_RANGE.iter_unpack(bytes(req.buf[:req.transfer_len])):
         if slba + nlb > ns.nblocks:
-            req.set_error_loc(40)
+            req.set_error_loc(IPO_DSM_NR)
             req.complete(Status.LBA_RANGE | DNR)
             return
         if nlb:

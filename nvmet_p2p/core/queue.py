@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from nvmet_p2p.core import admin, fabrics, io
 from nvmet_p2p.core.request import Request
 from nvmet_p2p.wire.command import AdminOpcode, FabricsType
+from nvmet_p2p.wire.sqe_layout import IPO_FLAGS, IPO_OPCODE
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class SQ:
         self.disable_sqflow = False
         self.destroyed = False
         self.priv: Any = None  # the transport's own per-queue state
+        # the address the host reached this queue at, which discovery names for a port
+        # listening on a wildcard address (the kernel's disc_traddr); None: not known
+        self.local_traddr: str | None = None
 
     def new_request(self, capsule: bytes | memoryview) -> Request:
         return Request(self, capsule)
@@ -44,15 +48,15 @@ class SQ:
         cmd = req.cmd
         assert cmd is not None
         if cmd.flags & _FUSE_MASK:
-            req.set_error_loc(1)
+            req.set_error_loc(IPO_FLAGS)
             return Status.INVALID_FIELD | DNR  # fused operations are not supported
         if cmd.flags & 0xC0 != _PSDT_SGL:
-            req.set_error_loc(1)
+            req.set_error_loc(IPO_FLAGS)
             return Status.INVALID_FIELD | DNR  # fabrics commands must use SGLs
         if self.ctrl is None:
             if cmd.opcode == AdminOpcode.FABRICS and cmd.fctype == FabricsType.CONNECT:
                 return fabrics.parse_connect(req)
-            req.set_error_loc(0)
+            req.set_error_loc(IPO_OPCODE)
             return Status.CMD_SEQ_ERROR | DNR  # nothing but Connect before Connect
         self.ctrl.touch()
         if self.qid == 0:

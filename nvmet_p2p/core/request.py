@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
 from nvmet_p2p.wire.command import SQE_SIZE, Cqe, IoOpcode, Sqe
+from nvmet_p2p.wire.limits import NVMET_NO_ERROR_LOC
 from nvmet_p2p.wire.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class Request:
         self.p2p_dev: Provider | None = None  # the P2P provider chunk is from; None: system
         self.sysmem_reason = ""  # why the data is in system memory, recorded where decided
         self.handler: Handler | None = None
-        self.error_loc = 0xFFFF  # byte offset of the bad field in the SQE, for the error log
+        self.error_loc = NVMET_NO_ERROR_LOC  # byte offset of the bad field in the SQE, for the error log
         self.completed = False
 
     @property
@@ -179,6 +180,27 @@ class Request:
             self.cqe.result = result
         self.cqe.status = status
         self.sq.complete(self)
+
+    def fail_data_transfer(self) -> None:
+        """The transport could not move a completed command's data to the host.
+
+        The CQE says so, and the error log records it: the core logged nothing when the
+        command completed, its status was 0 then.
+        """
+        self.cqe.status = Status.DATA_XFER_ERROR | DNR
+        if self.sq.ctrl is not None:
+            self.sq.ctrl.log_error(self)
+
+    def uninit(self) -> None:
+        """Drop a parsed command that will never execute because its queue went away
+        (data still on the wire): what it holds of the core goes back and no completion
+        is sent, as the kernel's nvmet_req_uninit()."""
+        if self.completed:
+            return
+        self.completed = True
+        if self.ns is not None:
+            self.ns.put()
+            self.ns = None
 
     def set_error_loc(self, offset: int) -> None:
         self.error_loc = offset

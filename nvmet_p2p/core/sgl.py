@@ -4,7 +4,9 @@ Transports call `map_sgl` once the core has parsed a command and knows how many
 bytes it moves (`transfer_len`).  The rules follow the kernel target
 (`nvmet_rdma_map_sgl` and `nvmet_check_transfer_len`): one descriptor (MSDBD = 1),
 in-capsule data only for host-to-controller transfers and only inside the
-in-capsule area, keyed descriptors only where the transport supports them.
+in-capsule area, keyed descriptors only where the transport supports them, and
+transport data blocks (NVMe/TCP: the data follows in R2T/H2CData or C2HData PDUs)
+only where the transport moves data in its own PDUs (`nvmet_tcp_map_data`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from nvmet_p2p.wire.command import Sgl
+from nvmet_p2p.wire.command import Sgl, SglType
 from nvmet_p2p.wire.status import DNR, Status
 
 
@@ -20,6 +22,7 @@ class SglKind(Enum):
     NONE = 0  # no data (zero-length descriptor)
     INLINE = 1  # in-capsule data at `offset`
     KEYED = 2  # host memory: addr + key (RDMA)
+    TRANSPORT = 3  # data in the transport's own PDUs (NVMe/TCP)
 
 
 @dataclass
@@ -33,7 +36,8 @@ class DataMap:
 
 
 def map_sgl(sgl: Sgl, *, transfer_len: int, host_write: bool, inline_data_size: int,
-            capsule_data_len: int, keyed_sgls: bool, max_transfer: int) -> DataMap | int:
+            capsule_data_len: int, keyed_sgls: bool, max_transfer: int,
+            transport_sgls: bool = False) -> DataMap | int:
     """Validate `sgl` for a command that moves `transfer_len` bytes.
 
     Returns a DataMap, or an NVMe status (with DNR) for the completion.
@@ -66,4 +70,10 @@ def map_sgl(sgl: Sgl, *, transfer_len: int, host_write: bool, inline_data_size: 
             return DataMap(SglKind.NONE)
         return DataMap(SglKind.KEYED, length=sgl.length, addr=sgl.addr, key=sgl.key,
                        invalidate=subtype == 0xF)
+    if sgl.type == SglType.TRANSPORT_DATA_BLOCK and transport_sgls:
+        if sgl.length > max_transfer or sgl.length != transfer_len:
+            return Status.SGL_INVALID_DATA | DNR
+        if not sgl.length:
+            return DataMap(SglKind.NONE)
+        return DataMap(SglKind.TRANSPORT, length=sgl.length)
     return Status.SGL_INVALID_TYPE | DNR

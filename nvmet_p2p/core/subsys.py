@@ -11,7 +11,7 @@ import logging
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
-from nvmet_p2p.wire.command import DISCOVERY_NQN
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME, NVMET_NR_QUEUES
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Namespace
@@ -96,7 +96,7 @@ class Subsys:
     def __init__(self, nqn: str, cfg: Any = None) -> None:
         self.nqn = nqn
         self.cfg = cfg
-        self.is_discovery = nqn == DISCOVERY_NQN
+        self.is_discovery = nqn == NVME_DISC_SUBSYS_NAME
         self.ns: dict[int, Ns] = {}
         self.ctrls: dict[int, Ctrl] = {}
         self._next_cntlid = 0
@@ -127,7 +127,7 @@ class Subsys:
 
     @property
     def qid_max(self) -> int:
-        return self._attr("attr_qid_max", 128)
+        return self._attr("attr_qid_max", NVMET_NR_QUEUES)
 
     def mark_discovered(self) -> None:
         """A host identified a controller: the configuration keeps the identity it read."""

@@ -6,6 +6,11 @@ the run-time subsystems and controllers, the discovery generation counter and
 keep-alive.  It imports no transport, backend or P2P policy: transports register
 themselves, and whoever composes the target (the daemon, a test environment, a
 benchmark) hands it the backend opener and the P2P policy.
+
+A port whose listener cannot start (its RDMA device is not up yet, the address is not
+configured) stays linked and configured, as nvmet-rdma keeps it: the reason is kept
+in `listen_errors` (status, log) and `retry_ports()` tries again; the daemon calls it
+periodically and when an RDMA device appears.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from nvmet_p2p.core.queue import SQ
 from nvmet_p2p.core.subsys import Ns, Subsys
 from nvmet_p2p.core.transport import TransportOps
 from nvmet_p2p.errors import BackendError, ConfigError, NvmetError
-from nvmet_p2p.wire.command import DISCOVERY_NQN
+from nvmet_p2p.wire.limits import (
+    NVME_DISC_SUBSYS_NAME,
+    NVMET_MAX_QUEUE_SIZE,
+    NVMET_MAX_TRANSFER,
+    NVMET_P2P_ENABLE_TIMEOUT_S,
+    NVMET_P2P_MAX_CTRLS_PER_HOST,
+    NVMET_RDMA_MAX_MDTS,
+)
 
 log = logging.getLogger("nvmet_p2p.core")
 
-MDTS = 8  # maximum data transfer 2^8 pages of 4 KiB = 1 MiB, as the kernel RDMA target
-PAGE_SIZE = 4096  # CAP.MPSMIN: 4 KiB memory pages
-MAX_QUEUE_SIZE = 1024  # entries of an I/O queue, whatever a port allows (kernel limit)
 CAP_TO = 15  # CAP.TO: 7.5 s (500 ms units) for the host to wait for CSTS.RDY
 CAP_CSS_NVM = 1 << 37
 
@@ -39,19 +48,24 @@ class Target(TreeHooks):
 
     def __init__(self, root: Root | None = None, *, open_backend: BackendOpener,
                  p2p: P2PPolicy, loop: asyncio.AbstractEventLoop | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 max_ctrls_per_host: int = NVMET_P2P_MAX_CTRLS_PER_HOST,
+                 enable_timeout: float = NVMET_P2P_ENABLE_TIMEOUT_S) -> None:
         self.root = root if root is not None else Root()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.clock = clock or Clock()
         self.transports: dict[str, TransportOps] = {}
         self._subsystems: dict[str, Subsys] = {}
-        self.discovery = Subsys(DISCOVERY_NQN)
+        self.discovery = Subsys(NVME_DISC_SUBSYS_NAME)
         self.listening: dict[int, TransportOps] = {}  # portid -> transport serving it
+        self.listen_errors: dict[int, str] = {}  # portid -> why it is not listening yet
         self.disc_genctr = 0
-        self.mdts = MDTS
-        self.max_transfer = PAGE_SIZE << MDTS
+        self.mdts = NVMET_RDMA_MAX_MDTS
+        self.max_transfer = NVMET_MAX_TRANSFER
         self.open_backend = open_backend
         self.p2p = p2p
+        self.max_ctrls_per_host = max_ctrls_per_host
+        self.enable_timeout = enable_timeout  # seconds; 0: no deadline
         self.root.hooks = self
 
     # -- setup ----------------------------------------------------------------
@@ -68,6 +82,7 @@ class Target(TreeHooks):
             if port is not None:
                 ops.remove_port(port)
         self.listening.clear()
+        self.listen_errors.clear()
         for subsys in self._subsystems.values():
             for ns in subsys.ns.values():
                 ns.disable()
@@ -79,7 +94,7 @@ class Target(TreeHooks):
 
     def get_subsys(self, nqn: str) -> Subsys | None:
         """The run-time subsystem for a configured NQN (made on first use)."""
-        if nqn == DISCOVERY_NQN:
+        if nqn == NVME_DISC_SUBSYS_NAME:
             return self.discovery
         cfg = self.root.subsystems.get(nqn)
         if cfg is None:
@@ -91,12 +106,17 @@ class Target(TreeHooks):
 
     def find_subsys(self, port: Port, nqn: str) -> Subsys | None:
         """The subsystem a host may reach through `port` by this NQN."""
-        if nqn != DISCOVERY_NQN and nqn not in port.subsystems:
+        if nqn != NVME_DISC_SUBSYS_NAME and nqn not in port.subsystems:
             return None
         return self.get_subsys(nqn)
 
     def create_ctrl(self, subsys: Subsys, sq: SQ, hostnqn: str, hostid: bytes,
                     kato_ms: int) -> Ctrl | None:
+        held = sum(1 for c in subsys.ctrls.values() if c.hostnqn == hostnqn and not c.dead)
+        if held >= self.max_ctrls_per_host:
+            log.warning("connect from %s to %s refused: it holds %d controllers already "
+                        "(max_ctrls_per_host)", hostnqn, subsys.nqn, held)
+            return None
         cntlid = subsys.alloc_cntlid()
         if cntlid is None:
             return None
@@ -126,7 +146,7 @@ class Target(TreeHooks):
     def mqes(self, port: Port) -> int:
         """CAP.MQES (0's based): the largest I/O queue a host may create on `port`."""
         # resolved: the configured value may be -1, "the transport's default"
-        return min(port.resolved_max_queue_size(), MAX_QUEUE_SIZE) - 1
+        return min(port.resolved_max_queue_size(), NVMET_MAX_QUEUE_SIZE) - 1
 
     def cap(self, port: Port) -> int:
         return CAP_CSS_NVM | CAP_TO << 24 | self.mqes(port)
@@ -141,6 +161,10 @@ class Target(TreeHooks):
         for ctrl in self.controllers():
             if ctrl.kato_expired(now):
                 ctrl.fatal_error(f"keep-alive timer ({ctrl.kato}s) expired")
+            elif (self.enable_timeout and not ctrl.ready and not ctrl.dead
+                  and now - ctrl.state_since > self.enable_timeout):
+                ctrl.fatal_error(f"{ctrl.state.name.lower()} and not enabled within "
+                                 f"{self.enable_timeout:g}s")
 
     # -- TreeHooks: the configuration changed --------------------------------------
     def ns_enable(self, subsys_cfg: Subsystem, ns_cfg: Namespace) -> None:
@@ -188,12 +212,32 @@ class Target(TreeHooks):
                               f"available in this target (have: {', '.join(self.transports)})")
         try:
             ops.add_port(port)
-        except NvmetError as e:
-            raise ConfigError(f"port {port.portid}: cannot listen on {port.addr_traddr}:"
-                              f"{port.addr_trsvcid}: {e}") from e
+        except (NvmetError, OSError) as e:
+            why = (f"cannot listen on {port.addr_traddr}:{port.addr_trsvcid}: {e}; "
+                   "retrying")
+            if self.listen_errors.get(port.portid) != why:
+                log.warning("port %d: %s", port.portid, why)
+            self.listen_errors[port.portid] = why
+            return
         self.listening[port.portid] = ops
+        self.listen_errors.pop(port.portid, None)
         log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
                  port.addr_traddr, port.addr_trsvcid)
+
+    def retry_ports(self) -> None:
+        """Try again to listen on every linked port that is not listening."""
+        for portid in list(self.listen_errors):
+            port = self.root.ports.get(portid)
+            if port is None or not port.subsystems:
+                self.listen_errors.pop(portid, None)
+                continue
+            self._start_port(port)
+
+    def port_down(self, port: Port, why: str) -> None:
+        """A transport lost a listener (its device went away): retried like a failed start."""
+        if self.listening.pop(port.portid, None) is not None:
+            log.warning("port %d: %s; retrying", port.portid, why)
+            self.listen_errors[port.portid] = f"{why}; retrying"
 
     def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
         self._start_port(port)  # a port listens once its first subsystem is linked
@@ -209,6 +253,8 @@ class Target(TreeHooks):
                              subsys.nqn, port.portid)
                     ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
+        if not remaining:
+            self.listen_errors.pop(port.portid, None)
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)
             log.info("port %d: stopped listening", port.portid)
@@ -260,7 +306,10 @@ class Target(TreeHooks):
             subsystems[nqn] = {"namespaces": [ns.describe() for ns in subsys.ns.values()],
                                "controllers": [c.cntlid for c in subsys.ctrls.values()]}
         return {
-            "ports": {pid: {"listening": pid in self.listening} for pid in self.root.ports},
+            "ports": {pid: {"listening": pid in self.listening,
+                            **({"error": self.listen_errors[pid]}
+                               if pid in self.listen_errors else {})}
+                      for pid in self.root.ports},
             "subsystems": subsystems,
             "controllers": [c.describe() for c in self.controllers()],
             "disc_genctr": self.disc_genctr,

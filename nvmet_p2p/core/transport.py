@@ -28,9 +28,10 @@ device only if it can address it, which the P2P policy asks before it chooses th
 provider (`p2p_client`, `p2p_can_register`).
 
 A transport that fails a request itself (bad SGL, RDMA READ error) calls
-`req.complete(status)`, which also ends in `queue_response`.  `queue_response` may be
-called from inside `init()` or `execute()` (synchronous backends): transports must
-cope with that re-entrancy.
+`req.complete(status)`, which also ends in `queue_response`.  A request whose queue
+goes away before it executed (its data never arrived) is dropped with `req.uninit()`.
+`queue_response` may be called from inside `init()` or `execute()` (synchronous
+backends): transports must cope with that re-entrancy.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `Host` speaks NVMe over any `HostQueue`: Connect, property access, Identify, logs,
 features, discovery, Read/Write/Flush/Write Zeroes/DSM, keep-alive, disconnect, and
 raw capsules for what a real host would never send.  The transports' hosts
-(`host.loop`, `host.rdma`) provide the queues.
+(`host.loop`, `host.rdma`, `host.tcp`) provide the queues.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import (
-    ADMIN_CNTLID_DYNAMIC,
     SQE_SIZE,
     AdminOpcode,
     ConnectData,
@@ -30,6 +29,7 @@ from nvmet_p2p.wire.command import (
     Sqe,
     fabrics_sqe,
 )
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_CNTLID_DYNAMIC
 from nvmet_p2p.wire.regs import (
     CC_EN,
     CC_IOCQES,
@@ -68,6 +68,8 @@ class Pending:
 class HostQueue(ABC):
     """One host-side queue: submit capsules, collect completions by command id."""
 
+    inline_connect = False  # send Connect's data in the capsule (the Linux TCP host does)
+
     def __init__(self, qid: int, size: int) -> None:
         self.qid = qid
         self.size = size
@@ -90,6 +92,10 @@ class HostQueue(ABC):
 
     @abstractmethod
     def unexpose(self, sgl: Sgl) -> None: ...
+
+    def null_sgl(self) -> Sgl:
+        """The descriptor of a command that moves no data."""
+        return Sgl(SglType.KEYED_DATA_BLOCK, 0, 0, 0)
 
     @abstractmethod
     def close(self) -> None: ...
@@ -125,7 +131,7 @@ class HostQueue(ABC):
                 buf = bytearray(read_len)
                 sgl = self.expose(buf)
             else:
-                sgl = Sgl(SglType.KEYED_DATA_BLOCK, 0, 0, 0)
+                sgl = self.null_sgl()
             owned = buf is not None
         else:
             owned = False
@@ -178,6 +184,7 @@ class Host(ABC):
         self.subnqn = ""
         self.admin: HostQueue | None = None
         self.io: dict[int, HostQueue] = {}
+        self.cattr = 0  # Connect attributes (bit 2: disable SQ flow control)
 
     @abstractmethod
     def open_queue(self, qid: int, size: int) -> HostQueue:
@@ -186,9 +193,10 @@ class Host(ABC):
     # -- fabrics ---------------------------------------------------------------
     def connect_queue(self, q: HostQueue, subnqn: str, cntlid: int, kato_ms: int = 0,
                       check: bool = True) -> Cqe:
-        sqe = fabrics_sqe(FabricsType.CONNECT, qid=q.qid, sqsize=q.size - 1, kato=kato_ms)
+        sqe = fabrics_sqe(FabricsType.CONNECT, qid=q.qid, sqsize=q.size - 1, kato=kato_ms,
+                          cattr=self.cattr)
         data = ConnectData(self.hostid, cntlid, subnqn, self.hostnqn).encode()
-        cqe, _ = q.execute(sqe, data=data)
+        cqe, _ = q.execute(sqe, data=data, inline=q.inline_connect)
         if check and cqe.status:
             raise NvmeError(f"connect qid {q.qid} to {subnqn}", cqe)
         return cqe
@@ -196,8 +204,8 @@ class Host(ABC):
     def connect(self, subnqn: str, *, nr_io_queues: int = 1, queue_size: int = 32,
                 kato_ms: int = 0, enable: bool = True) -> Host:
         self.subnqn = subnqn
-        self.admin = self.open_queue(0, 32)
-        cqe = self.connect_queue(self.admin, subnqn, ADMIN_CNTLID_DYNAMIC, kato_ms)
+        self.admin = self.open_queue(0, NVME_AQ_DEPTH)
+        cqe = self.connect_queue(self.admin, subnqn, NVME_CNTLID_DYNAMIC, kato_ms)
         self.cntlid = cqe.result & 0xFFFF
         if enable:
             self.enable()
@@ -207,14 +215,20 @@ class Host(ABC):
                 self.io[qid] = q
         return self
 
+    @property
+    def aq(self) -> HostQueue:
+        """The admin queue of a connected association."""
+        assert self.admin is not None, "the host is not connected"
+        return self.admin
+
     def property_get(self, offset: int, size: int = 4) -> int:
         sqe = fabrics_sqe(FabricsType.PROPERTY_GET, attrib=1 if size == 8 else 0, offset=offset)
-        cqe, _ = self.admin.execute(sqe, check=f"property get {offset:#x}")
+        cqe, _ = self.aq.execute(sqe, check=f"property get {offset:#x}")
         return cqe.result if size == 8 else cqe.result & 0xFFFFFFFF
 
     def property_set(self, offset: int, value: int) -> None:
         sqe = fabrics_sqe(FabricsType.PROPERTY_SET, attrib=0, offset=offset, value=value)
-        self.admin.execute(sqe, check=f"property set {offset:#x}")
+        self.aq.execute(sqe, check=f"property set {offset:#x}")
 
     def enable(self, timeout: float = 5.0) -> None:
         self.property_set(REG_CC, CC_ENABLE)
@@ -237,13 +251,14 @@ class Host(ABC):
     # -- admin -----------------------------------------------------------------
     def admin_cmd(self, opcode: int, *, nsid: int = 0, read_len: int = 0, check: bool = True,
                   **cdws: int) -> tuple[Cqe, bytes | None]:
-        sqe = Sqe(opcode=opcode, nsid=nsid, **cdws)
-        return self.admin.execute(sqe, read_len=read_len,
-                                  check=f"admin opcode {opcode:#x}" if check else None)
+        sqe = Sqe(opcode=opcode, nsid=nsid, **cdws)  # type: ignore[arg-type]  # only cdwN
+        return self.aq.execute(sqe, read_len=read_len,
+                               check=f"admin opcode {opcode:#x}" if check else None)
 
     def identify(self, cns: int, nsid: int = 0) -> bytes:
         _, data = self.admin_cmd(AdminOpcode.IDENTIFY, nsid=nsid, cdw10=cns,
                                  read_len=idf.IDENTIFY_DATA_SIZE)
+        assert data is not None  # a read: execute returns the buffer
         return data
 
     def identify_ctrl(self) -> idf.IdCtrl:
@@ -261,6 +276,7 @@ class Host(ABC):
         _, data = self.admin_cmd(AdminOpcode.GET_LOG_PAGE, nsid=nsid, read_len=length,
                                  cdw10=lid | (rae << 15) | (numd & 0xFFFF) << 16,
                                  cdw11=numd >> 16, cdw12=lpo & 0xFFFFFFFF, cdw13=lpo >> 32)
+        assert data is not None
         return data
 
     def set_features(self, fid: int, value: int) -> int:
@@ -275,7 +291,7 @@ class Host(ABC):
         self.admin_cmd(AdminOpcode.KEEP_ALIVE)
 
     def submit_aer(self) -> Pending:
-        return self.admin.submit(Sqe(opcode=AdminOpcode.ASYNC_EVENT))
+        return self.aq.submit(Sqe(opcode=AdminOpcode.ASYNC_EVENT))
 
     def discover(self) -> list[lg.DiscEntry]:
         """Read the whole discovery log the way nvme-cli does: header, then all of it."""
@@ -293,6 +309,7 @@ class Host(ABC):
         sqe = Sqe(opcode=IoOpcode.READ, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
                   cdw12=nlb - 1)
         _, data = self._q(qid).execute(sqe, read_len=nlb * block_size, check="read")
+        assert data is not None
         return data
 
     def write(self, nsid: int, slba: int, data: bytes, block_size: int = 512,

@@ -22,7 +22,6 @@ from nvmet_p2p.cmb import buffer_address
 from nvmet_p2p.errors import TransportError
 from nvmet_p2p.host.base import DEFAULT_TIMEOUT, Host, HostQueue
 from nvmet_p2p.transports.rdma_cm import (
-    NVMF_RDMA_MAX_INLINE,
     CmEvent,
     CmEventType,
     CmId,
@@ -40,9 +39,10 @@ from nvmet_p2p.transports.rdma_verbs import (
     send_wr,
 )
 from nvmet_p2p.wire.command import CQE_SIZE, SQE_SIZE, Sgl, SglType
+from nvmet_p2p.wire.limits import NVME_RDMA_IP_PORT, NVMET_RDMA_MAX_INLINE_DATA_SIZE
 
 HOST_RESPONDER_RESOURCES = 16  # RDMA READs the target may have outstanding against us
-CAPSULE_SLOT = SQE_SIZE + NVMF_RDMA_MAX_INLINE + 4096  # room for over-long raw capsules
+CAPSULE_SLOT = SQE_SIZE + NVMET_RDMA_MAX_INLINE_DATA_SIZE + 4096  # room for over-long raw capsules
 _POLL_SLEEP_S = 50e-6
 
 
@@ -260,7 +260,7 @@ class RdmaHostQueue(HostQueue):
 class RdmaHost(Host):
     """An NVMe-oF/RDMA host association (and a raw CM prober) for tests."""
 
-    def __init__(self, traddr: str, trsvcid: int = 4420, *, adrfam: str = "ipv4",
+    def __init__(self, traddr: str, trsvcid: int = NVME_RDMA_IP_PORT, *, adrfam: str = "ipv4",
                  hostnqn: str | None = None, hostid: bytes | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(hostnqn, hostid)

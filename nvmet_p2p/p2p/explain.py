@@ -133,9 +133,9 @@ def explain_config(root: Root, *, sysfs_root: str = "/sys", cpu: str | None = No
 
     No backend is opened: a namespace's PCI client is its vfio-nvme BDF or the PCI
     function under its block device; the transport's client is the RDMA device whose
-    netdev holds the port's address (rdma) or none (loop, CPU copies); the candidates are
-    the published p2pmem and the CMBs of the vfio-nvme controllers, which are only probed
-    when their namespace is enabled.
+    netdev holds the port's address (rdma) or none (loop and tcp: CPU copies); the
+    candidates are the published p2pmem and the CMBs of the vfio-nvme controllers, which
+    are only probed when their namespace is enabled.
     """
     topology = Topology(sysfs_root, cpu=cpu)
     candidates = config_candidates(root, sysfs_root)
@@ -147,7 +147,7 @@ def explain_config(root: Root, *, sysfs_root: str = "/sys", cpu: str | None = No
         reason: str | None = None
         if trtype == "rdma":
             client, reason = rdma_client(port, sysfs_root, netdev_of)
-        elif trtype != "loop":
+        elif trtype not in ("loop", "tcp"):  # loop and tcp move data with the CPU: no client
             reason = f"transport {trtype} cannot do peer-to-peer DMA"
         for nqn in port.subsystems:
             subsys = root.subsystems.get(nqn)

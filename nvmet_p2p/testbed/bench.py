@@ -1,18 +1,20 @@
-"""`nvmet-p2p bench`: our target against the kernel's nvmet-rdma, same VM boot, same fio jobs.
+"""`nvmet-p2p bench`: our target against the kernel's nvmet-rdma and nvmet-tcp, same VM
+boot, same fio jobs.
 
-Owns the benchmark matrix (the fio job files in bench/jobs/), the measuring loop that
-runs inside the soft-RoCE VM (or on a real Linux host with --no-vm), the results
-schema (bench/README.md), and the report: a Markdown table with the ratio ours/kernel
-per job and a PNG plot.
+Owns the benchmark matrix (the fio job files in nvmet_p2p/testbed/jobs/, run over each
+transport), the measuring loop that runs inside the soft-RoCE VM (or on a real Linux host
+with --no-vm), the results schema (bench/README.md), and the report: per transport a
+Markdown table with the ratio ours/kernel per job, and a PNG plot.
 
-Measuring, in one VM boot: rxe0 on a dummy netdev; one sparse file on the guest's
-/dev/shm that both targets serve (buffered: tmpfs refuses O_DIRECT); our target
-(`nvmet-p2p serve`, port 4420) and the kernel target (configfs, port 4421) both up
-the whole time, but the Linux host is connected to only one of them while fio runs
-(our reactor stops polling once no queue is left, so an idle target costs nothing).
-Targets alternate and each job is repeated, since the machine is noisy; the report
-gives the median and the spread.  The fabric limit is ib_write_bw / ib_read_lat over
-rxe0.  At the end the host connects 16 I/O queues to our target and its VmRSS is read.
+Measuring, in one VM boot: rxe0 on a dummy netdev (its address also carries NVMe/TCP);
+one sparse file on the guest's /dev/shm that both targets serve (buffered: tmpfs
+refuses O_DIRECT); our target (`nvmet-p2p serve`, rdma port 4420, tcp port 4430) and
+the kernel target (configfs, rdma 4421, tcp 4431) all up the whole time, but the Linux
+host is connected to only one of them while fio runs (our reactor stops polling once
+no queue is left, so an idle target costs nothing).  Targets alternate and each job is
+repeated, since the machine is noisy; the report gives the median and the spread.  The
+fabric limit is ib_write_bw / ib_read_lat over rxe0.  At the end the host connects 16
+RDMA I/O queues to our target and its VmRSS is read.
 
 The pure parts (fio/perftest parsing, CPU from /proc/<pid>/stat, summary, ratios,
 table, plot) take values and return values; tests/testbed/test_bench.py drives them with
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import shlex
@@ -39,14 +42,21 @@ from typing import Any
 from nvmet_p2p.errors import NvmetError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-JOBS_DIR = REPO_ROOT / "bench" / "jobs"
-DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+JOBS_DIR = Path(__file__).resolve().parent / "jobs"  # package data: installed with the code
+# bench/results in a source checkout; installed, the current directory's nvmet-p2p-bench/
+DEFAULT_RESULTS_DIR = (REPO_ROOT / "bench" / "results" if (REPO_ROOT / "bench").is_dir()
+                       else Path.cwd() / "nvmet-p2p-bench")
 SCHEMA = 1
 
 OURS, KERNEL = "ours", "kernel"
 TARGETS = (OURS, KERNEL)
+RDMA, TCP = "rdma", "tcp"
+TRANSPORTS = (RDMA, TCP)
 SUBNQN = "nqn.2026-11.io.nvmet-p2p:bench"
 OURS_TRSVCID, KERNEL_TRSVCID = 4420, 4421  # both listen on the same address at once
+OURS_TCP_TRSVCID, KERNEL_TCP_TRSVCID = 4430, 4431
+KERNEL_TCP_SUBNQN = SUBNQN + "-tcp"  # the kernel's tcp port serves the file as its own subsystem
+KERNEL_NAMES = {RDMA: "nvmet-rdma", TCP: "nvmet-tcp"}
 NS_SIZE = 256 << 20
 RSS_IO_QUEUES = 16
 # nvme-rdma gives a controller at most one I/O queue per online CPU, so the 16 queues of
@@ -61,7 +71,7 @@ HOSTID_FMT = "5be0c000-0000-4000-8000-{:012d}"  # one host ID per host NQN, as t
 
 @dataclass(frozen=True)
 class Job:
-    """One fio job file of bench/jobs/ and how to read its result."""
+    """One fio job file of nvmet_p2p/testbed/jobs/ and how to read its result."""
 
     name: str
     ddirs: tuple[str, ...]  # fio result sections that carry this job's I/O
@@ -189,14 +199,21 @@ def p2p_counters(status: dict[str, Any], subnqn: str = SUBNQN) -> dict[str, int]
 METRICS = ("iops", "bw_bytes", "lat_mean_us", "lat_p50_us", "lat_p99_us", "target_cpu_pct")
 
 
-def summarize(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """summary[job][target][metric] = {"median", "min", "max", "n"} over successful repeats.
+def run_transport(run: dict[str, Any]) -> str:
+    """The transport of a run record (records from before TCP jobs existed are RDMA)."""
+    return str(run.get("transport", RDMA))
+
+
+def summarize(runs: Iterable[dict[str, Any]],
+              transport: str = RDMA) -> dict[str, dict[str, dict[str, Any]]]:
+    """summary[job][target][metric] = {"median", "min", "max", "n"} over the successful
+    repeats over `transport`.
 
     A metric that is null in every repeat (the kernel target's CPU) stays null.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        if r.get("error"):
+        if r.get("error") or run_transport(r) != transport:
             continue
         groups.setdefault((r["job"], r["target"]), []).append(r)
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -237,10 +254,13 @@ def _spread(summary: dict[str, Any], job: str, target: str, metric: str) -> str:
     return f" ±{pct / 2:.0f}%"
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    """The report: per job, both targets' medians (spread = half the min-max range) and
-    the ratio ours/kernel; then the fabric limit and our RSS."""
-    summary = summarize(results["runs"])
+def transports_of(results: dict[str, Any]) -> list[str]:
+    """The transports the runs of `results` used, RDMA first."""
+    seen = {run_transport(r) for r in results["runs"]}
+    return [t for t in TRANSPORTS if t in seen]
+
+
+def _job_table(summary: dict[str, Any]) -> list[str]:
     head = ("| job | kernel IOPS | ours IOPS | IOPS ours/kernel | kernel MB/s | ours MB/s "
             "| kernel mean lat µs | ours mean lat µs | lat ours/kernel | ours p99 µs "
             "| ours CPU % |")
@@ -261,6 +281,20 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| {cell(KERNEL, 'bw_bytes', 1e6, 1)} | {cell(OURS, 'bw_bytes', 1e6, 1)} "
             f"| {cell(KERNEL, 'lat_mean_us')} | {cell(OURS, 'lat_mean_us')} | {_fmt(r_lat, 2)} "
             f"| {cell(OURS, 'lat_p99_us')} | {cell(OURS, 'target_cpu_pct', 1.0, 0)} |")
+    return lines
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The report: per transport and job, both targets' medians (spread = half the min-max
+    range) and the ratio ours/kernel; then the fabric limit and our RSS.  The RDMA table
+    comes first and bare (as before TCP jobs existed); a TCP table follows under its title."""
+    lines: list[str] = []
+    for transport in transports_of(results) or [RDMA]:
+        if transport != RDMA:
+            if lines:
+                lines.append("")
+            lines += [f"NVMe/TCP: ours (tcp.py) vs the kernel's {KERNEL_NAMES[TCP]}:", ""]
+        lines += _job_table(summarize(results["runs"], transport))
     meta = results.get("meta", {})
     lines.append("")
     lines.append(f"Medians of {meta.get('repeat', '?')} repeat(s) of "
@@ -296,31 +330,36 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(results["runs"])
-    jobs = [j for j in JOB_NAMES if j in summary]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    transports = transports_of(results) or [RDMA]
+    fig, grid = plt.subplots(len(transports), 2, figsize=(13, 4.8 * len(transports)),
+                             squeeze=False)
     width = 0.38
-    for ax, metric, label in ((axes[0], "iops", "IOPS (median)"),
-                              (axes[1], "lat_mean_us", "mean completion latency, µs")):
-        for i, target in enumerate((KERNEL, OURS)):
-            meds, lo, hi = [], [], []
-            for job in jobs:
-                cell = summary[job].get(target, {}).get(metric)
-                m = cell["median"] if cell else 0.0
-                meds.append(m)
-                lo.append(m - cell["min"] if cell else 0.0)
-                hi.append(cell["max"] - m if cell else 0.0)
-            xs = [x + (i - 0.5) * width for x in range(len(jobs))]
-            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3,
-                   label="kernel nvmet-rdma" if target == KERNEL else "nvmet-p2p")
-        ax.set_xticks(range(len(jobs)))
-        ax.set_xticklabels(jobs, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+    for row, transport in zip(grid, transports, strict=True):
+        summary = summarize(results["runs"], transport)
+        jobs = [j for j in JOB_NAMES if j in summary]
+        for ax, metric, label in ((row[0], "iops", "IOPS (median)"),
+                                  (row[1], "lat_mean_us", "mean completion latency, µs")):
+            for i, target in enumerate((KERNEL, OURS)):
+                meds, lo, hi = [], [], []
+                for job in jobs:
+                    cell = summary[job].get(target, {}).get(metric)
+                    m = cell["median"] if cell else 0.0
+                    meds.append(m)
+                    lo.append(m - cell["min"] if cell else 0.0)
+                    hi.append(cell["max"] - m if cell else 0.0)
+                xs = [x + (i - 0.5) * width for x in range(len(jobs))]
+                ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3,
+                       label=f"kernel {KERNEL_NAMES[transport]}" if target == KERNEL
+                       else "nvmet-p2p")
+            ax.set_xticks(range(len(jobs)))
+            ax.set_xticklabels(jobs, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(f"{label} ({transport})")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
     meta = results.get("meta", {})
-    fig.suptitle(f"nvmet-p2p vs kernel nvmet-rdma over rxe ({meta.get('mode', '?')}, "
-                 f"{meta.get('repeat', '?')} x {meta.get('runtime_s', '?')} s)")
+    fig.suptitle(f"nvmet-p2p vs the kernel target over {' and '.join(transports)} "
+                 f"({meta.get('mode', '?')}, {meta.get('repeat', '?')} x "
+                 f"{meta.get('runtime_s', '?')} s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -346,6 +385,7 @@ class Endpoint:
     subnqn: str
     pid: int | None = None  # our target's process: CPU and RSS
     rpc_socket: str | None = None  # our target's status RPC: P2P counters
+    transport: str = RDMA
 
 
 def _read(path: str) -> str:
@@ -367,12 +407,12 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
     """Connect the Linux host to `ep`, run one fio job, disconnect; one run record."""
     from nvmet_p2p.testbed import guest
 
-    rec: dict[str, Any] = {"job": job.name, "target": ep.target, "repeat": repeat,
-                           "runtime_s": timing.runtime_s, "error": None,
+    rec: dict[str, Any] = {"job": job.name, "target": ep.target, "transport": ep.transport,
+                           "repeat": repeat, "runtime_s": timing.runtime_s, "error": None,
                            "target_cpu_pct": None, "p2p": None}
     try:
         guest.nvme_connect(ep.subnqn, traddr=ep.traddr, trsvcid=ep.trsvcid,
-                           nr_io_queues=nr_io_queues)
+                           nr_io_queues=nr_io_queues, transport=ep.transport)
         try:
             dev = guest.namespace_block_device(ep.subnqn)
             env = dict(os.environ, BENCH_DEV=dev, BENCH_RUNTIME=str(timing.runtime_s),
@@ -442,8 +482,8 @@ def run_matrix(endpoints: dict[str, Endpoint], timing: Timing, jobs: Sequence[Jo
                     f"mean {rec['lat_mean_us']:9,.0f} µs p99 {rec['lat_p99_us']:9,.0f} µs"
                     + (f" cpu {rec['target_cpu_pct']:4.0f}%"
                        if rec["target_cpu_pct"] is not None else ""))
-        say(f"[{i:2d}/{len(plan)}] {target:6} {job.name:19} #{r + 1}: {text}  "
-            f"(eta {eta:.0f} s)")
+        say(f"[{i:2d}/{len(plan)}] {endpoints[target].transport:4} {target:6} "
+            f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)")
     return runs
 
 
@@ -524,14 +564,17 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
     return rss
 
 
-def _our_config(backing: Path) -> dict[str, Any]:
+def _our_config(backing: Path, transports: Sequence[str] = (RDMA,)) -> dict[str, Any]:
     from nvmet_p2p.testbed import guest
 
+    ports = {RDMA: (1, OURS_TRSVCID), TCP: (3, OURS_TCP_TRSVCID)}
     return {
         "hosts": [],
-        "ports": [{"portid": 1, "addr": {"trtype": "rdma", "adrfam": "ipv4",
-                                         "traddr": guest.TRADDR, "trsvcid": str(OURS_TRSVCID)},
-                   "attr": {"allow_p2pmem": "1"}, "subsystems": [SUBNQN]}],
+        "ports": [{"portid": ports[t][0],
+                   "addr": {"trtype": t, "adrfam": "ipv4", "traddr": guest.TRADDR,
+                            "trsvcid": str(ports[t][1])},
+                   "attr": {"allow_p2pmem": "1"}, "subsystems": [SUBNQN]}
+                  for t in transports],
         "subsystems": [{"nqn": SUBNQN, "attr": {"allow_any_host": "1"}, "allowed_hosts": [],
                         "namespaces": [{"nsid": 1, "enable": 1, "buffered_io": 1,
                                         "device": {"path": str(backing), "backend": "file"}}]}],
@@ -590,7 +633,8 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence[str],
-               measure_fabric: bool = True, rss_queues: int = RSS_IO_QUEUES) -> int:
+               measure_fabric: bool = True, rss_queues: int = RSS_IO_QUEUES,
+               transports: Sequence[str] = TRANSPORTS) -> int:
     """The whole measurement inside the VM; writes out/results.json."""
     from nvmet_p2p.testbed import guest
     from nvmet_p2p.testbed.kernel_target import KernelTarget
@@ -607,7 +651,7 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
                  "repeat": timing.repeat, "kernel": os.uname().release,
                  "cpus": os.cpu_count(), "ns_size": NS_SIZE,
                  "backing": "sparse file on the guest's /dev/shm, buffered I/O in both targets",
-                 "jobs": [j.name for j in jobs]},
+                 "jobs": [j.name for j in jobs], "transports": list(transports)},
         "fabric": None, "runs": [], "rss": None}
     rxe = guest.setup_rxe()
     backing = guest.shm_file("bench-ns1.img", NS_SIZE)
@@ -616,39 +660,51 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
         # ib_write_bw -D 2 reported 0 MB/s once under TCG: give it a few seconds at least
         results["fabric"] = fabric_limit(rxe, guest.TRADDR, max(4, timing.runtime_s // 2))
         say(f"  {json.dumps(results['fabric'])}")
-    endpoints: dict[str, Endpoint] = {}
+    # per transport, the endpoint of each target
+    endpoints: dict[str, dict[str, Endpoint]] = {t: {} for t in transports}
     ours = None
-    kt = None
+    kts: list[KernelTarget] = []
     try:
         if OURS in targets:
             say("starting nvmet-p2p serve")
             cfg = Path("/dev/shm/bench-config.json")
-            cfg.write_text(json.dumps(_our_config(backing)))
+            cfg.write_text(json.dumps(_our_config(backing, transports)))
             sock = "/tmp/nvmet-p2p-bench.sock"
             ours = _start_ours(cfg, sock, out / "target.log")
-            endpoints[OURS] = Endpoint(OURS, guest.TRADDR, OURS_TRSVCID, SUBNQN, ours.pid, sock)
+            for t, svc in ((RDMA, OURS_TRSVCID), (TCP, OURS_TCP_TRSVCID)):
+                if t in endpoints:
+                    endpoints[t][OURS] = Endpoint(OURS, guest.TRADDR, svc, SUBNQN, ours.pid,
+                                                  sock, transport=t)
         if KERNEL in targets:
-            say("configuring the kernel target (nvmet-rdma, configfs, buffered_io=1)")
-            kt = KernelTarget(SUBNQN, backing, trsvcid=KERNEL_TRSVCID, port_id=2,
-                              buffered_io=True)
-            kt.setup()
-            endpoints[KERNEL] = Endpoint(KERNEL, guest.TRADDR, KERNEL_TRSVCID, SUBNQN)
+            for t, svc, nqn, portid in ((RDMA, KERNEL_TRSVCID, SUBNQN, 2),
+                                        (TCP, KERNEL_TCP_TRSVCID, KERNEL_TCP_SUBNQN, 4)):
+                if t not in endpoints:
+                    continue
+                say(f"configuring the kernel target ({KERNEL_NAMES[t]}, configfs, "
+                    "buffered_io=1)")
+                kts.append(KernelTarget(nqn, backing, trsvcid=svc, port_id=portid,
+                                        trtype=t, buffered_io=True))
+                kts[-1].setup()
+                endpoints[t][KERNEL] = Endpoint(KERNEL, guest.TRADDR, svc, nqn, transport=t)
         say(f"setup done in {time.monotonic() - t0:.0f} s; "
-            f"{timing.repeat} x {len(jobs)} jobs x {len(endpoints)} targets, "
-            f"{timing.runtime_s} s each")
+            f"{timing.repeat} x {len(jobs)} jobs x {len(targets)} targets x "
+            f"{len(transports)} transports, {timing.runtime_s} s each")
         prof = _start_profiler(ours.pid, out) if ours is not None else None
-        results["runs"] = run_matrix(endpoints, timing, jobs, say)
+        for t in transports:  # all RDMA runs, then all TCP runs: ratios are within one
+            results["runs"] += run_matrix(endpoints[t], timing, jobs, say)
         if prof is not None:
             prof.send_signal(signal.SIGINT)
             prof.wait(120)
-        if ours is not None and rss_queues:
+        if ours is not None and rss_queues and RDMA in endpoints:
             say(f"RSS with {rss_queues} I/O queues connected")
-            results["rss"] = measure_rss(endpoints[OURS], rss_queues, os.cpu_count() or 1)
+            results["rss"] = measure_rss(endpoints[RDMA][OURS], rss_queues,
+                                         os.cpu_count() or 1)
             say(f"  {json.dumps(results['rss'])}")
         if ours is not None:
-            results["target_status"] = _status(endpoints[OURS])
+            ep = next(iter(endpoints.values()))[OURS]
+            results["target_status"] = _status(ep)
     finally:
-        if kt is not None:
+        for kt in reversed(kts):
             kt.teardown()
         if ours is not None:
             results["meta"]["ours_exit"] = _stop(ours)
@@ -679,9 +735,14 @@ def _vm_timeout(timing: Timing, njobs: int, ntargets: int) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("matplotlib") is None:  # say so before the matrix runs
+        print("bench: the report's plot needs matplotlib, which is not installed: "
+              "pip install 'nvmet-p2p[bench]'", file=sys.stderr)
+        return 2
     timing = _timing(args)
     jobs = _jobs(args.job)
     targets = args.target or list(TARGETS)
+    transports = args.transport or list(TRANSPORTS)
     out = Path(args.out) if args.out else DEFAULT_RESULTS_DIR / dt.datetime.now().strftime(
         "%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -689,7 +750,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_vm:
         rc = _run_no_vm(args, out, timing, jobs)
     else:
-        rc = _run_vm(args, out, timing, jobs, targets)
+        rc = _run_vm(args, out, timing, jobs, targets, transports)
     results_file = out / "results.json"
     if not results_file.exists():
         print(f"bench: no results (exit {rc})", file=sys.stderr)
@@ -701,11 +762,16 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(md.read_text())
     print(f"bench: {results_file}, {md}, {png} ({results['meta']['wall_seconds']:.0f} s)")
+    failed = [r for r in results["runs"] if r.get("error")]
+    if failed or not results["runs"]:
+        print(f"bench: {len(failed)} of {len(results['runs'])} run(s) failed",
+              file=sys.stderr)
+        return rc or 1
     return rc
 
 
 def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job],
-            targets: list[str]) -> int:
+            targets: list[str], transports: list[str]) -> int:
     from nvmet_p2p.testbed.vm import VM
 
     inner = [sys.executable, "-m", "nvmet_p2p.testbed.bench", "guest", "--out", "$NVMET_P2P_VM_OUT",
@@ -715,13 +781,15 @@ def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]
         inner += ["--job", j.name]
     for t in targets:
         inner += ["--target", t]
+    for t in transports:
+        inner += ["--transport", t]
     if args.no_fabric:
         inner.append("--no-fabric")
     script = " ".join(a if a.startswith("$") else shlex.quote(a) for a in inner) + "\n"
     if args.profile:
         script = f"export NVMET_P2P_BENCH_PROFILE={shlex.quote(args.profile)}\n" + script
     print(f"bench: booting the soft-RoCE VM (TCG), results in {out}", flush=True)
-    timeout = _vm_timeout(timing, len(jobs), len(targets))
+    timeout = _vm_timeout(timing, len(jobs), len(targets) * len(transports))
     result = VM().run(script, timeout, stream=sys.stdout, out_dir=out)
     return result.returncode
 
@@ -731,12 +799,13 @@ def _run_no_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[J
         print("bench: --no-vm needs --traddr and/or --kernel-traddr", file=sys.stderr)
         return 2
     endpoints = {}
+    transport = (args.transport or [RDMA])[0]
     if args.traddr:
         endpoints[OURS] = Endpoint(OURS, args.traddr, args.trsvcid, args.subnqn,
-                                   rpc_socket=args.rpc_socket)
+                                   rpc_socket=args.rpc_socket, transport=transport)
     if args.kernel_traddr:
         endpoints[KERNEL] = Endpoint(KERNEL, args.kernel_traddr, args.kernel_trsvcid,
-                                     args.kernel_subnqn or args.subnqn)
+                                     args.kernel_subnqn or args.subnqn, transport=transport)
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "meta": {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -757,9 +826,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp", type=int, help="fio ramp_time seconds (default 2; quick: 1)")
     p.add_argument("--repeat", type=int, help="repeats per job and target (default 3; quick: 1)")
     p.add_argument("--job", action="append", choices=JOB_NAMES,
-                   help="run only this job (repeatable; default: all of bench/jobs)")
+                   help="run only this job (repeatable; default: all of nvmet_p2p/testbed/jobs)")
     p.add_argument("--target", action="append", choices=TARGETS,
                    help="run only this target (repeatable; default: both)")
+    p.add_argument("--transport", action="append", choices=TRANSPORTS,
+                   help="run only over this transport (repeatable; default: rdma and tcp; "
+                        "--no-vm: the first one given, default rdma)")
     p.add_argument("--no-fabric", action="store_true", help="skip ib_write_bw / ib_read_lat")
     p.add_argument("--rss-queues", type=int, default=RSS_IO_QUEUES,
                    help="I/O queues connected for the RSS figure (0: skip; default 16)")
@@ -768,9 +840,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` on a parent's subparsers (``nvmet-p2p bench``)."""
     p = subparsers.add_parser(
-        "bench", help="fio matrix: nvmet-p2p vs the kernel's nvmet-rdma (bench/README.md)",
-        description="Boot the soft-RoCE VM once, run the fio jobs of bench/jobs/ against "
-                    "nvmet-p2p and the kernel's nvmet-rdma serving the same file, measure "
+        "bench", help="fio matrix: nvmet-p2p vs the kernel's nvmet-rdma and nvmet-tcp "
+                      "(bench/README.md)",
+        description="Boot the soft-RoCE VM once, run the fio jobs of nvmet_p2p/testbed/jobs/ "
+                    "over RDMA and TCP against nvmet-p2p and the kernel's nvmet-rdma and "
+                    "nvmet-tcp serving the same file, measure "
                     "the fabric limit, and write results.json, results.md and results.png.")
     p.add_argument("--quick", action="store_true", help="5-second jobs, once each")
     p.add_argument("--out", metavar="DIR", help="results directory "
@@ -780,7 +854,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     _add_common(p)
     nv = p.add_argument_group("--no-vm: run from this Linux host against running targets")
     nv.add_argument("--no-vm", action="store_true",
-                    help="no VM: this machine is the NVMe/RDMA host")
+                    help="no VM: this machine is the NVMe-oF host")
     nv.add_argument("--traddr", help="our target's address")
     nv.add_argument("--trsvcid", type=int, default=OURS_TRSVCID, help="our target's port")
     nv.add_argument("--subnqn", default=SUBNQN, help="subsystem NQN on our target")
@@ -803,7 +877,7 @@ def _guest_cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     return guest_main(Path(args.out), _timing(args), _jobs(args.job),
                       args.target or list(TARGETS), measure_fabric=not args.no_fabric,
-                      rss_queues=args.rss_queues)
+                      rss_queues=args.rss_queues, transports=args.transport or list(TRANSPORTS))
 
 
 if __name__ == "__main__":

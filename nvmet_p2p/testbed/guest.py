@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nvmet_p2p.errors import VMError
+from nvmet_p2p.wire.limits import NVME_RDMA_IP_PORT
 
 TRADDR = "192.0.2.1"  # TEST-NET-1: only ever the VM's own dummy netdev, never routed
 PREFIX_LEN = 24
 NETDEV = "dummy0"
 RXE_DEV = "rxe0"
-NVME_RDMA_PORT = 4420  # the IANA NVMe-oF port nvme-cli defaults to
 
 VM_SKIP_REASON = "needs the soft-RoCE VM (run: python -m nvmet_p2p.testbed.vm pytest)"
 
@@ -80,15 +80,22 @@ def _read(path: Path, default: str = "") -> str:
 
 # -- soft-RoCE ----------------------------------------------------------------------------
 
-def setup_rxe(netdev: str = NETDEV, addr: str = TRADDR, rxe: str = RXE_DEV,
-              timeout: float = 30.0) -> str:
-    """rxe on a dummy netdev holding `addr`; idempotent. Returns the RDMA device name."""
-    modprobe("dummy", "rdma_rxe", "rdma_ucm", "ib_uverbs")
+def setup_netdev(netdev: str = NETDEV, addr: str = TRADDR) -> str:
+    """A dummy netdev holding `addr`, up (what NVMe/TCP needs); idempotent."""
+    modprobe("dummy")
     if not Path(f"/sys/class/net/{netdev}").exists():
         sh("ip", "link", "add", netdev, "type", "dummy")
     if addr not in sh("ip", "-o", "-4", "addr", "show", "dev", netdev).stdout:
         sh("ip", "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", netdev)
     sh("ip", "link", "set", netdev, "up")
+    return netdev
+
+
+def setup_rxe(netdev: str = NETDEV, addr: str = TRADDR, rxe: str = RXE_DEV,
+              timeout: float = 30.0) -> str:
+    """rxe on a dummy netdev holding `addr`; idempotent. Returns the RDMA device name."""
+    modprobe("rdma_rxe", "rdma_ucm", "ib_uverbs")
+    setup_netdev(netdev, addr)
     if not Path(f"/sys/class/infiniband/{rxe}").exists():
         sh("rdma", "link", "add", rxe, "type", "rxe", "netdev", netdev)
     state = Path(f"/sys/class/infiniband/{rxe}/ports/1/state")
@@ -120,11 +127,13 @@ def nvme_ctrls(subnqn: str | None = None, sysfs: Path = Path("/sys")) -> list[st
     return out
 
 
-def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_PORT,
+def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_IP_PORT,
                  hostnqn: str | None = None, nr_io_queues: int | None = None,
                  queue_size: int | None = None, transport: str = "rdma",
-                 ctrl_loss_tmo: int | None = None, timeout: float = 60.0) -> str:
-    """`nvme connect`; returns the new controller's name (e.g. "nvme1")."""
+                 ctrl_loss_tmo: int | None = None, digests: bool = False,
+                 disable_sqflow: bool = False, timeout: float = 60.0) -> str:
+    """`nvme connect`; returns the new controller's name (e.g. "nvme1").  `digests`:
+    NVMe/TCP header and data digests; `disable_sqflow`: no SQ flow control."""
     modprobe(_host_module(transport))
     before = set(nvme_ctrls(subnqn))
     args = ["nvme", "connect", "-n", subnqn, *_fabrics_args(transport, traddr, trsvcid, hostnqn)]
@@ -134,6 +143,10 @@ def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RD
         args += ["-Q", str(queue_size)]
     if ctrl_loss_tmo is not None:
         args += ["-l", str(ctrl_loss_tmo)]
+    if digests:
+        args += ["--hdr-digest", "--data-digest"]
+    if disable_sqflow:
+        args.append("--disable-sqflow")
     sh(*args, timeout=timeout)
     new = wait_for(lambda: sorted(set(nvme_ctrls(subnqn)) - before), 10.0,
                    f"a controller for {subnqn} in /sys/class/nvme")
@@ -151,7 +164,7 @@ def nvme_disconnect(subnqn: str, timeout: float = 60.0) -> None:
     wait_for(lambda: not nvme_ctrls(subnqn), timeout, f"controllers of {subnqn} to go away")
 
 
-def nvme_discover(traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_PORT,
+def nvme_discover(traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_IP_PORT,
                   hostnqn: str | None = None, transport: str = "rdma",
                   timeout: float = 60.0) -> list[dict[str, Any]]:
     """Discovery log entries as nvme-cli's JSON records (trtype, subnqn, traddr, trsvcid...)."""

@@ -1,8 +1,10 @@
 """The soft-RoCE test VM harness: boot a throwaway VM, run a script in it, bring results back.
 
-The VM is virtme-ng (`vng`) booting the host's Debian kernel over the host's own root
+The VM is virtme-ng (`vng`) booting an installed Debian kernel over the host's own root
 filesystem (read-only 9p), so everything installed on the host, including this checkout
-and its venv, is present in the guest.  This module owns the QEMU device set (an NVMe
+and its venv, is present in the guest.  By default that is the newest installed kernel
+with CONFIG_PCI_P2PDMA=y (the 7.x backports kernel tools/vm-kernel.sh puts under
+/lib/modules/<release>/), else the newest /boot kernel (Debian 12's 6.1, no P2PDMA).  This module owns the QEMU device set (an NVMe
 with a CMB, an intel-iommu for VFIO, a PCIe switch), the vng command line, the per-VM
 scratch directory, the hard timeout, and relaying the guest's output.
 
@@ -16,13 +18,16 @@ $NVMET_P2P_VM_OUT come back to the host (run(out_dir=...), `run --out DIR`).
 
 CLI::
 
-    python -m nvmet_p2p.testbed.vm run [--cmb] [--iommu] [--switch] [--timeout S] [--out DIR] -- CMD...
-    python -m nvmet_p2p.testbed.vm pytest [--allow-empty] [--vm-timeout S] [PYTEST ARGS...]
+    python -m nvmet_p2p.testbed.vm run [--cmb] [--iommu] [--switch] [--kernel K] [--timeout S]
+                                       [--out DIR] -- CMD...
+    python -m nvmet_p2p.testbed.vm pytest [--allow-empty] [--kernel K] [--vm-timeout S] [PYTEST ARGS...]
 
 `pytest` boots one VM with --cmb --iommu --switch and runs `pytest -m vm` in it.
 
-KVM is used only with NVMET_P2P_VM_KVM=1; NVMET_P2P_VM_TIMEOUT overrides the default
-hard timeouts (600 s for run, 1800 s for pytest).
+--kernel K (or NVMET_P2P_VM_KERNEL=K) picks the kernel: a path to a vmlinuz, or a release
+or release prefix (`6.1`, `7.3.4+deb13-amd64`) naming the newest installed match.  The
+kernel booted is printed on stderr.  KVM is used only with NVMET_P2P_VM_KVM=1;
+NVMET_P2P_VM_TIMEOUT overrides the default hard timeouts (600 s for run, 1800 s for pytest).
 """
 
 from __future__ import annotations
@@ -81,12 +86,110 @@ class Result:
     timed_out: bool = False
 
 
-def find_kernel(boot_dir: Path = Path("/boot")) -> Path:
+KERNEL_ENV = "NVMET_P2P_VM_KERNEL"
+MODULES_DIR = Path("/lib/modules")
+BOOT_DIR = Path("/boot")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel image the VM can boot, with the build config next to it (if any)."""
+
+    image: Path
+    release: str
+    config: Path | None = None
+
+    @property
+    def p2pdma(self) -> bool:
+        return self.config is not None and _config_has(self.config, "CONFIG_PCI_P2PDMA=y")
+
+    def describe(self) -> str:
+        if self.config is None:
+            what = "no config found"
+        else:
+            what = "PCI P2PDMA" if self.p2pdma else "no PCI P2PDMA"
+        return f"{self.release} ({self.image}, {what})"
+
+
+def _config_has(config: Path, line: str) -> bool:
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            return any(raw.rstrip("\n") == line for raw in f)
+    except OSError:
+        return False
+
+
+def kernel_at(image: Path, modules_dir: Path = MODULES_DIR, boot_dir: Path = BOOT_DIR) -> Kernel:
+    """Describe an image by its path: <modules>/<release>/vmlinuz or <boot>/vmlinuz-<release>."""
+    if image.name == "vmlinuz":
+        release = image.parent.name
+    else:
+        release = image.name.removeprefix("vmlinuz-")
+    candidates = [image.parent / "config", image.parent / f"config-{release}",
+                  modules_dir / release / "config", boot_dir / f"config-{release}"]
+    config = next((c for c in candidates if c.is_file()), None)
+    return Kernel(image, release, config)
+
+
+def installed_kernels(modules_dir: Path = MODULES_DIR,
+                      boot_dir: Path = BOOT_DIR) -> list[Kernel]:
+    """Every bootable kernel, oldest first: <boot>/vmlinuz-<release> (Debian 12's layout)
+    and <modules>/<release>/vmlinuz (Debian 13's, where tools/vm-kernel.sh installs)."""
+    found: dict[str, Kernel] = {}
+    for image in boot_dir.glob("vmlinuz-*"):
+        k = kernel_at(image, modules_dir, boot_dir)
+        found[k.release] = k
+    for image in modules_dir.glob("*/vmlinuz"):
+        k = kernel_at(image, modules_dir, boot_dir)
+        found.setdefault(k.release, k)  # the same release in /boot: keep that one
+    return sorted(found.values(), key=lambda k: _version_key(k.release))
+
+
+def find_kernel(boot_dir: Path = BOOT_DIR) -> Path:
     """The newest /boot/vmlinuz-* (the Debian linux-image-amd64 kernel)."""
     kernels = sorted(boot_dir.glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
     if not kernels:
         raise VMError(f"no kernel in {boot_dir} (install linux-image-amd64: tools/setup.sh)")
     return kernels[-1]
+
+
+def select_kernel(spec: str | None = None, modules_dir: Path = MODULES_DIR,
+                  boot_dir: Path = BOOT_DIR, environ: dict[str, str] | None = None,
+                  log: TextIO | None = None) -> Kernel:
+    """The kernel to boot.
+
+    `spec` (else $NVMET_P2P_VM_KERNEL) is a path to an image, or a release or release
+    prefix ("6.1" matches 6.1.0-57-amd64, not 6.10.x) naming the newest installed match.
+    Without one: the newest installed kernel with CONFIG_PCI_P2PDMA=y, else the newest
+    /boot kernel, which is said on `log` (stderr) because P2P tests then skip.
+    """
+    env = os.environ if environ is None else environ
+    if not spec:
+        spec = env.get(KERNEL_ENV) or None
+    kernels = installed_kernels(modules_dir, boot_dir)
+    if spec:
+        if "/" in spec:
+            image = Path(spec)
+            if not image.is_file():
+                raise VMError(f"kernel {spec}: no such file")
+            return kernel_at(image, modules_dir, boot_dir)
+        matches = [k for k in kernels if _release_matches(k.release, spec)]
+        if not matches:
+            have = ", ".join(k.release for k in kernels) or "none"
+            raise VMError(f"no installed kernel matches {spec!r} (installed: {have})")
+        return matches[-1]
+    p2p = [k for k in kernels if k.p2pdma]
+    if p2p:
+        return p2p[-1]
+    fallback = kernel_at(find_kernel(boot_dir), modules_dir, boot_dir)
+    print(f"[vm] no installed kernel has CONFIG_PCI_P2PDMA=y (tools/vm-kernel.sh installs one);"
+          f" falling back to {fallback.image}", file=log or sys.stderr)
+    return fallback
+
+
+def _release_matches(release: str, spec: str) -> bool:
+    # A prefix must end at a component boundary: "6.1" is 6.1.0-57-amd64 but not 6.10.2.
+    return release == spec or (release.startswith(spec) and release[len(spec)] in ".-+~_")
 
 
 def _version_key(name: str) -> list[tuple[int, object]]:
@@ -116,7 +219,9 @@ def find_vng() -> Path:
 class VM:
     """One VM configuration; every run() boots a fresh VM from it."""
 
-    kernel: Path | None = None  # None: newest /boot/vmlinuz-*
+    # A Path is the image itself; a str is a select_kernel() spec (path, release or prefix);
+    # None: select_kernel() ($NVMET_P2P_VM_KERNEL, else the newest kernel with P2PDMA).
+    kernel: Path | str | None = None
     memory: str = "2G"
     cpus: int = 2
     nvme_cmb: bool = False
@@ -178,11 +283,17 @@ class VM:
                 imgs[scratch / f"nvme-sw{i}.img"] = self.switch_nvme_size
         return imgs
 
-    def vng_args(self, scratch: Path, exec_cmd: str) -> list[str]:
+    def boot_kernel(self) -> Kernel:
+        """The kernel run() boots."""
+        if isinstance(self.kernel, Path):
+            return kernel_at(self.kernel)
+        return select_kernel(self.kernel)
+
+    def vng_args(self, scratch: Path, exec_cmd: str, kernel: Kernel | None = None) -> list[str]:
         """The complete vng command line (without the vng binary itself)."""
         rwdir = scratch / "rw"
         args = [
-            "--run", str(self.kernel or find_kernel()),
+            "--run", str((kernel or self.boot_kernel()).image),
             "--force-9p",  # virtiofsd fails on our machines
             "--memory", self.memory,
             "--cpus", str(self.cpus),
@@ -250,19 +361,21 @@ class VM:
         `timeout` seconds whatever happens; the result then has returncode 124.  Files the
         script writes under $NVMET_P2P_VM_OUT are copied into `out_dir` afterwards.
         """
+        kernel = self.boot_kernel()
+        print(f"[vm] kernel {kernel.describe()}", file=sys.stderr)
         vng = find_vng()
         parent = self.scratch_parent or self.repo / ".vm"
         parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix="vm-", dir=parent))
         try:
-            return self._run_in(scratch, vng, script, timeout, stream)
+            return self._run_in(scratch, vng, kernel, script, timeout, stream)
         finally:
             if out_dir is not None and (scratch / "rw" / _OUT).is_dir():
                 shutil.copytree(scratch / "rw" / _OUT, out_dir, dirs_exist_ok=True)
             if not self.keep_scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _run_in(self, scratch: Path, vng: Path, script: str, timeout: float,
+    def _run_in(self, scratch: Path, vng: Path, kernel: Kernel, script: str, timeout: float,
                 stream: TextIO | None) -> Result:
         rwdir = scratch / "rw"
         rwdir.mkdir()
@@ -273,7 +386,7 @@ class VM:
         (rwdir / "script.sh").write_text(script)
         wrapper = rwdir / "wrapper.sh"
         wrapper.write_text(self.wrapper_script(rwdir))
-        cmd = [str(vng)] + self.vng_args(scratch, f"bash {shlex.quote(str(wrapper))}")
+        cmd = [str(vng)] + self.vng_args(scratch, f"bash {shlex.quote(str(wrapper))}", kernel)
         env = dict(os.environ)
         # vng runs virtme-run through PATH.
         env["PATH"] = f"{vng.parent}:{env.get('PATH', '')}"
@@ -400,7 +513,7 @@ def _split_pytest_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     # Our options only lead; everything after them (or after `--`) belongs to pytest,
     # whose own options (-k, -x, --timeout ...) must pass through untouched.
     opts = argparse.Namespace(allow_empty=False, vm_timeout=_env_timeout(1800.0),
-                              verbose=False)
+                              verbose=False, kernel=None)
     rest = list(argv)
     while rest:
         a = rest[0]
@@ -416,6 +529,11 @@ def _split_pytest_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         elif a == "--vm-timeout" and len(rest) > 1:
             rest.pop(0)
             opts.vm_timeout = float(rest[0])
+        elif a.startswith("--kernel="):
+            opts.kernel = a.split("=", 1)[1]
+        elif a == "--kernel" and len(rest) > 1:
+            rest.pop(0)
+            opts.kernel = rest[0]
         else:
             break
         rest.pop(0)
@@ -441,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         opts, pytest_args = _split_pytest_cli(argv[1:])
         # Every device any vm test needs: the CMB NVMe on the root bus stays 0000:00:0a.0
         # (first in BDF order), the switch's NVMe come after it.
-        vm = VM(nvme_cmb=True, iommu=True, pcie_switch=True, verbose=opts.verbose)
+        vm = VM(nvme_cmb=True, iommu=True, pcie_switch=True, verbose=opts.verbose,
+                kernel=opts.kernel)
         return _run_cli(vm, pytest_script(pytest_args, vm.repo), opts.vm_timeout,
                         pytest_allow_empty=opts.allow_empty)
     parser = argparse.ArgumentParser(prog="python -m nvmet_p2p.testbed.vm")
@@ -460,15 +579,19 @@ def main(argv: list[str] | None = None) -> int:
                      help="copy what the command writes under $NVMET_P2P_VM_OUT into DIR")
     run.add_argument("--vm-verbose", action="store_true",
                      help="kernel console into the scratch vng.log")
+    run.add_argument("--kernel", metavar="K",
+                     help=f"vmlinuz path, or release (prefix) like 6.1; default ${KERNEL_ENV},"
+                          " else the newest installed kernel with CONFIG_PCI_P2PDMA=y")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
-    sub.add_parser("pytest", help="run the vm-marked tests in one VM (args go to pytest)")
+    sub.add_parser("pytest", help="run the vm-marked tests in one VM (leading --allow-empty,"
+                   " --kernel K, --vm-timeout S, --vm-verbose; the rest goes to pytest)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("run: no command given (use: run [opts] -- CMD...)")
     vm = VM(nvme_cmb=args.cmb, iommu=args.iommu, pcie_switch=args.switch,
             memory=args.memory, cpus=args.cpus, keep_scratch=args.keep,
-            verbose=args.vm_verbose)
+            verbose=args.vm_verbose, kernel=args.kernel)
     return _run_cli(vm, shlex.join(command) + "\n", args.timeout, out_dir=args.out)
 
 

@@ -158,7 +158,7 @@ class LoopTransport:
             assert req.buf is not None  # attached before execute(), freed only below
             dst = conn.mem.window(m.key, m.addr, m.length)
             if dst is None:
-                req.cqe.status = Status.DATA_XFER_ERROR | DNR
+                req.fail_data_transfer()
             elif req.p2p_dev is not None:
                 dst[:] = copy_from(req.buf, req.p2p_dev.access)
             else:

@@ -28,14 +28,13 @@ from enum import IntEnum
 from typing import Self
 
 from nvmet_p2p.errors import TransportError
+from nvmet_p2p.wire.limits import NVME_AQ_DEPTH
 
 # -- NVMe-oF RDMA private data (NVMe-oF RDMA transport binding) ------------------------------
 
 CM_REQ_LEN = 32  # struct nvme_rdma_cm_req
 CM_REP_LEN = 32  # struct nvme_rdma_cm_rep
 CM_REJ_LEN = 4  # struct nvme_rdma_cm_rej
-NVME_AQ_DEPTH = 32  # admin queue entries: the Linux host asks for exactly this
-NVMF_RDMA_MAX_INLINE = 16384  # largest in-capsule area we offer (the kernel target's max)
 
 
 class CmRejectStatus(IntEnum):

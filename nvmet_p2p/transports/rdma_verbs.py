@@ -92,8 +92,9 @@ class RegisteredBuffer:
         self.rkey = self.mr.rkey
 
     def close(self) -> None:
-        if getattr(self, "mr", None) is not None:
-            self.mr.close()
+        mr = getattr(self, "mr", None)  # absent when ibv_reg_mr failed in __init__
+        if mr is not None:
+            mr.close()
             self.mr = None
         if self.view is not None:
             self.view.release()

@@ -10,13 +10,13 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-SQE_SIZE = 64
+from nvmet_p2p.wire.limits import NVME_CNTLID_DYNAMIC
+from nvmet_p2p.wire.sqe_layout import SQE_SIZE
+
 CQE_SIZE = 16
 SGL_SIZE = 16
 CONNECT_DATA_SIZE = 1024
-NQN_MAX_LEN = 223  # NVMe base spec: NQNs are at most 223 bytes of UTF-8
-DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
-ADMIN_CNTLID_DYNAMIC = 0xFFFF  # admin Connect in the dynamic controller model
+NVME_DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB (1's based), SLBA
 
 
 class AdminOpcode(IntEnum):
@@ -63,6 +63,7 @@ class SglType(IntEnum):
     DATA_BLOCK_OFFSET = 0x01  # in-capsule data, address is an offset
     KEYED_DATA_BLOCK = 0x40
     KEYED_DATA_BLOCK_INV = 0x4F  # keyed, and the host asks us to invalidate the key
+    TRANSPORT_DATA_BLOCK = 0x5A  # NVMe/TCP: the data moves in the transport's own PDUs
 
 
 @dataclass
@@ -77,6 +78,10 @@ class Sgl:
     @property
     def keyed(self) -> bool:
         return (self.type >> 4) == 0x4
+
+    @property
+    def transport(self) -> bool:
+        return self.type == SglType.TRANSPORT_DATA_BLOCK
 
     @classmethod
     def decode(cls, b: bytes | memoryview) -> Sgl:
@@ -244,8 +249,9 @@ class PropertyCmd:
         return cls(attrib, offset, value)
 
     @property
-    def size(self) -> int:
-        return 8 if self.attrib & 0x7 == 1 else 4
+    def size(self) -> int | None:
+        """4 or 8 bytes; None for the reserved sizes 2..7 (Invalid Field)."""
+        return {0: 4, 1: 8}.get(self.attrib & 0x7)
 
 
 def _nqn_field(s: str) -> bytes:
@@ -264,7 +270,7 @@ class ConnectData:
     """The 1024-byte data of a Connect command."""
 
     hostid: bytes = bytes(16)
-    cntlid: int = ADMIN_CNTLID_DYNAMIC
+    cntlid: int = NVME_CNTLID_DYNAMIC
     subnqn: str = ""
     hostnqn: str = ""
 
@@ -290,10 +296,3 @@ class ConnectData:
 def connect_invalid_result(in_data: bool, offset: int) -> int:
     return ((1 if in_data else 0) << 16) | offset
 
-
-CONNECT_IPO_SQE_SQSIZE = 44
-CONNECT_IPO_SQE_QID = 42
-CONNECT_IPO_SQE_RECFMT = 40
-CONNECT_IPO_DATA_CNTLID = 16
-CONNECT_IPO_DATA_SUBNQN = 256
-CONNECT_IPO_DATA_HOSTNQN = 512

@@ -18,6 +18,12 @@ from typing import Any
 from nvmet_p2p.wire.command import Sqe
 from nvmet_p2p.wire.identify import decode_ns_list
 from nvmet_p2p.wire.layout import Kind, Layout, fields, pad_list
+from nvmet_p2p.wire.limits import (
+    NVME_AQ_DEPTH,
+    NVME_CNTLID_DYNAMIC,
+    NVME_MAX_CHANGED_NAMESPACES,
+    NVMET_MAX_TRANSFER,
+)
 
 
 class LogId(IntEnum):
@@ -62,9 +68,9 @@ class GetLogPageCmd:
         return (self.numd + 1) * 4
 
 
-# The kernel target's MDTS (2^8 pages of 4 KiB): no log reply we build is longer, so a
-# larger request is refused rather than zero-filled (NUMD can ask for 16 GiB).
-MAX_LOG_LEN = 1 << 20
+# The kernel target's MDTS: no log reply we build is longer, so a larger request is
+# refused rather than zero-filled (NUMD can ask for 16 GiB).
+MAX_LOG_LEN = NVMET_MAX_TRANSFER
 
 
 def slice_log(page: bytes, lpo: int, length: int, limit: int = MAX_LOG_LEN) -> bytes | None:
@@ -123,7 +129,6 @@ class SupportedLogPages:
 # -- error information (01h) ----------------------------------------------------------
 
 ERROR_LOG_ENTRY_SIZE = 64
-NO_ERROR_LOC = 0xFFFF  # param_error_location when no field is to blame (kernel NVMET_NO_ERROR_LOC)
 
 ERROR_ENTRY_LAYOUT = Layout(ERROR_LOG_ENTRY_SIZE, fields(
     ("error_count", 0, 8),
@@ -316,14 +321,13 @@ class FwSlotLog:
 # -- changed namespace list (04h) -------------------------------------------------------
 
 CHANGED_NS_LOG_SIZE = 4096
-MAX_CHANGED_NAMESPACES = 1024  # kernel NVME_MAX_CHANGED_NAMESPACES
 CHANGED_NS_OVERFLOW = 0xFFFFFFFF  # sole entry when more than 1024 namespaces changed
 
 
 def changed_ns_list(nsids: list[int]) -> bytes:
     """The changed namespace list: the NSIDs ascending, or 0xFFFFFFFF if over 1024."""
     picked = sorted(set(nsids))
-    if len(picked) > MAX_CHANGED_NAMESPACES:
+    if len(picked) > NVME_MAX_CHANGED_NAMESPACES:
         picked = [CHANGED_NS_OVERFLOW]
     try:
         return struct.pack(f"<{len(picked)}I", *picked).ljust(CHANGED_NS_LOG_SIZE, b"\0")
@@ -440,8 +444,6 @@ def decode_ana_log(b: bytes | memoryview) -> tuple[int, list[AnaGroupDesc]]:
 
 DISC_HDR_SIZE = 1024
 DISC_ENTRY_SIZE = 1024
-DISC_ASQSZ = 32  # the kernel advertises NVME_AQ_DEPTH as the admin queue size
-CNTLID_DYNAMIC = 0xFFFF  # only dynamic controllers: the host asks for 0xFFFF at Connect
 TSAS_SIZE = 256
 
 
@@ -507,6 +509,11 @@ def rdma_tsas(qptype: int = RdmaQptype.CONNECTED, prtype: int = RdmaPrtype.NOT_S
     return _RDMA_TSAS.pack(qptype, prtype, cms, pkey).ljust(TSAS_SIZE, b"\0")
 
 
+def tcp_tsas(sectype: int = TcpSectype.NONE) -> bytes:
+    """The TCP transport specific address subtype: the security type at byte 0."""
+    return bytes([sectype]).ljust(TSAS_SIZE, b"\0")
+
+
 def decode_rdma_tsas(tsas: bytes) -> tuple[int, int, int, int]:
     """(qptype, prtype, cms, pkey) of an RDMA TSAS."""
     if len(tsas) < _RDMA_TSAS.size:
@@ -550,8 +557,8 @@ class DiscEntry:
     subtype: int = Subtype.NVME
     treq: int = Treq.NOT_SPECIFIED
     portid: int = 0
-    cntlid: int = CNTLID_DYNAMIC
-    asqsz: int = DISC_ASQSZ
+    cntlid: int = NVME_CNTLID_DYNAMIC  # only dynamic controllers
+    asqsz: int = NVME_AQ_DEPTH
     eflags: int = 0
     trsvcid: str = ""
     subnqn: str = ""

@@ -33,6 +33,7 @@ class Status(IntEnum):
     SGL_INVALID_TYPE = 0x011
     SGL_INVALID_OFFSET = 0x016
     SGL_INVALID_SUBTYPE = 0x017
+    TRANSIENT_TRANSPORT = 0x022  # e.g. an NVMe/TCP data digest error: a retry may work
     NS_NOT_READY = 0x082
     LBA_RANGE = 0x080
     CAP_EXCEEDED = 0x081

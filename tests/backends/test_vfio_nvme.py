@@ -8,6 +8,7 @@ at QD1/QD32.  Figures are printed and written to $NVMET_P2P_FIGURES (default
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import random
@@ -312,3 +313,38 @@ def test_vfio_binding_no_iommu_group(tmp_path):
         with pytest.raises(P2PError, match="intel_iommu=on"):
             b.iommu_group()
     assert (dev / "driver").is_symlink()
+
+
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.ENODEV])
+def test_device_open_right_after_a_rebind_is_retried(monkeypatch, err):
+    # vfio-pci may answer EAGAIN (reset lock) or ENODEV (device not in the group yet) for
+    # a moment after a rebind; both are retried within OPEN_RETRY_S, other errors are not
+    from types import SimpleNamespace
+
+    from nvmet_p2p.backends.vfio_nvme import vfio
+    calls: list[int] = []
+
+    def ioctl(fd, req, arg=0, what=""):
+        calls.append(req)
+        if req == vfio.VFIO_GROUP_GET_DEVICE_FD and len(calls) < 3:
+            raise P2PError(what) from OSError(err, os.strerror(err))
+        if req == vfio.VFIO_DEVICE_GET_INFO:
+            arg[:] = vfio._DEVICE_INFO.pack(vfio._DEVICE_INFO.size, 0, 9, 5)
+        return 42
+    monkeypatch.setattr(vfio, "_ioctl", ioctl)
+    monkeypatch.setattr(vfio.time, "sleep", lambda s: None)
+    dev = vfio.VfioDevice(SimpleNamespace(fd=7), "0000:00:0a.0")
+    assert dev.fd == 42 and dev.num_regions == 9
+    assert calls.count(vfio.VFIO_GROUP_GET_DEVICE_FD) == 3
+
+
+def test_device_open_other_errors_are_not_retried(monkeypatch):
+    from types import SimpleNamespace
+
+    from nvmet_p2p.backends.vfio_nvme import vfio
+
+    def ioctl(fd, req, arg=0, what=""):
+        raise P2PError(what) from OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(vfio, "_ioctl", ioctl)
+    with pytest.raises(P2PError):
+        vfio.VfioDevice(SimpleNamespace(fd=7), "0000:00:0a.0")

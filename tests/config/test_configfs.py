@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import stat
 
 import pytest
 
 from nvmet_p2p.config import jsonfile
+from nvmet_p2p.config.values import nqn_format_warning
 from nvmet_p2p.configfs import (
     ConfigError,
     Root,
@@ -110,14 +112,36 @@ def test_valid_nqns_accepted(root, nqn):
     assert root.create_host(nqn).nqn == nqn
 
 
+@pytest.mark.parametrize("nqn", [
+    "blktests-subsystem-1",  # blktests and lab configurations use such names
+    "iqn.2024-01.io.example:x",
+    "nqn.2024-13.io.example:x",
+    "nqn.2024-01.io.example",
+    "nqn.24-01.io.example:x",
+    "nqn.2014-08.org.nvmexpress:uuid:not-a-uuid",
+    "nqn.2024-01.io.example:a b",
+])
+def test_nqns_off_the_format_accepted_with_a_warning(root, nqn, caplog):
+    """The kernel target takes any directory name as an NQN; so do we, and say so."""
+    assert root.create_subsystem(nqn).nqn == nqn
+    assert root.create_host(nqn).nqn == nqn
+    assert len(root.warnings()) == 2
+    assert all(nqn_format_warning(nqn) in w for w in root.warnings())
+    assert "accepted, as the kernel target does" in caplog.text
+
+
+def test_nqns_in_the_format_have_no_warning(root):
+    root.create_subsystem(SUB)
+    root.create_host(HOST)
+    assert root.warnings() == []
+
+
 @pytest.mark.parametrize("nqn, fix", [
-    ("iqn.2024-01.io.example:x", "start with 'nqn.'"),
-    ("nqn.2024-13.io.example:x", "nqn.yyyy-mm.reverse.domain:name"),
-    ("nqn.2024-01.io.example", "nqn.yyyy-mm.reverse.domain:name"),
-    ("nqn.24-01.io.example:x", "nqn.yyyy-mm.reverse.domain:name"),
-    ("nqn.2014-08.org.nvmexpress:uuid:not-a-uuid", "8-4-4-4-12"),
-    ("nqn.2024-01.io.example:a b", "whitespace"),
-    ("nqn.2024-01.io.example:a/b", "'/'"),
+    ("nqn.2024-01.io.example:a/b", "'/' or NUL"),
+    ("nqn.2024-01.io.example:a\0b", "'/' or NUL"),
+    ("", "cannot name a configfs directory"),
+    ("..", "cannot name a configfs directory"),
+    ("nqn.2024-01.io.example:\udc80", "lone surrogate"),
     ("nqn.2024-01.io.example:" + "x" * 201, "shorten it"),
     (42, "must be a string"),
 ])
@@ -669,7 +693,7 @@ def test_lookup(root):
     assert list(lookup(root, "/ports")) == [1]
     with refused("no '2' under /subsystems/.*/namespaces; there: 1"):
         lookup(root, f"/subsystems/{SUB}/namespaces/2")
-    with refused("there: hosts, subsystems, ports"):
+    with refused("there: hosts, ports, subsystems"):
         lookup(root, "/targets")
 
 
@@ -810,7 +834,7 @@ def test_restore_accepts_json_value_variants():
 
 
 def test_restore_reports_every_error_with_json_path():
-    doc = {"hosts": [{"nqn": "bad"}, {}],
+    doc = {"hosts": [{"nqn": "bad/x"}, {}],
            "subsystems": [{"nqn": SUB, "attr": {"serial": "", "colour": "blue"},
                            "allowed_hosts": ["nqn.2024-01.io.example:nobody"],
                            "namespaces": [{"nsid": 1, "device": {"path": "/tmp/a"}},
@@ -824,7 +848,7 @@ def test_restore_reports_every_error_with_json_path():
     text = "\n".join(errors)
     for expected in [
         "cfg.json: (top).extra: unknown key 'extra'; valid: hosts, ports, subsystems",
-        "cfg.json: hosts[0].nqn: host NQN 'bad' does not start with 'nqn.'",
+        "cfg.json: hosts[0].nqn: host NQN 'bad/x' contains '/' or NUL",
         "cfg.json: hosts[1]: 'nqn' is missing",
         "cfg.json: subsystems[0].attr.serial: ",
         "cfg.json: subsystems[0].attr.colour: unknown attribute 'colour'",
@@ -840,7 +864,7 @@ def test_restore_reports_every_error_with_json_path():
 
 
 def test_restore_default_raises_one_error_listing_all():
-    doc = {"subsystems": [{"nqn": "x"}, {"nqn": "y"}]}
+    doc = {"subsystems": [{"nqn": "x/1"}, {"nqn": "y/1"}]}
     with pytest.raises(ConfigError) as info:
         Root().restore(doc, source="s.json")
     msg = str(info.value)
@@ -905,12 +929,27 @@ def test_atomic_save_failure_keeps_old_file(root, tmp_path, monkeypatch):
     with refused(f"{target}: cannot save the configuration: .*No space left"):
         root.save(target)
     assert target.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "config.json"]  # no temp
     monkeypatch.undo()
     root.save(target)
     assert SUB in target.read_text()
 
 
-def test_save_into_missing_directory_fails_cleanly(root, tmp_path):
+def test_save_creates_the_directory_keeps_the_mode_and_rotates_backups(root, tmp_path):
+    target = tmp_path / "etc" / "nvmet-p2p" / "config.json"
+    root.save(target)  # as nvmetcli creates /etc/nvmet
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    os.chmod(target, 0o640)
+    for i in range(jsonfile.BACKUPS + 3):
+        root.create_host(f"nqn.2024-01.io.example:h{i}")
+        root.save(target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640  # bare saveconfig keeps it
+    backups = sorted((target.parent / "backup").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(backups) == jsonfile.BACKUPS
+    assert len(json.loads(backups[-1].read_text())["hosts"]) == jsonfile.BACKUPS + 2
+
+
+def test_save_where_the_directory_cannot_be_fails_cleanly(root, tmp_path):
+    (tmp_path / "file").write_text("")
     with refused("cannot save the configuration"):
-        root.save(tmp_path / "nope" / "config.json")
+        root.save(tmp_path / "file" / "config.json")

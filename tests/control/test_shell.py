@@ -189,7 +189,7 @@ def test_ls_and_p2p_show_where_the_payload_went(target_env: LoopEnv, tmp_path: P
         ns = f"/subsystems/{SUBNQN}/namespaces/1"
         listed = ok(shell, capfd, f"ls {ns}")
         assert listed.rstrip().endswith(
-            "system memory: port 1: allow_p2pmem is off, 0 B P2P, 8192 B system memory]")
+            "system memory: port 1: allow_p2pmem is off, 0 P2P, 8K system memory]")
         assert ok(shell, capfd, f"{ns} p2p").rstrip().endswith(
             "payload so far: 0 bytes P2P, 8192 in system memory (port 1: allow_p2pmem is "
             "off: 8192)")
@@ -239,14 +239,14 @@ def test_saveconfig_restoreconfig_clear(sh: ConfigShell, capfd: pytest.CaptureFi
     assert doc["ports"][0]["attr"] == {"allow_p2pmem": "1"}
     rc, _, err = run(sh, capfd, "restoreconfig saved.json")
     assert rc == 1 and "replace" in err
-    assert ok(sh, capfd, "/ clear") == "All configuration cleared.\n"
+    assert ok(sh, capfd, "/ clear confirm=true") == "All configuration cleared.\n"
     assert "[Ports: 0]" in ok(sh, capfd, "ls /ports")
     assert ok(sh, capfd, "restoreconfig saved.json") == (
         "Configuration restored from saved.json: 1 hosts, 1 subsystems, 2 ports.\n")
     assert "P2P allowed" in ok(sh, capfd, "ls /ports/1")
     ok(sh, capfd, "restoreconfig saved.json clear_existing=true")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"hosts": [{"nqn": "bad"}], "ports": [{"portid": "x"}]}))
+    bad.write_text(json.dumps({"hosts": [{"nqn": "bad/1"}], "ports": [{"portid": "x"}]}))
     rc, _, err = run(sh, capfd, f"restoreconfig {bad} clear_existing=true")
     assert rc == 1 and "2 error(s)" in err and "nothing was loaded" in err
     assert "P2P allowed" in ok(sh, capfd, "ls /ports/1")  # the previous one is still there
@@ -379,3 +379,62 @@ def test_launcher_script(daemon: RpcDaemon, tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0, r.stderr
     assert "o- hosts" in r.stdout
+
+
+# -- the habits of targetcli users (issue #15) ---------------------------------------------
+
+def test_complete_create_parameters(sh: ConfigShell, capfd: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    sh.run_cmdline("cd /ports")
+    assert complete(sh, monkeypatch, "create 3 trt") == ["trtype="]
+    assert complete(sh, monkeypatch, "create 3 trtype=") == [
+        "trtype=rdma", "trtype=tcp", "trtype=loop"]
+    ok(sh, capfd, f"/subsystems create {NQN}")
+    sh.run_cmdline(f"cd /subsystems/{NQN}/namespaces")
+    assert complete(sh, monkeypatch, "create 1 backend=v") == ["backend=vfio-nvme "]
+    assert "block_size=" in complete(sh, monkeypatch, "create 1 bl")
+
+
+def test_clear_asks_for_confirmation(sh: ConfigShell, capfd: pytest.CaptureFixture[str]
+                                     ) -> None:
+    build(sh, capfd)
+    rc, _, err = run(sh, capfd, "/ clear")
+    assert rc == 1 and "run `clear confirm=true`" in err
+    assert "[Ports: 2]" in ok(sh, capfd, "ls /ports")
+    assert ok(sh, capfd, "/ clear confirm=true") == "All configuration cleared.\n"
+
+
+def test_restoreconfig_speaks_the_shells_parameter_names(
+        sh: ConfigShell, daemon: RpcDaemon, capfd: pytest.CaptureFixture[str]) -> None:
+    build(sh, capfd)
+    ok(sh, capfd, "saveconfig")  # bare: the daemon's file
+    rc, _, err = run(sh, capfd, "restoreconfig")  # bare: the same file
+    assert rc == 1 and "clear_existing=true" in err and "replace: true" not in err
+    assert "1 subsystems, 2 ports" in ok(sh, capfd, "restoreconfig clear_existing=true")
+
+
+def test_quoted_values(sh: ConfigShell, capfd: pytest.CaptureFixture[str]) -> None:
+    build(sh, capfd)
+    assert ok(sh, capfd, '/ports/2 set addr treq="not required"') == (
+        "Parameter treq is now 'not required'.\n")
+    assert ok(sh, capfd, "/ports/2 set addr treq='not specified'") == (
+        "Parameter treq is now 'not specified'.\n")
+
+
+def test_ls_rounds_sizes_and_info_has_the_details(sh: ConfigShell,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    build(sh, capfd)
+    assert "(memory 1M)" in ok(sh, capfd, f"ls {NS}")
+    info = ok(sh, capfd, f"{NS} info")
+    assert "device_size: 1048576\n" in info and "attr_enable: 1\n" in info
+    assert '"nsid": 1' in info  # the run-time part
+    summaries = [line[line.index("[") + 1:-1] for line in ok(sh, capfd, "ls").splitlines()
+                 if "[" in line]
+    assert max(len(x) for x in summaries) <= 100  # long P2P reasons are cut; info has them
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert "targetcli-ext (nvmet-p2p)" in capsys.readouterr().out

@@ -15,8 +15,6 @@ import pytest
 from nvmet_p2p.host.loop import LoopHost, LoopQueue
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import (
-    ADMIN_CNTLID_DYNAMIC,
-    DISCOVERY_NQN,
     AdminOpcode,
     ConnectData,
     Cqe,
@@ -27,6 +25,7 @@ from nvmet_p2p.wire.command import (
     Sqe,
     fabrics_sqe,
 )
+from nvmet_p2p.wire.limits import NVME_CNTLID_DYNAMIC, NVME_DISC_SUBSYS_NAME
 from nvmet_p2p.wire.status import status_name
 from tests.support.loop_env import HOSTNQN, SUBNQN, LoopEnv
 
@@ -74,7 +73,7 @@ def after(env: LoopEnv, host: LoopHost) -> None:
 # -- Connect ---------------------------------------------------------------------
 
 def raw_connect(env: LoopEnv, h: LoopHost, *, qid: int = 0, size: int = 32,
-                sqsize: int | None = None, recfmt: int = 0, cntlid: int = ADMIN_CNTLID_DYNAMIC,
+                sqsize: int | None = None, recfmt: int = 0, cntlid: int = NVME_CNTLID_DYNAMIC,
                 subnqn: str = SUBNQN, keep: bool = False) -> tuple[Cqe, LoopQueue]:
     q = h.open_queue(qid, size)
     sqe = fabrics_sqe(FabricsType.CONNECT, qid=qid, recfmt=recfmt,
@@ -115,7 +114,7 @@ def test_connect_io_bad_fields(bad_env: LoopEnv, host: LoopHost) -> None:
     cases = [
         # unknown cntlid on an I/O queue: IPO points at cntlid in the data
         ({"qid": 2, "cntlid": host.cntlid + 7}, 0x182 | DNR, IATTR_DATA | 16),
-        ({"qid": 2, "cntlid": ADMIN_CNTLID_DYNAMIC}, 0x182 | DNR, IATTR_DATA | 16),
+        ({"qid": 2, "cntlid": NVME_CNTLID_DYNAMIC}, 0x182 | DNR, IATTR_DATA | 16),
         # unknown subsystem on an I/O queue: IPO points at subnqn
         ({"qid": 2, "cntlid": host.cntlid, "subnqn": SUBNQN + "x"}, 0x182 | DNR, IATTR_DATA | 256),
         # sqsize 0 and above CAP.MQES
@@ -218,7 +217,7 @@ def test_commands_after_shutdown(bad_env: LoopEnv, host: LoopHost) -> None:
 @pytest.mark.parametrize("qid", [0, 1])
 def test_second_connect_on_live_queue(bad_env: LoopEnv, host: LoopHost, qid: int) -> None:
     q = host.admin if qid == 0 else host.io[1]
-    cntlid = ADMIN_CNTLID_DYNAMIC if qid == 0 else host.cntlid
+    cntlid = NVME_CNTLID_DYNAMIC if qid == 0 else host.cntlid
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=qid, sqsize=31),
                        data=ConnectData(host.hostid, cntlid, SUBNQN, host.hostnqn).encode())
     expect(cqe, 0x001 | DNR)
@@ -337,7 +336,7 @@ def test_bad_property(bad_env: LoopEnv, host: LoopHost) -> None:
 @pytest.mark.parametrize("lpo,length", [(1024 * 3 + 4, 1024), (1 << 40, 1024), (2, 1024),
                                         (1022, 1024), (0, 2 << 20)])
 def test_discovery_log_bad_offset(bad_env: LoopEnv, lpo: int, length: int) -> None:
-    disc = bad_env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    disc = bad_env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     numd = length // 4 - 1
     cqe, _ = disc.admin_cmd(AdminOpcode.GET_LOG_PAGE, read_len=min(length, 1 << 20),
                             cdw10=lg.LogId.DISC | (numd & 0xFFFF) << 16, cdw11=numd >> 16,
@@ -376,7 +375,7 @@ def test_inline_beyond_what_arrived(bad_env: LoopEnv, host: LoopHost) -> None:
 def test_inline_connect_data(bad_env: LoopEnv, host: LoopHost) -> None:
     # admin queues have no in-capsule area (REFERENCE.md §1); I/O queues do
     h = bad_env.host()
-    data = ConnectData(h.hostid, ADMIN_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
+    data = ConnectData(h.hostid, NVME_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
     q = h.open_queue(0, 32)
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=0, sqsize=31), data=data,
                        inline=True)

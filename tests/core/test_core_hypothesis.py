@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nvmet_p2p.host.loop import LoopHost, LoopQueue
-from nvmet_p2p.wire.command import DISCOVERY_NQN, Cqe, Sgl, Sqe
+from nvmet_p2p.wire.command import Cqe, Sgl, Sqe
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME
 from tests.support.loop_env import SUBNQN, LoopEnv
 
 DNR = 0x4000
@@ -150,7 +151,7 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(state=STATES, disc=DISC)
     def reset(self, state: str, disc: bool) -> None:
         self._drop()
-        nqn = DISCOVERY_NQN if disc else SUBNQN
+        nqn = NVME_DISC_SUBSYS_NAME if disc else SUBNQN
         h = self.host = self.env.host()
         if state == UNCONNECTED:
             self.admin = h.open_queue(0, 32)

@@ -16,9 +16,6 @@ from nvmet_p2p.host.loop import LoopHost
 from nvmet_p2p.wire import identify as idf
 from nvmet_p2p.wire import log as lg
 from nvmet_p2p.wire.command import (
-    ADMIN_CNTLID_DYNAMIC,
-    CONNECT_IPO_SQE_QID,
-    DISCOVERY_NQN,
     AdminOpcode,
     ConnectData,
     FabricsType,
@@ -26,6 +23,10 @@ from nvmet_p2p.wire.command import (
     Sqe,
     connect_invalid_result,
     fabrics_sqe,
+)
+from nvmet_p2p.wire.limits import NVME_CNTLID_DYNAMIC, NVME_DISC_SUBSYS_NAME
+from nvmet_p2p.wire.sqe_layout import (
+    CONNECT_IPO_SQE_QID,
 )
 from tests.support.loop_env import SUBNQN, LoopEnv
 
@@ -39,7 +40,7 @@ CSTS_RDY, CSTS_CFS, CSTS_SHST_CMPLT = 1, 2, 2 << 2
 def test_connect_result_and_sq_head(target_env: LoopEnv) -> None:
     h = target_env.host()
     q = h.open_queue(0, 32)
-    data = ConnectData(h.hostid, ADMIN_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
+    data = ConnectData(h.hostid, NVME_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=0, sqsize=31, kato=0), data=data)
     assert cqe.status == 0 and cqe.result & 0xFFFF == 1  # dword 0 = cntlid
     assert (cqe.sq_id, cqe.sq_head) == (0, 1)
@@ -51,7 +52,7 @@ def test_connect_result_and_sq_head(target_env: LoopEnv) -> None:
 def test_connect_disable_sqflow(target_env: LoopEnv) -> None:
     h = target_env.host()
     q = h.open_queue(0, 32)
-    data = ConnectData(h.hostid, ADMIN_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
+    data = ConnectData(h.hostid, NVME_CNTLID_DYNAMIC, SUBNQN, h.hostnqn).encode()
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=0, sqsize=31, cattr=1 << 2),
                        data=data)
     assert cqe.status == 0 and cqe.sq_head == 0xFFFF
@@ -65,11 +66,11 @@ def test_connect_invalid_result_encoding(target_env: LoopEnv) -> None:
     assert connect_invalid_result(False, 44) == 44  # IATTR 0 (SQE), IPO 44 sqsize
     h = target_env.host()
     q = h.open_queue(0, 32)
-    data = ConnectData(h.hostid, ADMIN_CNTLID_DYNAMIC, "", h.hostnqn).encode()
+    data = ConnectData(h.hostid, NVME_CNTLID_DYNAMIC, "", h.hostnqn).encode()
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=0, sqsize=31), data=data)
     q.close()
     assert (cqe.status, cqe.result & 0xFFFFFFFF) == (0x182 | DNR, 0x10100)
-    data = ConnectData(h.hostid, ADMIN_CNTLID_DYNAMIC, SUBNQN, "").encode()
+    data = ConnectData(h.hostid, NVME_CNTLID_DYNAMIC, SUBNQN, "").encode()
     q = h.open_queue(0, 32)
     cqe, _ = q.execute(fabrics_sqe(FabricsType.CONNECT, qid=0, sqsize=31), data=data)
     q.close()
@@ -307,7 +308,7 @@ def test_supported_log_pages(target_env: LoopEnv) -> None:
 
 
 def test_discovery_controller_log_pages(target_env: LoopEnv) -> None:
-    d = target_env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    d = target_env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     # as the kernel's discovery controller: the discovery log only (not even LID 00h)
     for lid in range(256):
         want = 0 if lid == lg.LogId.DISC else 0x002 | DNR
@@ -418,8 +419,7 @@ def test_keep_alive_disabled_never_expires(target_env: LoopEnv) -> None:
 
 
 def test_discovery_kato_default(target_env: LoopEnv) -> None:
-    from nvmet_p2p.wire.command import DISCOVERY_NQN
-    d = target_env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    d = target_env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     target_env.clock.advance(119)
     target_env.target.tick()
     d.keep_alive()
@@ -522,14 +522,13 @@ def test_ns_disable_inflight_file_backend(env: LoopEnv) -> None:
 # -- configuration changes under live controllers ------------------------------------------
 
 def test_unlink_subsystem_deletes_its_controllers(target_env: LoopEnv) -> None:
-    from nvmet_p2p.wire.command import DISCOVERY_NQN
     env = target_env
     h = env.connect(nr_io_queues=2)
-    disc = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    disc = env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     env.port().unlink_subsystem(SUBNQN)  # as nvmet_port_del_ctrls()
     assert not env.target.get_subsys(SUBNQN).ctrls
     assert not h.admin.connected and not any(q.connected for q in h.io.values())
-    ctrl = env.target.get_subsys(DISCOVERY_NQN).ctrls[disc.cntlid]
+    ctrl = env.target.get_subsys(NVME_DISC_SUBSYS_NAME).ctrls[disc.cntlid]
     assert not ctrl.csts & CSTS_CFS  # a deletion, not a fatal error
     assert SUBNQN not in [e.subnqn for e in disc.discover()]  # discovery lives on
     env.port().link_subsystem(SUBNQN)
@@ -545,7 +544,7 @@ def test_identify_ctrl_freezes_the_subsystem_identity(env: LoopEnv) -> None:
     h.property_get(PROP_VS)
     cfg.attr_serial = "SN-2"  # connected, not yet identified: still writable
     cfg.attr_version = "1.4"
-    d = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    d = env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     d.identify_ctrl()  # identifying the discovery controller fixes nothing configured
     cfg.attr_model = "model 2"
     ic = h.identify_ctrl()
@@ -568,7 +567,7 @@ def test_qid_max_change_forces_reconnect(env: LoopEnv) -> None:
     bystander_cfg = env.add_subsystem("nqn.2026-11.io.nvmet-p2p:other")
     h = env.connect(nr_io_queues=4)
     bystander = env.connect(bystander_cfg.nqn)
-    disc = env.connect(DISCOVERY_NQN, nr_io_queues=0)
+    disc = env.connect(NVME_DISC_SUBSYS_NAME, nr_io_queues=0)
     ctrl = env.target.get_subsys(SUBNQN).ctrls[h.cntlid]
     cfg.attr_qid_max = 2  # as the kernel: every controller of the subsystem goes
     assert ctrl.dead and not env.target.get_subsys(SUBNQN).ctrls

@@ -108,7 +108,8 @@ def test_offline_decision_for_every_port_and_namespace(m):
     # a hardware RDMA NIC on the same switch: NIC -> CMB 4 + NVMe -> own CMB 0
     d = by[3, 1]
     assert d.p2p and d.clients == ["mlx5_0", m.nvme] and d.distance == 4
-    assert by[4, 1].reason == "transport tcp cannot do peer-to-peer DMA"
+    # tcp: the kernel copies between socket buffers and the chunk, so no DMA client either
+    assert by[4, 1].p2p and by[4, 1].clients == [m.nvme] and by[4, 1].distance == 0
     assert by[5, 1].reason == "port 5: allow_p2pmem is off"
     assert by[6, 1].reason == ("port 6: no network interface has address 203.0.113.9, so "
                                "its RDMA device is unknown")
@@ -176,8 +177,8 @@ def test_cli_offline_text_is_one_log_line_per_pair(m, config_file, capsys):
     assert lines[5] == (f"port 2 {NQN} ns 1: P2P memory from {cmb(m.nvme)} (bus_addr, "
                         "distance 0)")
     assert lines[8] == f"port 2 {NQN} ns 4: system memory: namespace 4 is not enabled"
-    assert lines[15] == (f"port 4 {NQN} ns 1: system memory: transport tcp cannot do "
-                         "peer-to-peer DMA")
+    assert lines[15] == (f"port 4 {NQN} ns 1: P2P memory from {cmb(m.nvme)} (bus_addr, "
+                         "distance 0)")  # tcp: CPU copies, like loop
 
 
 def test_cli_offline_json(m, config_file, capsys):

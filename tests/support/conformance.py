@@ -29,7 +29,8 @@ from nvmet_p2p.core.clock import FakeClock
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.host.base import Host, NvmeError
 from nvmet_p2p.wire import log as lg
-from nvmet_p2p.wire.command import DISCOVERY_NQN, AdminOpcode, IoOpcode, Sqe
+from nvmet_p2p.wire.command import AdminOpcode, IoOpcode, Sqe
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME
 
 SETTLE_TIMEOUT = 5.0  # the longest a transport may take to tear a queue down
 QUIET_TIMEOUT = 0.3  # default watch for "no completion arrives" (a network round trip)
@@ -354,7 +355,7 @@ def check_aer_ns_changed(make_pair: MakePair) -> None:
 def check_discovery(make_pair: MakePair) -> None:
     side, connect = make_pair()
     hostnqn = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000d1"
-    disc = connect(DISCOVERY_NQN, hostnqn=hostnqn, nr_io_queues=0)
+    disc = connect(NVME_DISC_SUBSYS_NAME, hostnqn=hostnqn, nr_io_queues=0)
     assert disc.identify_ctrl().cntrltype == 2  # discovery controller
     assert disc.get_features(0x0F) == 120_000  # KATO 0 at Connect means 120 s
     hdr = disc.get_log_page(lg.LogId.DISC, lg.DISC_HDR_SIZE)
@@ -362,7 +363,7 @@ def check_discovery(make_pair: MakePair) -> None:
     assert recfmt == 0
     entries = disc.discover()
     assert len(entries) == numrec
-    assert entries[0].subtype == SUBTYPE_CURRENT_DISC and entries[0].subnqn == DISCOVERY_NQN
+    assert entries[0].subtype == SUBTYPE_CURRENT_DISC and entries[0].subnqn == NVME_DISC_SUBSYS_NAME
     mine = [e for e in entries if e.subnqn == side.subnqn]
     assert len(mine) == 1
     e = mine[0]
@@ -385,7 +386,7 @@ def check_discovery(make_pair: MakePair) -> None:
     genctr2, _, _ = lg.decode_disc_log_header(disc.get_log_page(lg.LogId.DISC, 1024))
     assert genctr2 > genctr
     assert secret not in [x.subnqn for x in disc.discover()]
-    allowed = connect(DISCOVERY_NQN, hostnqn=other_host, nr_io_queues=0)
+    allowed = connect(NVME_DISC_SUBSYS_NAME, hostnqn=other_host, nr_io_queues=0)
     assert secret in [x.subnqn for x in allowed.discover()]
     # the discovery log honours offset and length: the second entry alone
     page = disc.get_log_page(lg.LogId.DISC, lg.DISC_ENTRY_SIZE,

@@ -8,7 +8,7 @@ RPC socket, counts the process's open fds, and stops it with SIGTERM.  The targe
 stderr goes to a log file; `stop()` and the context manager write its tail to stderr so
 pytest shows it with a failing test.
 
-`rdma_port()`, `subsystem()` and `file_ns()` / `bdev_ns()` build the config pieces
+`rdma_port()`, `tcp_port()`, `subsystem()` and `file_ns()` / `bdev_ns()` build the config pieces
 with the keys README.md documents; `disconnect_all()` is the teardown that leaves no
 Linux-host controller behind.  Every wait has a deadline.
 """
@@ -45,6 +45,14 @@ def rdma_port(portid: int, trsvcid: int, subsystems: list[str],
             "addr": {"trtype": "rdma", "adrfam": "ipv4", "traddr": traddr,
                      "trsvcid": str(trsvcid)},
             "subsystems": subsystems}
+
+
+def tcp_port(portid: int, trsvcid: int, subsystems: list[str], traddr: str = guest.TRADDR,
+             adrfam: str = "ipv4", **param: str) -> dict[str, Any]:
+    return {"portid": portid,
+            "addr": {"trtype": "tcp", "adrfam": adrfam, "traddr": traddr,
+                     "trsvcid": str(trsvcid)},
+            "param": dict(param), "subsystems": subsystems}
 
 
 def file_ns(nsid: int, path: str | os.PathLike[str], size: int,
@@ -110,7 +118,8 @@ class VmTarget:
     def subnqns(self) -> list[str]:
         return [s["nqn"] for s in self.cfg["subsystems"]]
 
-    def start(self, timeout: float = START_TIMEOUT) -> Self:
+    def start(self, timeout: float = START_TIMEOUT, *, wait: bool = True) -> Self:
+        """Start the target; with `wait`, return once every port listens."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.cfg, indent=1))
         with open(self.log_path, "wb") as log:
@@ -120,7 +129,10 @@ class VmTarget:
                  "--rpc-socket", str(self.rpc_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
-            self.wait_listening(timeout)
+            if wait:
+                self.wait_listening(timeout)
+            else:
+                self.wait_answering(timeout)
         except BaseException:
             self.stop()
             raise
@@ -133,6 +145,18 @@ class VmTarget:
         if not self.alive():
             rc = self.proc.returncode if self.proc is not None else None
             raise VMError(f"target exited with {rc}:\n{self.log_tail()}")
+
+    def wait_answering(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The status once the control socket answers, whether or not ports listen."""
+        def probe() -> dict[str, Any] | None:
+            self._check_alive()
+            if not self.rpc_path.exists():
+                return None
+            try:
+                return self.status(timeout=10.0)
+            except (RpcUnreachable, RpcError):
+                return None
+        return guest.wait_for(probe, timeout, "our target's control socket", interval=0.5)
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
         """The status once every configured port listens (the target died: VMError)."""

@@ -38,6 +38,7 @@ import pytest
 
 from nvmet_p2p.errors import VMError
 from nvmet_p2p.testbed import guest
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME as DISCOVERY_NQN
 from tests.support import vm_target as vt
 from tests.support.capsules import cm_pdata, write_capsule
 
@@ -48,7 +49,6 @@ PORT = 4420
 SUBNQN = "nqn.2026-11.io.nvmet-p2p:linux-host"
 RESTRICTED_NQN = "nqn.2026-11.io.nvmet-p2p:linux-host-restricted"
 BDEV_NQN = "nqn.2026-11.io.nvmet-p2p:linux-host-bdev"
-DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:3b0c6a52-91d4-4c61-8d0e-7a1f00000001"
 OTHER_HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:3b0c6a52-91d4-4c61-8d0e-7a1f00000002"
 

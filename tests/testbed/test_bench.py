@@ -229,3 +229,58 @@ def test_no_vm_without_addresses_refuses(tmp_path: Path, capsys):
 def test_quick_vm_budget_fits_six_minutes():
     # The hard VM timeout is a ceiling, not an estimate; it must still leave room.
     assert bench._vm_timeout(bench.QUICK, len(bench.JOBS), 2) <= 900
+
+
+# -- TCP jobs ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def both(results) -> dict:
+    """`results` plus the same jobs over TCP (records without a transport are RDMA)."""
+    tcp = []
+    for r, (k, o) in enumerate([(3000, 1500), (3300, 1650), (2700, 1350)]):
+        tcp.append({**_run("randread-4k-qd32", "kernel", r, k, 10000), "transport": "tcp"})
+        tcp.append({**_run("randread-4k-qd32", "ours", r, o, 20000, cpu=90.0),
+                    "transport": "tcp"})
+    return {**results, "runs": results["runs"] + tcp}
+
+
+def test_summaries_are_per_transport(both):
+    rdma, tcp = bench.summarize(both["runs"]), bench.summarize(both["runs"], "tcp")
+    assert bench.ratio(rdma, "randread-4k-qd32", "iops") == pytest.approx(1200 / 2000)
+    assert bench.ratio(tcp, "randread-4k-qd32", "iops") == pytest.approx(1500 / 3000)
+    assert "randread-4k-qd1" not in tcp
+    assert bench.transports_of(both) == ["rdma", "tcp"]
+
+
+def test_markdown_has_a_tcp_table_after_the_rdma_one(both):
+    md = bench.markdown_table(both)
+    before, after = md.split("NVMe/TCP: ours (tcp.py) vs the kernel's nvmet-tcp:")
+    assert "| randread-4k-qd1 |" in before and "| randread-4k-qd1 |" not in after
+    [row] = [ln for ln in after.splitlines() if ln.startswith("| randread-4k-qd32")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "3,000 ±10%" and cells[3] == "0.50" and cells[8] == "2.00"
+    assert md.splitlines()[0].startswith("| job |")  # RDMA first, bare, as before
+
+
+def test_tcp_only_results_and_plot(both, tmp_path: Path):
+    tcp_only = {**both, "runs": [r for r in both["runs"] if r.get("transport") == "tcp"]}
+    md = bench.markdown_table(tcp_only)
+    assert md.startswith("NVMe/TCP: ours (tcp.py)")
+    _, png = bench.write_report(both, tmp_path)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_our_config_has_a_port_per_transport(tmp_path: Path):
+    cfg = bench._our_config(tmp_path / "f.img", ("rdma", "tcp"))
+    ports = {p["addr"]["trtype"]: p for p in cfg["ports"]}
+    assert ports["rdma"]["addr"]["trsvcid"] == str(bench.OURS_TRSVCID)
+    assert ports["tcp"]["addr"]["trsvcid"] == str(bench.OURS_TCP_TRSVCID)
+    assert all(p["subsystems"] == [bench.SUBNQN] for p in cfg["ports"])
+
+
+def test_cli_transport_choice():
+    args = build_parser().parse_args(["bench", "--transport", "tcp"])
+    assert args.transport == ["tcp"]
+    assert build_parser().parse_args(["bench"]).transport is None  # both
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--transport", "fc"])

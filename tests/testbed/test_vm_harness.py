@@ -45,6 +45,103 @@ def test_find_kernel_none(tmp_path: Path) -> None:
         vm.find_kernel(tmp_path)
 
 
+def make_kernels(tmp_path: Path, p2pdma: bool = True) -> tuple[Path, Path]:
+    """A /boot with Debian 12's 6.1 and a /lib/modules with 7.x images as tools/vm-kernel.sh
+    installs them (vmlinuz and config inside the release directory)."""
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    (boot / "vmlinuz-6.1.0-57-amd64").touch()
+    (boot / "config-6.1.0-57-amd64").write_text("# CONFIG_PCI_P2PDMA is not set\n")
+    (modules / "6.1.0-57-amd64/kernel").mkdir(parents=True)  # /boot's modules: no vmlinuz
+    on = "CONFIG_PCI_P2PDMA=y\n" if p2pdma else "# CONFIG_PCI_P2PDMA is not set\n"
+    for rel, config in (("7.2.11+deb13-amd64", on), ("7.3.4+deb13-amd64", on),
+                        ("7.10.1+deb13-amd64", "# CONFIG_PCI_P2PDMA is not set\n")):
+        (modules / rel).mkdir(parents=True)
+        (modules / rel / "vmlinuz").touch()
+        (modules / rel / "config").write_text("CONFIG_ZONE_DEVICE=y\n" + config)
+    # half installed (tools/vm-kernel.sh writes vmlinuz last): not bootable
+    (modules / "7.11.0+deb13-amd64").mkdir()
+    (modules / "7.11.0+deb13-amd64/config").write_text("CONFIG_PCI_P2PDMA=y\n")
+    return boot, modules
+
+
+def test_installed_kernels_both_layouts(tmp_path: Path) -> None:
+    boot, modules = make_kernels(tmp_path)
+    ks = vm.installed_kernels(modules, boot)
+    assert [(k.release, k.p2pdma) for k in ks] == [
+        ("6.1.0-57-amd64", False), ("7.2.11+deb13-amd64", True),
+        ("7.3.4+deb13-amd64", True), ("7.10.1+deb13-amd64", False)]
+    assert ks[0].image == boot / "vmlinuz-6.1.0-57-amd64"
+    assert ks[0].config == boot / "config-6.1.0-57-amd64"
+    assert ks[2].image == modules / "7.3.4+deb13-amd64/vmlinuz"
+    assert "PCI P2PDMA" in ks[2].describe() and "no PCI P2PDMA" in ks[0].describe()
+
+
+def test_select_kernel_default_newest_with_p2pdma(tmp_path: Path) -> None:
+    boot, modules = make_kernels(tmp_path)
+    log = io.StringIO()
+    k = vm.select_kernel(None, modules, boot, environ={}, log=log)
+    assert k.image == modules / "7.3.4+deb13-amd64/vmlinuz"  # 7.10 is newer but lacks it
+    assert log.getvalue() == ""
+
+
+def test_select_kernel_falls_back_to_boot_and_says_so(tmp_path: Path) -> None:
+    boot, modules = make_kernels(tmp_path, p2pdma=False)
+    log = io.StringIO()
+    k = vm.select_kernel(None, modules, boot, environ={}, log=log)
+    assert k.image == boot / "vmlinuz-6.1.0-57-amd64"
+    assert "CONFIG_PCI_P2PDMA" in log.getvalue() and str(k.image) in log.getvalue()
+    with pytest.raises(VMError, match="linux-image-amd64"):
+        vm.select_kernel(None, tmp_path / "none", tmp_path / "none", environ={})
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("6.1", "boot/vmlinuz-6.1.0-57-amd64"),
+    ("6.1.0-57-amd64", "boot/vmlinuz-6.1.0-57-amd64"),
+    ("7", "modules/7.10.1+deb13-amd64/vmlinuz"),  # a spec is obeyed, P2PDMA or not
+    ("7.2", "modules/7.2.11+deb13-amd64/vmlinuz"),
+    ("7.3.4+deb13-amd64", "modules/7.3.4+deb13-amd64/vmlinuz"),
+])
+def test_select_kernel_by_release(tmp_path: Path, spec: str, want: str) -> None:
+    boot, modules = make_kernels(tmp_path)
+    assert vm.select_kernel(spec, modules, boot, environ={}).image == tmp_path / want
+
+
+def test_select_kernel_prefix_ends_at_a_boundary(tmp_path: Path) -> None:
+    boot, modules = make_kernels(tmp_path)
+    for spec in ("6.10", "7.1", "7.3.4+deb", "7.11"):
+        with pytest.raises(VMError, match="installed: 6.1.0-57-amd64, 7.2.11"):
+            vm.select_kernel(spec, modules, boot, environ={})
+
+
+def test_select_kernel_by_path_and_environment(tmp_path: Path) -> None:
+    boot, modules = make_kernels(tmp_path)
+    img = modules / "7.2.11+deb13-amd64/vmlinuz"
+    k = vm.select_kernel(str(img), modules, boot, environ={})
+    assert (k.image, k.release, k.p2pdma) == (img, "7.2.11+deb13-amd64", True)
+    other = tmp_path / "my-bzImage"
+    other.touch()
+    assert vm.select_kernel(str(other), modules, boot, environ={}).config is None
+    with pytest.raises(VMError, match="no such file"):
+        vm.select_kernel(str(tmp_path / "nope/vmlinuz"), modules, boot, environ={})
+    env = {vm.KERNEL_ENV: "6.1"}
+    assert vm.select_kernel(None, modules, boot, environ=env).release == "6.1.0-57-amd64"
+    assert vm.select_kernel("7.2", modules, boot, environ=env).release == "7.2.11+deb13-amd64"
+    assert vm.select_kernel(None, modules, boot, environ={vm.KERNEL_ENV: ""}).p2pdma
+
+
+def test_vm_kernel_path_or_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    boot, modules = make_kernels(tmp_path)
+    real = vm.select_kernel
+    monkeypatch.setattr(vm, "select_kernel",
+                        lambda spec: real(spec, modules, boot, environ={}))
+    assert vm.VM(kernel="7.2").boot_kernel().release == "7.2.11+deb13-amd64"
+    assert vm.VM().boot_kernel().release == "7.3.4+deb13-amd64"
+    assert vm.VM(kernel=Path("/k")).boot_kernel().image == Path("/k")  # a Path is taken as is
+    assert values_of(vm.VM(kernel="6.1", cached_root=False).vng_args(tmp_path, "x"),
+                     "--run") == [str(boot / "vmlinuz-6.1.0-57-amd64")]
+
+
 def test_plain_vm_args_tcg_9p(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NVMET_P2P_VM_KVM", raising=False)
     args = vm.VM(kernel=Path("/k"), cached_root=False).vng_args(tmp_path, "bash /x/wrapper.sh")
@@ -248,6 +345,35 @@ def test_cli_pytest_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                        99.0)
     assert seen[2][:3] == (False, False, "true\n")
     assert "collected no tests" in capsys.readouterr().err
+
+
+def test_cli_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_run(self: vm.VM, script: str, timeout: float, stream=None,
+                 out_dir=None) -> vm.Result:
+        seen.append((self.kernel, script))
+        return vm.Result(0, "")
+    monkeypatch.setattr(vm.VM, "run", fake_run)
+    assert vm.main(["run", "--kernel", "6.1", "--", "true"]) == 0
+    assert vm.main(["pytest", "--kernel=/x/vmlinuz", "-x"]) == 0
+    assert vm.main(["pytest", "--allow-empty", "--kernel", "7", "--", "--kernel", "y"]) == 0
+    assert vm.main(["run", "--", "true"]) == 0
+    assert [k for k, _ in seen] == ["6.1", "/x/vmlinuz", "7", None]
+    assert seen[1][1].endswith(" -x tests\n")
+    assert " -- " not in seen[2][1] and "--kernel y tests" in seen[2][1]  # pytest's own
+
+
+def test_run_prints_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    res = fake_vm(tmp_path, monkeypatch).run("true\n", timeout=60)
+    assert res.returncode == 0
+    assert capsys.readouterr().err.startswith("[vm] kernel k (/k, no config found)\n")
+
+
+def test_cli_bad_kernel_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert vm.main(["run", "--kernel", "0.0.0-none", "--", "true"]) == 125
+    assert "no installed kernel matches '0.0.0-none'" in capsys.readouterr().err
 
 
 def test_cli_module_runs() -> None:

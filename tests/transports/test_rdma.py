@@ -81,15 +81,6 @@ def test_reject_rules(kw, status):
     assert _check(**kw) == status
 
 
-def test_port_param_defaults():
-    port = SimpleNamespace(param_inline_data_size=-1, param_max_queue_size=-1)
-    assert rdma.inline_data_size(port) == rdma.DEFAULT_INLINE_DATA_SIZE
-    assert rdma.inline_data_size(SimpleNamespace(param_inline_data_size="0")) == 0
-    assert rdma.inline_data_size(SimpleNamespace()) == rdma.DEFAULT_INLINE_DATA_SIZE
-    assert rdma._positive(-1, 128) == 128
-    assert rdma._positive("64", 128) == 64
-
-
 def test_librdmacm_struct_layouts():
     # offsetof()/sizeof() from rdma-core 44's headers, compiled on x86_64
     assert ctypes.sizeof(cm.ConnParamStruct) == 24

@@ -11,12 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nvmet_p2p.wire.command import (
-    CONNECT_IPO_DATA_CNTLID,
-    CONNECT_IPO_DATA_HOSTNQN,
-    CONNECT_IPO_DATA_SUBNQN,
-    CONNECT_IPO_SQE_QID,
-    CONNECT_IPO_SQE_RECFMT,
-    CONNECT_IPO_SQE_SQSIZE,
     AdminOpcode,
     ConnectCmd,
     ConnectData,
@@ -30,6 +24,14 @@ from nvmet_p2p.wire.command import (
     Sqe,
     connect_invalid_result,
     fabrics_sqe,
+)
+from nvmet_p2p.wire.sqe_layout import (
+    CONNECT_IPO_DATA_CNTLID,
+    CONNECT_IPO_DATA_HOSTNQN,
+    CONNECT_IPO_DATA_SUBNQN,
+    CONNECT_IPO_SQE_QID,
+    CONNECT_IPO_SQE_RECFMT,
+    CONNECT_IPO_SQE_SQSIZE,
 )
 from nvmet_p2p.wire.status import DNR, MORE, Status, status_name
 from tests.support.golden import golden

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvmet_p2p.wire.command import DISCOVERY_NQN, Sqe
+from nvmet_p2p.wire.command import Sqe
+from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME
 from nvmet_p2p.wire.log import (
     CHANGED_NS_OVERFLOW,
     DISC_ENTRY_LAYOUT,
@@ -427,7 +428,7 @@ RDMA_ENTRY = DiscEntry(trtype=Trtype.RDMA, adrfam=Adrfam.IPV4, subtype=Subtype.N
                        tsas=rdma_tsas())
 REFERRAL_ENTRY = DiscEntry(trtype=Trtype.TCP, adrfam=Adrfam.IPV6, subtype=Subtype.REFERRAL,
                            treq=Treq.NOT_REQUIRED | Treq.DISABLE_SQFLOW, portid=2,
-                           trsvcid="8009", subnqn=DISCOVERY_NQN, traddr="fe80::1")
+                           trsvcid="8009", subnqn=NVME_DISC_SUBSYS_NAME, traddr="fe80::1")
 
 
 def disc_entry_bytes(trtype: str, adrfam: str, subtype: str, treq: str, portid: str,
@@ -451,7 +452,7 @@ DISC_BYTES = golden(1024, {
 }) + bytes.fromhex(
     disc_entry_bytes("01", "01", "02", "00", "0100", "4420", SUBNQN, "192.168.0.10",
                      "010101" "0000000000" "0000")  # qptype, prtype, cms, rsvd, pkey
-    + disc_entry_bytes("03", "02", "01", "06", "0200", "8009", DISCOVERY_NQN, "fe80::1", ""))
+    + disc_entry_bytes("03", "02", "01", "06", "0200", "8009", NVME_DISC_SUBSYS_NAME, "fe80::1", ""))
 
 
 def test_disc_log_golden() -> None:

@@ -2,5 +2,7 @@
 
 `vfio` owns the VFIO container, group and device (driver rebinding, BAR mmaps, DMA
 maps), `nvme_pci` the controller's registers and queues (bring-up, commands, PRPs),
-`backend` the namespace backend that issues I/O on it, P2P-capable through the CMB.
+`controller` brings that controller up and down (reset, admin queue, Identify, the
+queue pair, the CMB), `backend` is the namespace backend that issues I/O on it, with
+deadlines and recovery, P2P-capable through the CMB.
 """

@@ -4,6 +4,9 @@ Owns one controller for the lifetime of a namespace: binding it to vfio-pci, res
 admin queue, Identify, one I/O queue pair, Read/Write/Flush/Write Zeroes/DSM with PRPs,
 completion polling, the CMB (enabled through CMBMSC, published as `NvmeCmbProvider`),
 clean shutdown and giving the device back to its kernel driver.
+The controller half (reset, admin queue, Identify, queue pair, CMB, IOMMU mappings,
+stopping DMA) is `controller`; this module is the namespace backend on top of it: the
+data path, completions, deadlines and recovery, and teardown.
 
 Data path: no syscalls per I/O.  A submission packs an SQE into the DMA-mapped SQ and
 writes the tail doorbell; completions are found by polling the CQ's phase bits.  System
@@ -49,7 +52,6 @@ import asyncio
 import enum
 import functools
 import logging
-import os
 import struct
 import threading
 import time
@@ -57,6 +59,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from nvmet_p2p.backends.base import Backend, Completion
+from nvmet_p2p.backends.vfio_nvme import controller
 from nvmet_p2p.backends.vfio_nvme import nvme_pci as pci
 from nvmet_p2p.backends.vfio_nvme.nvme_pci import Cmd
 from nvmet_p2p.backends.vfio_nvme.vfio import VfioBinding, VfioContainer, open_device
@@ -66,23 +69,19 @@ from nvmet_p2p.cmb import (
     Provider,
     SystemMemoryProvider,
     buffer_address,
-    wmb,
 )
 from nvmet_p2p.core.clock import Clock
 from nvmet_p2p.errors import BackendError, P2PError
+from nvmet_p2p.wire.command import NVME_DSM_RANGE
 from nvmet_p2p.wire.identify import IdCtrl, IdNs
+from nvmet_p2p.wire.limits import NVME_DSMGMT_AD
 from nvmet_p2p.wire.status import DNR, Status, status_name
 
 log = logging.getLogger(__name__)
 
-NVME_AQ_DEPTH = 32  # admin commands are issued one at a time; 32 as the kernel uses
 NVME_IO_DEPTH = 128  # I/O SQ/CQ entries: QD32 plus headroom, one slot stays empty
-IOVA_BASE = 0x1000_0000  # our DMA memory; far below typical BAR windows and the MSI range
-CMB_CBA_FALLBACK = 0x8000_0000  # controller base address when the BAR's own does not stick
-ADMIN_TIMEOUT_S = 10.0  # TCG guests are slow; a healthy controller answers in milliseconds
 POLL_MAX_DELAY_S = 0.001  # idle back-off cap of the attached poller
 DRAIN_TIMEOUT_S = 5.0  # how long close() waits for in-flight I/O before shutting down
-MAX_XFER = 1 << 20  # per-command cap: one PRP list page per command id covers it
 
 # What the commands caught by a timeout reset complete with: Command Abort Requested, DNR
 # clear.  It is what they are (aborted by us, not failed by the media) and what SPDK's
@@ -106,56 +105,6 @@ class _State(enum.Enum):
 _LIVE = _State.LIVE  # a module global: poll() compares with it on every call
 
 
-class _Regs:
-    """32-bit (and one 64-bit) loads and stores on the mmap'ed BAR0."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.r32 = view.cast("I")
-        self.r64 = view.cast("Q")
-
-    def read32(self, off: int) -> int:
-        return self.r32[off >> 2]
-
-    def write32(self, off: int, v: int) -> None:
-        self.r32[off >> 2] = v
-
-    def read64(self, off: int) -> int:  # low dword first, as lo_hi_readq
-        return self.r32[off >> 2] | self.r32[(off >> 2) + 1] << 32
-
-    def write64_lo_hi(self, off: int, v: int) -> None:
-        self.r32[off >> 2] = v & 0xFFFFFFFF
-        self.r32[(off >> 2) + 1] = v >> 32
-
-    def write64(self, off: int, v: int) -> None:  # one 8-byte store
-        self.r64[off >> 3] = v
-
-    def release(self) -> None:
-        self.r32.release()
-        self.r64.release()
-
-
-NVME_CLASS = 0x010802  # PCI class: mass storage, non-volatile memory, NVM Express
-
-
-def check_nvme_class(sysfs_root: str, bdf: str) -> None:
-    """Refuse any function that is not an NVMe controller before unbinding its driver.
-
-    Taking a device away from its driver is destructive: a wrong address could be the
-    disk or the network the machine runs on.
-    """
-    path = os.path.join(sysfs_root, "bus/pci/devices", bdf, "class")
-    try:
-        with open(path) as f:
-            cls = int(f.read().strip(), 16)
-    except FileNotFoundError as e:
-        raise BackendError(f"no PCI device {bdf} (see lspci -D)") from e
-    except (OSError, ValueError) as e:
-        raise BackendError(f"cannot read the PCI class of {bdf}: {e}") from e
-    if cls != NVME_CLASS:
-        raise BackendError(f"{bdf} is not an NVMe controller (PCI class {cls:#08x}, NVMe is "
-                           f"{NVME_CLASS:#08x}); refusing to take it from its driver")
-
-
 class _BusRange(Protocol):
     """What a P2P request needs of its buffer: a Chunk, or a _SubChunk of an MDTS split."""
 
@@ -164,12 +113,6 @@ class _BusRange(Protocol):
 
     @property
     def size(self) -> int: ...
-
-
-def _iova(chunk: Chunk) -> int:
-    """The bus address of a chunk of a provider this backend mapped (map_provider set it)."""
-    assert chunk.bus_addr is not None
-    return chunk.bus_addr
 
 
 class VfioNvmeBackend(Backend):
@@ -188,6 +131,24 @@ class VfioNvmeBackend(Backend):
     _container: VfioContainer | None
     cba: int  # the CMB's controller base address, once enabled
     _cba_store: Callable[[int, int], None]  # the CMBMSC store the controller accepted it by
+    # set up by controller.start() / bring_up(): the controller, its queues and their memory
+    cap: pci.Cap
+    vs: int
+    io_depth: int
+    max_xfer: int  # bytes per command: MDTS, capped at MAX_XFER
+    id_ctrl: IdCtrl
+    id_ns: IdNs
+    cmb_info: pci.CmbInfo
+    _asq_mem: Chunk
+    _acq_mem: Chunk
+    _sq_mem: Chunk
+    _cq_mem: Chunk
+    _id_buf: Chunk
+    _prp_lists: list[Chunk]  # one PRP list area per command id
+    _asq: pci.SubmissionRing
+    _acq: pci.CompletionRing
+    _sq: pci.SubmissionRing
+    _cq: pci.CompletionRing
 
     def __init__(self, bdf: str, nsid: int = 1, *, sysfs_root: str = "/sys",
                  dev_root: str = "/dev/vfio", dma_size: int = 32 << 20,
@@ -196,7 +157,7 @@ class VfioNvmeBackend(Backend):
         self.bdf, self.nsid, self.p2p_client, self.path = bdf, nsid, bdf, bdf
         self._init_state(io_depth, io_timeout, clock)
         self._want_cmb = enable_cmb
-        check_nvme_class(sysfs_root, bdf)
+        controller.check_nvme_class(sysfs_root, bdf)
         try:
             self._binding, self._container, self._device = open_device(bdf, sysfs_root,
                                                                        dev_root)
@@ -224,237 +185,22 @@ class VfioNvmeBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poll_handle: asyncio.Handle | None = None
         self._poll_delay = 0.0
-        self._iova_next = IOVA_BASE
+        self._iova_next = controller.IOVA_BASE
         self._mapped: list[tuple[Provider, list[int]]] = []
         self.stats = {"submitted": 0, "completed": 0, "bounced": 0, "p2p": 0, "errors": 0,
                       "timeouts": 0, "resets": 0, "aborted": 0, "refused": 0}
         self._binding = None
         self._container = None
-        self._regs: _Regs | None = None
+        self._regs: controller.Regs | None = None
         self._dma: SystemMemoryProvider | None = None
 
     # -- bring-up ----------------------------------------------------------------------------
 
     def _start(self, dma_size: int, io_depth: int) -> None:
-        """Map the registers and allocate every queue once, then bring the controller up."""
-        dev = self._device
-        dev.enable()  # memory decoding, so that CAP can be read
-        try:
-            bar0, _ = dev.map_region(0)
-        except P2PError:
-            # The MSI-X table may share BAR0 and refuse mmap: registers and the first
-            # doorbells fit in two pages at the default stride.
-            bar0, _ = dev.map_region(0, 0, 0x2000)
-        self._regs = regs = _Regs(memoryview(bar0))
-        self.cap = cap = pci.Cap.decode(regs.read64(pci.REG_CAP))
-        self.vs = regs.read32(pci.REG_VS)
-        if not cap.css_nvm or cap.mpsmin > 0:
-            raise BackendError(f"{self.bdf}: controller lacks the NVM command set or 4 KiB "
-                               f"pages (CAP {regs.read64(pci.REG_CAP):#x})")
-
-        self._dma = SystemMemoryProvider(dma_size, slab_size=dma_size, name=f"{self.bdf}/dma")
-        self.map_provider(self._dma)
-        self.io_depth = io_depth = min(io_depth, cap.mqes + 1)
-        self._table = pci.CommandTable(io_depth, self.io_timeout)
-        self._asq_mem = self._zeroed(NVME_AQ_DEPTH * pci.SQE_SIZE)
-        self._acq_mem = self._zeroed(NVME_AQ_DEPTH * pci.CQE_SIZE)
-        self._sq_mem = self._zeroed(io_depth * pci.SQE_SIZE)
-        self._cq_mem = self._zeroed(io_depth * pci.CQE_SIZE)
-        self._id_buf = self._zeroed(4096)
-        # One PRP list area per command id, sized for the largest transfer.
-        list_pages = pci.prp_list_pages(MAX_XFER)
-        self._prp_lists = [self._zeroed(list_pages * pci.NVME_PAGE_SIZE)
-                           for _ in range(io_depth)]
-        self._bring_up()
-        log.info("%s: ns %d, %d x %d-byte blocks, mdts %d KiB, vwc %s, CMB %s, io_timeout "
-                 "%g s", self.bdf, self.nsid, self.nblocks, self.block_size,
-                 self.max_xfer >> 10, self.vwc, self.cmb.size if self.cmb else self.cmb_reason,
-                 self.io_timeout)
+        controller.start(self, dma_size, io_depth)
 
     def _bring_up(self) -> None:
-        """Reset the controller and make it serve: at open, and again after a timeout.
-
-        Function-level reset (when VFIO offers one), CC.EN = 0, the admin queue, Identify,
-        the I/O queue pair, the CMB.  The queues' memory is reused, zeroed.
-        """
-        dev, regs, cap = self._device, self._regs, self.cap
-        assert regs is not None
-        try:
-            dev.reset()
-        except P2PError as e:  # a controller reset (CC.EN=0) follows anyway
-            log.info("%s: %s; continuing with a controller reset", self.bdf, e)
-        dev.enable()
-        self._disable()
-        self._close_rings()
-        for mem in (self._asq_mem, self._acq_mem, self._sq_mem, self._cq_mem):
-            mem.view[:] = bytes(len(mem.view))
-
-        aq_depth, io_depth = NVME_AQ_DEPTH, self.io_depth
-        regs.write32(pci.REG_AQA, pci.aqa_value(aq_depth, aq_depth))
-        regs.write64_lo_hi(pci.REG_ASQ, _iova(self._asq_mem))
-        regs.write64_lo_hi(pci.REG_ACQ, _iova(self._acq_mem))
-        regs.write32(pci.REG_CC, pci.cc_value(enable=True))
-        self._wait_csts(pci.CSTS_RDY, pci.CSTS_RDY, "enable")
-        self._asq = pci.SubmissionRing(0, self._asq_mem.view, aq_depth, self._doorbell(
-            pci.sq_doorbell(0, cap.dstrd)))
-        self._acq = pci.CompletionRing(0, self._acq_mem.view, aq_depth, self._doorbell(
-            pci.cq_doorbell(0, cap.dstrd)))
-        self._identify_ns()
-
-        sq, cq = self._sq_mem, self._cq_mem
-        self._admin(pci.ADMIN_CREATE_CQ, prp1=_iova(cq), cdw10=(io_depth - 1) << 16 | 1,
-                    cdw11=1)  # physically contiguous, interrupts off
-        self._admin(pci.ADMIN_CREATE_SQ, prp1=_iova(sq), cdw10=(io_depth - 1) << 16 | 1,
-                    cdw11=1 << 16 | 1)  # CQ 1, physically contiguous
-        self._sq = pci.SubmissionRing(1, sq.view, io_depth, self._doorbell(
-            pci.sq_doorbell(1, cap.dstrd)))
-        self._cq = pci.CompletionRing(1, cq.view, io_depth, self._doorbell(
-            pci.cq_doorbell(1, cap.dstrd)))
-        if self._want_cmb:
-            self._enable_cmb()
-
-    def _identify_ns(self) -> None:
-        """Identify the controller and the namespace; after a reset it must be the same one."""
-        self.id_ctrl = IdCtrl.decode(self._identify(cns=1, nsid=0))
-        id_ns = IdNs.decode(self._identify(cns=0, nsid=self.nsid))
-        if id_ns.nsze == 0:
-            raise BackendError(f"{self.bdf}: namespace {self.nsid} does not exist")
-        if self.nblocks and (id_ns.nsze, 1 << id_ns.lba_shift) != (self.nblocks,
-                                                                   self.block_size):
-            raise BackendError(f"{self.bdf}: namespace {self.nsid} is now {id_ns.nsze} x "
-                               f"{1 << id_ns.lba_shift}-byte blocks, not {self.nblocks} x "
-                               f"{self.block_size}")
-        self.id_ns = id_ns
-        self.block_size = 1 << id_ns.lba_shift
-        self.nblocks = id_ns.nsze
-        self.vwc = bool(self.id_ctrl.vwc & 1)
-        mdts = self.id_ctrl.mdts
-        self.max_xfer = min((1 << mdts) * pci.NVME_PAGE_SIZE if mdts else MAX_XFER, MAX_XFER)
-
-    def _close_rings(self) -> None:
-        for ring in ("_acq", "_cq"):  # they hold a cast of the CQ memory
-            if hasattr(self, ring):
-                getattr(self, ring).close()
-
-    def _zeroed(self, size: int) -> Chunk:
-        assert self._dma is not None
-        c = self._dma.alloc(size)
-        if c is None:
-            raise BackendError(f"{self.bdf}: DMA pool too small for controller queues")
-        c.view[:] = bytes(size)
-        return c
-
-    def _doorbell(self, off: int) -> Callable[[int], None]:
-        assert self._regs is not None
-        r32, idx = self._regs.r32, off >> 2
-
-        def ring(value: int) -> None:
-            wmb()  # SQEs (or consumed CQEs) before the doorbell
-            r32[idx] = value
-        return ring
-
-    def _wait_csts(self, mask: int, want: int, what: str) -> None:
-        # Hardware waits are real time, not the injected clock: they sleep for the device.
-        regs = self._regs
-        assert regs is not None
-        deadline = time.monotonic() + max(self.cap.to_ms / 1000, 0.5)
-        while True:
-            csts = regs.read32(pci.REG_CSTS)
-            if csts & mask == want:
-                return
-            if csts & pci.CSTS_CFS and what != "disable":
-                raise BackendError(f"{self.bdf}: controller fatal status during {what}")
-            if csts == 0xFFFFFFFF:
-                raise BackendError(f"{self.bdf}: controller does not respond (CSTS all ones)")
-            if time.monotonic() > deadline:
-                raise BackendError(f"{self.bdf}: {what} timed out after {self.cap.to_ms} ms "
-                                   f"(CSTS {csts:#x})")
-            time.sleep(0.001)
-
-    def _disable(self) -> None:
-        regs = self._regs
-        assert regs is not None
-        cc = regs.read32(pci.REG_CC)
-        if cc & pci.CC_EN:
-            regs.write32(pci.REG_CC, cc & ~pci.CC_EN)
-        self._wait_csts(pci.CSTS_RDY, 0, "disable")
-
-    def _admin(self, opcode: int, **fields: int) -> int:
-        """Issue one admin command and poll for it; returns CQE dword 0."""
-        self._asq.push(opcode, 0, **fields)
-        self._asq.ring()
-        deadline = time.monotonic() + ADMIN_TIMEOUT_S
-        while True:
-            done = self._acq.reap()
-            if done:
-                c = done[0]
-                self._asq.head = c.sq_head
-                if c.status:
-                    raise BackendError(f"{self.bdf}: admin opcode {opcode:#x} failed, status "
-                                       f"{c.status:#x}")
-                return c.result
-            if time.monotonic() > deadline:
-                raise BackendError(f"{self.bdf}: admin opcode {opcode:#x} timed out")
-            time.sleep(0.0002)
-
-    def _identify(self, cns: int, nsid: int) -> bytes:
-        self._admin(pci.ADMIN_IDENTIFY, nsid=nsid, prp1=_iova(self._id_buf), cdw10=cns)
-        return bytes(self._id_buf.view)
-
-    def _enable_cmb(self) -> None:
-        regs, dev = self._regs, self._device
-        assert regs is not None
-        if self.cmb is not None:
-            # After a reset: the same CMB at the same bus address, since peers hold chunks.
-            if not self._set_cba(self.cba, self._cba_store):
-                raise BackendError(f"{self.bdf}: the CMB did not take its base address "
-                                   f"{self.cba:#x} again")
-            return
-        if not self.cap.cmbs:
-            self.cmb_reason = "controller has no CMB (CAP.CMBS clear)"
-            return
-        regs.write32(pci.REG_CMBMSC, pci.CMBMSC_CRE)  # makes CMBLOC/CMBSZ readable
-        cmbloc, cmbsz = regs.read32(pci.REG_CMBLOC), regs.read32(pci.REG_CMBSZ)
-        if not cmbsz:
-            self.cmb_reason = "CMBSZ reads 0 after CMBMSC.CRE"
-            return
-        bir = cmbloc & 7
-        _, bar_size, _ = dev.region_info(bir)
-        info = pci.CmbInfo.decode(cmbloc, cmbsz, bar_size)
-        self.cmb_info = info
-        if info.size == 0:
-            self.cmb_reason = f"CMB at offset {info.offset:#x} lies outside BAR {bir}"
-            return
-        # The BAR's own bus address is what a peer (the RDMA NIC) uses, so make the
-        # controller decode the same; keep it clear of our IOVAs.
-        cba, store = self._pick_cba(dev.bar_address(bir) + info.offset, info.size), regs.write64
-        if not self._set_cba(cba, store):
-            # A 64-bit store may be split or refused; a CBA below 4 GiB needs one dword.
-            cba, store = self._pick_cba(CMB_CBA_FALLBACK, info.size), regs.write64_lo_hi
-            if not self._set_cba(cba, store):
-                self.cmb_reason = "controller did not accept a CMB base address"
-                return
-        self.cba, self._cba_store = cba, store
-        self.cmb = NvmeCmbProvider(dev, bir, offset=info.offset, size=info.size, bus_base=cba,
-                                   wds=info.wds, rds=info.rds)
-        self.cmb_reason = self.cmb.publish_reason or ""
-        log.info("%s: CMB %d MiB in BAR %d at %#x (CBA %#x), WDS %s RDS %s%s", self.bdf,
-                 info.size >> 20, bir, info.offset, cba, info.wds, info.rds,
-                 " (clipped to the BAR)" if info.clipped else "")
-
-    def _set_cba(self, cba: int, store: Callable[[int, int], None]) -> bool:
-        """Program CMBMSC with base `cba` through `store`; True if the controller took it."""
-        regs = self._regs
-        assert regs is not None
-        store(pci.REG_CMBMSC, pci.cmbmsc_value(cba))
-        return (regs.read64(pci.REG_CMBMSC) & ~0xFFF == cba
-                and not regs.read32(pci.REG_CMBSTS) & pci.CMBSTS_CBAI)
-
-    def _pick_cba(self, want: int, size: int) -> int:
-        iova_end = self._iova_next + (1 << 30)  # room for later map_provider calls
-        if want & 0xFFF or (want < iova_end and want + size > IOVA_BASE):
-            return CMB_CBA_FALLBACK
-        return want
+        controller.bring_up(self)
 
     # -- memory the controller can reach -----------------------------------------------------
 
@@ -463,29 +209,11 @@ class VfioNvmeBackend(Backend):
 
         Buffers from such a provider are used in place (no bounce).
         """
-        assert self._container is not None
-        iovas = []
-        for idx, (_addr, length, view) in enumerate(provider.regions()):
-            iova = self._iova_next
-            try:
-                self._container.map_dma(view, iova, length)
-            except P2PError as e:
-                raise BackendError(f"{self.bdf}: cannot map {provider.name}: {e}") from e
-            provider.set_region_bus_addr(idx, iova)
-            iovas.append(iova)
-            self._iova_next += -(-length // (2 << 20)) * (2 << 20)
-        self._mapped.append((provider, iovas))
+        controller.map_provider(self, provider)
 
     def unmap_provider(self, provider: Provider) -> None:
         """Undo `map_provider` (before the provider closes, or its addresses could be reused)."""
-        assert self._container is not None
-        for i, (p, iovas) in enumerate(self._mapped):
-            if p is provider:
-                for idx, iova in enumerate(iovas):
-                    self._container.unmap_dma(iova)
-                    provider.set_region_bus_addr(idx, None)
-                del self._mapped[i]
-                return
+        controller.unmap_provider(self, provider)
 
     def _iova_of(self, buf: memoryview, nbytes: int) -> int | None:
         if buf.readonly:
@@ -640,7 +368,7 @@ class VfioNvmeBackend(Backend):
                 return False
             buf.view[:] = payload
             return self._issue(pci.IO_DSM, Cmd(cb, buf), bus=buf.bus_addr, nbytes=len(payload),
-                               cdw10=len(ranges) - 1, cdw11=pci.DSM_ATTR_DEALLOCATE)
+                               cdw10=len(ranges) - 1, cdw11=NVME_DSMGMT_AD)
         self._submit(issue, cb)
 
     # -- completions -------------------------------------------------------------------------
@@ -778,22 +506,7 @@ class VfioNvmeBackend(Backend):
         post(self._reset_done)
 
     def _stop_dma(self) -> bool:
-        """Make sure the controller no longer touches our memory; False if that is not sure.
-
-        CC.EN = 0 answered by CSTS.RDY = 0 within CAP.TO is the controller's word that it
-        stopped; one that does not get there loses bus mastering, which stops any DMA.
-        """
-        try:
-            self._disable()
-            return True
-        except BackendError as e:
-            log.error("%s: %s; turning bus mastering off", self.bdf, e)
-        try:
-            self._device.stop_dma()
-            return True
-        except P2PError as e:
-            log.error("%s: %s; its bounce buffers stay allocated until close", self.bdf, e)
-            return False
+        return controller.stop_dma(self)
 
     def _abort_all(self) -> None:
         if not self._closed:
@@ -847,18 +560,19 @@ class VfioNvmeBackend(Backend):
             try:
                 if self._state is _State.LIVE:
                     if hasattr(self, "_sq"):
-                        self._admin(pci.ADMIN_DELETE_SQ, cdw10=1)
-                        self._admin(pci.ADMIN_DELETE_CQ, cdw10=1)
+                        controller.admin(self, pci.ADMIN_DELETE_SQ, cdw10=1)
+                        controller.admin(self, pci.ADMIN_DELETE_CQ, cdw10=1)
                     cc = regs.read32(pci.REG_CC)
                     regs.write32(pci.REG_CC, (cc & ~pci.CC_SHN_MASK) | pci.CC_SHN_NORMAL)
-                    self._wait_csts(pci.CSTS_SHST_MASK, pci.CSTS_SHST_CMPLT, "shutdown")
+                    controller.wait_csts(self, pci.CSTS_SHST_MASK, pci.CSTS_SHST_CMPLT,
+                                         "shutdown")
                 else:  # the admin queue of a failed reset is not to be trusted: just stop
-                    self._disable()
+                    controller.disable(self)
             except BackendError as e:
                 log.warning("%s: unclean shutdown: %s", self.bdf, e)
         if self.cmb is not None:
             self.cmb.close()
-        self._close_rings()
+        controller.close_rings(self)
         if regs is not None:
             regs.release()
             self._regs = None
@@ -884,7 +598,7 @@ class VfioNvmeBackend(Backend):
 
 def pci_dsm_range(slba: int, nlb: int) -> bytes:
     """One 16-byte DSM range: context attributes 0, length, starting LBA."""
-    return (0).to_bytes(4, "little") + nlb.to_bytes(4, "little") + slba.to_bytes(8, "little")
+    return NVME_DSM_RANGE.pack(0, nlb, slba)
 
 
 class _Join:

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-# Register offsets and bits live in spec.regs (shared with the fabrics properties); the
+from nvmet_p2p.wire.limits import NVME_RW_FUA
+
+# Register offsets and bits live in wire.regs (shared with the fabrics properties); the
 # names are re-exported here because the driver reads them as `pci.REG_CC` and so on.
 from nvmet_p2p.wire.regs import (  # noqa: F401
     CC_CSS_NVM,
@@ -68,8 +70,6 @@ IO_DSM = 0x09
 FEAT_NUM_QUEUES = 0x07
 IO_OPCODE_NAMES = {IO_FLUSH: "Flush", IO_WRITE: "Write", IO_READ: "Read",
                    IO_WRITE_ZEROES: "Write Zeroes", IO_DSM: "Dataset Management"}
-RW_FUA = 1 << 30  # CDW12 bit 30
-DSM_ATTR_DEALLOCATE = 1 << 2  # CDW11 AD
 
 
 # -- CAP -------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def rw_cdws(slba: int, nlb: int, fua: bool = False) -> tuple[int, int, int]:
     """CDW10-12 of Read/Write/Write Zeroes (`nlb` is the real count, not 0's based)."""
     if not 1 <= nlb <= 0x10000:
         raise ValueError(f"NLB {nlb} out of range 1..65536")
-    return slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | (RW_FUA if fua else 0)
+    return slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | (NVME_RW_FUA if fua else 0)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ VFIO_GROUP_GET_STATUS = _VFIO + 3
 VFIO_GROUP_SET_CONTAINER = _VFIO + 4
 VFIO_GROUP_UNSET_CONTAINER = _VFIO + 5
 VFIO_GROUP_GET_DEVICE_FD = _VFIO + 6
-OPEN_RETRY_S = 5.0  # how long a just-rebound device may answer EAGAIN at open
+OPEN_RETRY_S = 5.0  # how long a just-rebound device may answer EAGAIN or ENODEV at open
+_OPEN_RETRY_ERRNOS = (errno.EAGAIN, errno.ENODEV)
 VFIO_DEVICE_GET_INFO = _VFIO + 7
 VFIO_DEVICE_GET_REGION_INFO = _VFIO + 8
 VFIO_DEVICE_RESET = _VFIO + 11
@@ -315,8 +316,11 @@ class VfioDevice:
                 break
             except P2PError as e:
                 # vfio-pci resets the function at open; right after a rebind the device
-                # lock may still be held and the reset answers EAGAIN: try again shortly.
-                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EAGAIN \
+                # lock may still be held and the reset answers EAGAIN, or the group does
+                # not list the device yet (ENODEV, seen in the VM right after a namespace
+                # was disabled and enabled again): try again shortly.
+                if not isinstance(e.__cause__, OSError) \
+                        or e.__cause__.errno not in _OPEN_RETRY_ERRNOS \
                         or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
