@@ -223,11 +223,11 @@ class Provider(ABC):
 
         An RDMA device registers a region offered this way with ibv_reg_dmabuf_mr instead of
         pinning its CPU mapping (rdma_mr.py); the fd stays the provider's.  Must not raise:
-        a provider that fails to export returns None and logs why.  Who could offer one:
+        a provider that fails to export returns None and logs why.  Who offers one:
         `VfioBarProvider` / `NvmeCmbProvider` through VFIO's dma-buf export of BAR regions
-        (VFIO_DEVICE_FEATURE_DMA_BUF, added to Linux in 2025), and a BAR's exporting driver
-        in general.  Kernel p2pmem and sysfs `resourceN` mappings have no dma-buf, and system
-        memory needs none.  On this project's Debian 6.1 kernel no provider offers one.
+        (VFIO_DEVICE_FEATURE_DMA_BUF: the VM's 7.x kernel has it, Debian's 6.1 does not), and
+        a BAR's exporting driver in general.  Kernel p2pmem and sysfs `resourceN` mappings
+        have no dma-buf, and system memory needs none.
         """
         return None
 
@@ -548,6 +548,9 @@ class BarRegion(Protocol):
     def map_region(self, index: int, offset: int = 0, length: int | None = None,
                    ) -> tuple[mmap.mmap, int]: ...
 
+    def export_dmabuf(self, index: int, offset: int, length: int) -> int:
+        """A dma-buf fd of that window of region `index`; raises P2PError saying why not."""
+
 
 class VfioBarProvider(Provider):
     """A BAR of a device owned by our VFIO driver, mapped through the device fd.
@@ -555,6 +558,10 @@ class VfioBarProvider(Provider):
     `bus_base` is the address the *owning* device decodes for the first byte of the window
     (for an NVMe CMB: CMBMSC.CBA plus the CMB's offset); chunks carry `bus_base + offset`.
     VFIO maps BARs uncached; there is no WC mmap through a VFIO device fd on Linux 6.1.
+
+    `dmabuf()` offers the window as a dma-buf exported by vfio-pci (VFIO_DEVICE_FEATURE_DMA_BUF,
+    kernels with CONFIG_VFIO_PCI_DMABUF such as the VM's 7.x; not 6.1), exported once on
+    first use; `dmabuf_reason` says why there is none.
     """
 
     kind = "vfio-bar"
@@ -567,8 +574,27 @@ class VfioBarProvider(Provider):
         self.name = f"{device.bdf}/bar{bar}"
         self.offset, self.size = offset, size
         self.access = access or AccessRules()
+        self._device = device
+        self._dmabuf_fd: int | None = None
+        self.dmabuf_reason = "not asked for yet"
         mm, addr = device.map_region(bar, offset, size)
         self._add_region(memoryview(mm), addr, bus_base, mm)
+
+    def dmabuf(self, region: int) -> tuple[int, int] | None:
+        if self._dmabuf_fd is None and not self._closed and self.dmabuf_reason:
+            try:
+                self._dmabuf_fd = self._device.export_dmabuf(self.bar or 0, self.offset,
+                                                             self.size)
+                self.dmabuf_reason = ""
+            except P2PError as e:
+                self.dmabuf_reason = str(e)
+                log.info("%s: no dma-buf: %s", self.name, e)
+        return None if self._dmabuf_fd is None else (self._dmabuf_fd, 0)
+
+    def _close_backing(self) -> None:
+        if self._dmabuf_fd is not None:
+            os.close(self._dmabuf_fd)
+            self._dmabuf_fd = None
 
 
 class NvmeCmbProvider(VfioBarProvider):

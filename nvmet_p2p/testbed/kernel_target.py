@@ -29,7 +29,7 @@ class KernelTarget:
                  trsvcid: int = 4420, traddr: str = "192.0.2.1", trtype: str = "rdma",
                  adrfam: str = "ipv4", nsid: int = 1, port_id: int = 1,
                  allowed_hosts: Sequence[str] = (), buffered_io: bool | None = None,
-                 root: Path = CONFIGFS_NVMET):
+                 p2pmem: str | None = None, root: Path = CONFIGFS_NVMET):
         self.subnqn = subnqn
         self.device_path = str(device_path)
         self.trsvcid = trsvcid
@@ -40,6 +40,7 @@ class KernelTarget:
         self.port_id = port_id
         self.allowed_hosts = list(allowed_hosts)
         self.buffered_io = buffered_io
+        self.p2pmem = p2pmem  # the namespace's p2pmem: "1", "0" or a provider's BDF
         self.root = root
 
     # configfs paths, named as the kernel names them
@@ -98,6 +99,10 @@ class KernelTarget:
         if self.buffered_io is not None:
             # Files on tmpfs (the VM's /tmp, /dev/shm) refuse O_DIRECT: they need buffered_io=1.
             _write(self.ns_dir / "buffered_io", "1" if self.buffered_io else "0")
+        if self.p2pmem is not None:
+            # only with CONFIG_PCI_P2PDMA; enable then fails unless the namespace's device
+            # takes P2P pages and p2pmem it can reach exists (nvmet_p2pmem_ns_enable)
+            _write(self.ns_dir / "p2pmem", self.p2pmem)
         _write(self.ns_dir / "enable", "1")
         self.port_dir.mkdir(parents=True, exist_ok=True)
         _write(self.port_dir / "addr_trtype", self.trtype)

@@ -1,13 +1,17 @@
 """What rxe really does when asked to register P2P and dma-buf memory, in the soft-RoCE VM.
 
-Run: python -m nvmet_p2p.testbed.vm pytest -q tests/test_rdma_mr_vm.py
+Run: python -m nvmet_p2p.testbed.vm pytest -q tests/transports/test_rdma_mr_vm.py
 
 * system memory: ibv_reg_mr succeeds (the fallback pool the transport always has);
-* QEMU's NVMe CMB mapped through our VFIO driver: ibv_reg_mr is refused, and the reason
-  names the verb, the CMB, rxe0 and the errno;
-* a real dma-buf (udmabuf when the kernel has it, else a vgem buffer exported with PRIME):
-  ibv_reg_dmabuf_mr is refused by rxe, with that reason.
+* QEMU's NVMe CMB owned by our VFIO driver: on a kernel whose vfio-pci exports BARs as
+  dma-bufs (the VM's 7.x) the CMB is offered as one and ibv_reg_dmabuf_mr is what rxe
+  refuses; without that export (Debian 6.1) ibv_reg_mr on the VFIO mapping is refused; the
+  reason names the verb, the CMB, rxe0 and the errno;
+* real dma-bufs of system memory (udmabuf, a dma-heap buffer, a vgem buffer exported with
+  PRIME, whichever the kernel has): ibv_reg_dmabuf_mr is refused by rxe, with that reason.
 
+A P2P-capable RDMA NIC cannot exist here, so no registration of P2P memory succeeds in
+this VM; the success path is covered with fake verbs (tests/transports/test_rdma_mr.py).
 Each outcome is printed ("RDMA MR OUTCOME ...") so the measured text can be quoted.
 """
 
@@ -18,6 +22,7 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +52,10 @@ DRM_IOCTL_PRIME_HANDLE_TO_FD = 0xC00C642D  # _IOWR('d', 0x2D, struct drm_prime_h
 DRM_IOCTL_GEM_CLOSE = 0x40086409  # _IOW('d', 0x09, struct drm_gem_close)
 DRM_RDWR = os.O_RDWR  # the PRIME flags are open(2) flags
 DRM_CLOEXEC = os.O_CLOEXEC
+# <linux/dma-heap.h>: struct dma_heap_allocation_data {u64 len; u32 fd; u32 fd_flags;
+# u64 heap_flags}
+DMA_HEAP_IOCTL_ALLOC = 0xC0184800  # _IOWR('H', 0x0, struct dma_heap_allocation_data)
+DMA_HEAP_SYSTEM = Path("/dev/dma_heap/system")
 
 
 class CreateDumb(ctypes.Structure):
@@ -133,21 +142,31 @@ def _vgem_dmabuf(size: int) -> tuple[int, str]:
         os.close(fd)
 
 
-def real_dmabuf(size: int) -> tuple[int, str]:
-    """(fd, what made it): udmabuf if the kernel has it, else vgem; skip if neither works."""
-    why = []
-    if Path("/dev/udmabuf").exists():
-        try:
-            return _udmabuf(size)
-        except OSError as e:
-            why.append(f"udmabuf: {e}")
-    else:
-        why.append(f"/dev/udmabuf absent (kernel {os.uname().release} without CONFIG_UDMABUF)")
+def _heap_dmabuf(size: int) -> tuple[int, str]:
+    """A dma-buf from the system dma-heap (CONFIG_DMABUF_HEAPS_SYSTEM)."""
+    dev = os.open(DMA_HEAP_SYSTEM, os.O_RDWR)
     try:
-        return _vgem_dmabuf(size)
+        arg = bytearray(struct.pack("=QIIQ", size, 0, os.O_RDWR | os.O_CLOEXEC, 0))
+        fcntl.ioctl(dev, DMA_HEAP_IOCTL_ALLOC, arg)
+        return struct.unpack("=QIIQ", arg)[1], "dma-heap system"
+    finally:
+        os.close(dev)
+
+
+EXPORTERS = {"udmabuf": (_udmabuf, Path("/dev/udmabuf"), "CONFIG_UDMABUF"),
+             "dma-heap": (_heap_dmabuf, DMA_HEAP_SYSTEM, "CONFIG_DMABUF_HEAPS_SYSTEM"),
+             "vgem": (_vgem_dmabuf, None, "")}
+
+
+def real_dmabuf(exporter: str, size: int) -> tuple[int, str]:
+    """(fd, what made it) from `exporter`; skip, saying why, when this kernel has none."""
+    make, dev, config = EXPORTERS[exporter]
+    if dev is not None and not dev.exists():
+        pytest.skip(f"{dev} absent (kernel {os.uname().release} without {config})")
+    try:
+        return make(size)
     except (OSError, VMError) as e:
-        why.append(f"vgem: {e}")
-    pytest.skip("no dma-buf exporter in this VM: " + "; ".join(why))
+        pytest.skip(f"no dma-buf from {exporter} in this VM: {e}")
 
 
 def outcome(what: str, reg, why: str) -> None:
@@ -196,23 +215,32 @@ def test_reg_mr_on_system_memory_succeeds(pd):
             reg.close()
 
 
-def test_reg_mr_on_the_vfio_mapped_cmb_is_refused(pd, cmb_backend):
+def test_registering_the_vfio_owned_cmb_is_refused(pd, cmb_backend):
     cmb = cmb_backend.cmb
     assert cmb is not None, cmb_backend.cmb_reason
     assert cmb.kind == "nvme-cmb" and cmb.mapping == "uc"
+    offered = cmb.dmabuf(0)
     reg, why = register_provider(pd, cmb, "rxe0")
-    outcome(f"VFIO-mapped CMB {cmb.name}", reg, why)
+    outcome(f"VFIO-owned CMB {cmb.name} (dma-buf: {offered or cmb.dmabuf_reason})", reg, why)
     if reg is not None:
         reg.close()
-    # ib_umem_get pins with pin_user_pages(FOLL_LONGTERM): a VFIO BAR mapping is
-    # VM_IO|VM_PFNMAP, which GUP refuses with EFAULT.
     assert reg is None
-    assert why == f"ibv_reg_mr on nvme-cmb {cmb_backend.bdf}/cmb failed on rxe0: " \
-                  f"[Errno {errno.EFAULT}] Bad address"
+    where = f"on nvme-cmb {cmb_backend.bdf}/cmb failed on rxe0"
+    if offered is None:
+        # No VFIO dma-buf export in this kernel (6.1): ibv_reg_mr on the CPU mapping, and
+        # ib_umem_get's pin_user_pages(FOLL_LONGTERM) refuses a VM_IO|VM_PFNMAP VFIO BAR
+        # mapping with EFAULT.
+        assert "VFIO_DEVICE_FEATURE_DMA_BUF" in cmb.dmabuf_reason
+        assert why == f"ibv_reg_mr {where}: [Errno {errno.EFAULT}] Bad address"
+    else:
+        # vfio-pci exported the CMB as a dma-buf; rxe implements no dma-buf MRs.
+        assert why == (f"ibv_reg_dmabuf_mr {where}: [Errno {errno.EOPNOTSUPP}] "
+                       "Operation not supported")
 
 
-def test_reg_dmabuf_mr_on_a_real_dmabuf(pd):
-    fd, source = real_dmabuf(DMABUF_SIZE)
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+def test_reg_dmabuf_mr_on_a_real_dmabuf(pd, exporter):
+    fd, source = real_dmabuf(exporter, DMABUF_SIZE)
     try:
         prov = DmabufProvider(fd, DMABUF_SIZE, source.replace(" ", ":"))
     except OSError as e:
@@ -226,8 +254,8 @@ def test_reg_dmabuf_mr_on_a_real_dmabuf(pd):
         outcome(f"dma-buf from {source}", reg, why)
         if reg is not None:
             reg.close()
-        # rxe (librxe of rdma-core 44, the 6.1 driver) implements no dma-buf MRs: the verb
-        # is refused as unsupported, whatever the exporter.
+        # rxe (librxe of rdma-core 44; the 6.1 and 7.x drivers) implements no dma-buf MRs:
+        # the verb is refused as unsupported, whatever the exporter.
         assert reg is None
         assert why == f"ibv_reg_dmabuf_mr on dma-buf {prov.name} failed on rxe0: " \
                       f"[Errno {errno.EOPNOTSUPP}] Operation not supported"

@@ -42,6 +42,9 @@ VFIO_DEVICE_GET_REGION_INFO = _VFIO + 8
 VFIO_DEVICE_RESET = _VFIO + 11
 VFIO_IOMMU_MAP_DMA = _VFIO + 13
 VFIO_IOMMU_UNMAP_DMA = _VFIO + 14
+VFIO_DEVICE_FEATURE = _VFIO + 17
+VFIO_DEVICE_FEATURE_GET = 1 << 16
+VFIO_DEVICE_FEATURE_DMA_BUF = 11  # vfio-pci exports BAR ranges as dma-bufs (7.x, not 6.1)
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1v2_IOMMU = 3
@@ -59,6 +62,10 @@ _DEVICE_INFO = struct.Struct("=IIII")  # argsz, flags, num_regions, num_irqs
 _REGION_INFO = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
 _DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, vaddr, iova, size
 _DMA_UNMAP = struct.Struct("=IIQQ")  # argsz, flags, iova, size
+# struct vfio_device_feature {argsz, flags} + struct vfio_device_feature_dma_buf
+# {region_index, open_flags, flags, nr_ranges} + one struct vfio_region_dma_range
+# {offset, length}
+_FEATURE_DMA_BUF = struct.Struct("=II" "IIII" "QQ")
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
@@ -349,6 +356,16 @@ class VfioDevice:
             raise P2PError(f"{self.bdf}: mmap of region {index} failed: {e.strerror}") from e
         self._maps.append(mm)
         return mm, buffer_address(mm)
+
+    def export_dmabuf(self, index: int, offset: int, length: int) -> int:
+        """A dma-buf fd of region `index`'s window [offset, offset + length), for importers
+        such as ibv_reg_dmabuf_mr (VFIO_DEVICE_FEATURE_DMA_BUF; ENOTTY before the kernel
+        had it)."""
+        arg = bytearray(_FEATURE_DMA_BUF.pack(
+            _FEATURE_DMA_BUF.size, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
+            index, os.O_RDWR | os.O_CLOEXEC, 0, 1, offset, length))
+        return _ioctl(self.fd, VFIO_DEVICE_FEATURE, arg,
+                      what=f"{self.bdf}: VFIO_DEVICE_FEATURE_DMA_BUF of region {index}")
 
     def config_read(self, off: int, size: int) -> int:
         _, _, base = self.region_info(VFIO_PCI_CONFIG_REGION_INDEX)
