@@ -55,6 +55,7 @@ from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_RDMA_IP_PORT
 from nvmet_p2p.wire.status import Status
 
 if TYPE_CHECKING:
+    from nvmet_p2p.cmb import Provider
     from nvmet_p2p.configfs import Port
     from nvmet_p2p.core.ctrl import Ctrl
     from nvmet_p2p.core.queue import SQ
@@ -291,8 +292,16 @@ class TcpTransport:
         (recv_into / sendmsg), so only the namespace's device must reach the provider."""
         return None
 
-    def p2p_can_register(self, provider: Any) -> str | None:
-        """Why the kernel's socket copies cannot go into `provider`'s memory, or None."""
+    def p2p_can_register(self, provider: Provider) -> str | None:
+        """Why the CPU copies of this transport cannot use `provider`'s memory, or None.
+
+        A chunk is written by the kernel's copy out of the socket (recv_into) and, for
+        bytes that arrived together with their PDU header, by a plain memcpy of ours; it
+        is read by the kernel's copy into the socket and by the CRC32C of data digests.
+        None of these follows a provider's access rules: a provider that needs whole,
+        ordered block stores is refused; its fixed store width is not enforced (the
+        QEMU CMB used in the tests takes any access size).
+        """
         if provider.access.block is not None:
             return (f"{provider.name} needs whole {provider.access.block}-byte block stores, "
                     "which the kernel's socket copy into the buffer does not make")
