@@ -32,6 +32,10 @@ most MAXH2CDATA, each checked against the R2T window.  A read whose host disable
 flow control at Connect completes with the C2HData SUCCESS flag and no CapsuleResp.
 A data digest error completes the command with Transient Transport Error (NVMe/TCP
 binding; SPDK does the same) and the connection goes on.
+
+Data descriptors: in-capsule data (offset data block) or a transport SGL data block
+(0x5A), what the Linux host sends.  The kernel takes any other descriptor type as
+transport data too; we answer it with SGL Descriptor Type Invalid, as SPDK does.
 """
 
 from __future__ import annotations
