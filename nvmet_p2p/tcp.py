@@ -652,27 +652,25 @@ class TcpTransport:
         cqe = req.cqe
         with_data = (m is not None and m.kind == SglKind.TRANSPORT and cqe.status == 0
                      and req.data_dir == DataDir.FROM_CTRL and req.buf is not None)
-        rsp = pdu.header(pdu.PduType.RSP, pdu.CapsuleResp(cqe.encode()), hdgst=q.hdgst)
-        pieces: list[bytes | memoryview] = [rsp]
-        if with_data:
-            assert m is not None and req.buf is not None
-            # The CQE would say only "success": with SQ flow control disabled (no SQ head
-            # to report) it may be left out, as the kernel's nvmet_setup_c2h_data_pdu does.
-            success = q.sq.disable_sqflow and cqe.result == 0
-            flags = pdu.F_DATA_LAST | (pdu.F_DATA_SUCCESS if success else 0)
-            data = req.buf[:m.length]
-            pieces = [pdu.header(pdu.PduType.C2H_DATA, pdu.DataPdu(cqe.cid, 0, 0, m.length),
-                                 flags=flags, data_len=m.length, hdgst=q.hdgst, ddgst=q.ddgst,
-                                 pda=q.hpda), data]
-            if q.ddgst:
-                pieces.append(pdu.digest(data))
-            if success:
-                self.stats["c2h_success"] += 1
-            else:
-                pieces.append(rsp)
-        for piece in pieces[:-1]:
-            q.send(piece)
-        q.send(pieces[-1], _Sent(cmd, self, q))  # the buffer goes back once this is out
+        if not with_data:
+            q.send(pdu.rsp_header(cqe.encode(), q.hdgst), _Sent(cmd, self, q))
+            return CmdState.COMPLETING
+        assert m is not None and req.buf is not None
+        # The CQE would say only "success": with SQ flow control disabled (no SQ head to
+        # report) it may be left out, as the kernel's nvmet_setup_c2h_data_pdu does.
+        success = q.sq.disable_sqflow and cqe.result == 0
+        flags = pdu.F_DATA_LAST | (pdu.F_DATA_SUCCESS if success else 0)
+        data = req.buf[:m.length]
+        q.send(pdu.c2h_data_header(cqe.cid, m.length, flags, q.hdgst, q.ddgst, q.hpda))
+        if q.ddgst:
+            q.send(data)
+            data = memoryview(pdu.digest(data))
+        if success:
+            self.stats["c2h_success"] += 1
+        else:
+            q.send(data)
+            data = memoryview(pdu.rsp_header(cqe.encode(), q.hdgst))
+        q.send(data, _Sent(cmd, self, q))  # the buffer goes back once the last piece is out
         return CmdState.COMPLETING
 
     def _st_completing(self, q: TcpQueue, cmd: TcpCmd) -> CmdState:
