@@ -32,6 +32,10 @@ most MAXH2CDATA, each checked against the R2T window.  A read whose host disable
 flow control at Connect completes with the C2HData SUCCESS flag and no CapsuleResp.
 A data digest error completes the command with Transient Transport Error (NVMe/TCP
 binding; SPDK does the same) and the connection goes on.
+
+Data descriptors: in-capsule data (offset data block) or a transport SGL data block
+(0x5A), what the Linux host sends.  The kernel takes any other descriptor type as
+transport data too; we answer it with SGL Descriptor Type Invalid, as SPDK does.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from nvmet_p2p.wire.limits import NVME_AQ_DEPTH, NVME_RDMA_IP_PORT
 from nvmet_p2p.wire.status import Status
 
 if TYPE_CHECKING:
+    from nvmet_p2p.cmb import Provider
     from nvmet_p2p.configfs import Port
     from nvmet_p2p.core.ctrl import Ctrl
     from nvmet_p2p.core.queue import SQ
@@ -291,8 +296,16 @@ class TcpTransport:
         (recv_into / sendmsg), so only the namespace's device must reach the provider."""
         return None
 
-    def p2p_can_register(self, provider: Any) -> str | None:
-        """Why the kernel's socket copies cannot go into `provider`'s memory, or None."""
+    def p2p_can_register(self, provider: Provider) -> str | None:
+        """Why the CPU copies of this transport cannot use `provider`'s memory, or None.
+
+        A chunk is written by the kernel's copy out of the socket (recv_into) and, for
+        bytes that arrived together with their PDU header, by a plain memcpy of ours; it
+        is read by the kernel's copy into the socket and by the CRC32C of data digests.
+        None of these follows a provider's access rules: a provider that needs whole,
+        ordered block stores is refused; its fixed store width is not enforced (the
+        QEMU CMB used in the tests takes any access size).
+        """
         if provider.access.block is not None:
             return (f"{provider.name} needs whole {provider.access.block}-byte block stores, "
                     "which the kernel's socket copy into the buffer does not make")
@@ -639,27 +652,25 @@ class TcpTransport:
         cqe = req.cqe
         with_data = (m is not None and m.kind == SglKind.TRANSPORT and cqe.status == 0
                      and req.data_dir == DataDir.FROM_CTRL and req.buf is not None)
-        rsp = pdu.header(pdu.PduType.RSP, pdu.CapsuleResp(cqe.encode()), hdgst=q.hdgst)
-        pieces: list[bytes | memoryview] = [rsp]
-        if with_data:
-            assert m is not None and req.buf is not None
-            # The CQE would say only "success": with SQ flow control disabled (no SQ head
-            # to report) it may be left out, as the kernel's nvmet_setup_c2h_data_pdu does.
-            success = q.sq.disable_sqflow and cqe.result == 0
-            flags = pdu.F_DATA_LAST | (pdu.F_DATA_SUCCESS if success else 0)
-            data = req.buf[:m.length]
-            pieces = [pdu.header(pdu.PduType.C2H_DATA, pdu.DataPdu(cqe.cid, 0, 0, m.length),
-                                 flags=flags, data_len=m.length, hdgst=q.hdgst, ddgst=q.ddgst,
-                                 pda=q.hpda), data]
-            if q.ddgst:
-                pieces.append(pdu.digest(data))
-            if success:
-                self.stats["c2h_success"] += 1
-            else:
-                pieces.append(rsp)
-        for piece in pieces[:-1]:
-            q.send(piece)
-        q.send(pieces[-1], _Sent(cmd, self, q))  # the buffer goes back once this is out
+        if not with_data:
+            q.send(pdu.rsp_header(cqe.encode(), q.hdgst), _Sent(cmd, self, q))
+            return CmdState.COMPLETING
+        assert m is not None and req.buf is not None
+        # The CQE would say only "success": with SQ flow control disabled (no SQ head to
+        # report) it may be left out, as the kernel's nvmet_setup_c2h_data_pdu does.
+        success = q.sq.disable_sqflow and cqe.result == 0
+        flags = pdu.F_DATA_LAST | (pdu.F_DATA_SUCCESS if success else 0)
+        data = req.buf[:m.length]
+        q.send(pdu.c2h_data_header(cqe.cid, m.length, flags, q.hdgst, q.ddgst, q.hpda))
+        if q.ddgst:
+            q.send(data)
+            data = memoryview(pdu.digest(data))
+        if success:
+            self.stats["c2h_success"] += 1
+        else:
+            q.send(data)
+            data = memoryview(pdu.rsp_header(cqe.encode(), q.hdgst))
+        q.send(data, _Sent(cmd, self, q))  # the buffer goes back once the last piece is out
         return CmdState.COMPLETING
 
     def _st_completing(self, q: TcpQueue, cmd: TcpCmd) -> CmdState:

@@ -267,6 +267,30 @@ def header(ptype: PduType, psh: Psh, *, flags: int = 0, data_len: int = 0,
     return head
 
 
+_RSP_CH = struct.Struct("<BBBBI16s")  # common header + CQE
+_DATA_CH = struct.Struct("<BBBBIHHII4x")  # common header + C2HData/H2CData PSH
+
+
+def rsp_header(cqe: bytes, hdgst: bool) -> bytes:
+    """A whole CapsuleResp: `header(RSP, CapsuleResp(cqe), hdgst=...)`, for every command."""
+    if not hdgst:
+        return _RSP_CH.pack(PduType.RSP, 0, RSP_HLEN, 0, RSP_HLEN, cqe)
+    head = _RSP_CH.pack(PduType.RSP, F_HDGST, RSP_HLEN, 0, RSP_HLEN + DIGEST_LEN, cqe)
+    return head + digest(head)
+
+
+def c2h_data_header(cccid: int, datal: int, flags: int, hdgst: bool, ddgst: bool,
+                    pda: int) -> bytes:
+    """A C2HData header for `datal` bytes at offset 0 (`header(C2H_DATA, ...)`, per read)."""
+    pdo = data_offset(DATA_HLEN, hdgst, pda)
+    flags |= (F_HDGST if hdgst else 0) | (F_DDGST if ddgst else 0)
+    head = _DATA_CH.pack(PduType.C2H_DATA, flags, DATA_HLEN, pdo,
+                         pdo + datal + (DIGEST_LEN if ddgst else 0), cccid, 0, 0, datal)
+    if hdgst:
+        head += digest(head)
+    return head.ljust(pdo, b"\0")
+
+
 def encode(ptype: PduType, psh: Psh, data: bytes | bytearray | memoryview = b"", *,
            flags: int = 0, hdgst: bool = False, ddgst: bool = False, pda: int = 0) -> bytes:
     """A whole PDU as bytes (hosts, tests; the target sends data without copying it)."""

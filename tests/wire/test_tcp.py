@@ -315,3 +315,16 @@ def test_term_req_echoes_at_most_128_header_bytes() -> None:
     raw = t.term_req(PduType.C2H_TERM, Fes.HDR_DIGEST_ERR, 0, bytes(200))
     assert len(raw) == t.MAX_TERM_PLEN
     assert int.from_bytes(raw[4:8], "little") == t.MAX_TERM_PLEN
+
+
+def test_per_command_headers_equal_the_general_encoder() -> None:
+    """The target builds every CapsuleResp and C2HData header with its own short path."""
+    assert t.rsp_header(CQE, False) == RSP
+    assert t.rsp_header(CQE, True) == RSP_HDGST
+    for hd in (False, True):
+        for dd in (False, True):
+            for pda in (0, 1, 3, 31):
+                for flags in (t.F_DATA_LAST, t.F_DATA_LAST | t.F_DATA_SUCCESS):
+                    assert t.c2h_data_header(0xBEEF, 4096, flags, hd, dd, pda) == t.header(
+                        PduType.C2H_DATA, DataPdu(0xBEEF, 0, 0, 4096), flags=flags,
+                        data_len=4096, hdgst=hd, ddgst=dd, pda=pda)
