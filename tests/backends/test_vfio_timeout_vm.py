@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nvmet_p2p.backends.vfio_nvme import controller
 from nvmet_p2p.backends.vfio_nvme import nvme_pci as pci
 from nvmet_p2p.cmb import copy_from, copy_into
 from nvmet_p2p.core.clock import FakeClock
@@ -173,10 +174,10 @@ def test_a_failed_reinit_fails_fast_with_dnr_and_close_gives_the_device_back(
     got: list[int] = []
     ctrl.submit_read(0, 1, memoryview(bytearray(bs)), got.append)
 
-    def identify_fails(cns: int, nsid: int) -> bytes:  # the bring-up stops half way
+    def identify_fails(b: object, cns: int, nsid: int) -> bytes:  # bring-up stops half way
         raise BackendError("injected: Identify failed")
 
-    monkeypatch.setattr(ctrl, "_identify", identify_fails)
+    monkeypatch.setattr(controller, "identify", identify_fails)
     clock.advance(ctrl.io_timeout)
     ctrl.poll()
     assert got == [Status.ABORT_REQ]
