@@ -8,9 +8,11 @@ Python NVMe-oF host, connected in one process over the loop transport.
 import asyncio
 import pathlib
 
+from nvmet_p2p.backends import open_backend
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
 from nvmet_p2p.host.loop import LoopHost
+from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.transports.loop import LoopTransport
 
 CONFIG = pathlib.Path(__file__).with_name("memory.json")
@@ -18,7 +20,8 @@ NQN = "nqn.2026-11.io.example:mem"
 
 
 def main() -> None:
-    target = Target(loop=asyncio.new_event_loop())
+    # the target is composed: how namespaces open their backends, which memory I/O uses
+    target = Target(loop=asyncio.new_event_loop(), open_backend=open_backend, p2p=P2PPolicy())
     transport = LoopTransport(target)
     with target.root.transaction():  # all of the file or nothing
         target.root.restore(jsonfile.read_doc(CONFIG), source=str(CONFIG))

@@ -56,7 +56,7 @@ requests = st.fixed_dictionaries({
 
 
 def _serve(env: LoopEnv) -> RpcServer:
-    return RpcServer(SimpleNamespace(target=env.target, config_path=None),
+    return RpcServer(SimpleNamespace(target=env.target, p2p=env.p2p, config_path=None),
                      str(Path(tempfile.mkdtemp()) / "unused.sock"))
 
 
