@@ -20,7 +20,7 @@ NQN = "nqn.2026-11.io.example:mem"
 
 
 def main() -> None:
-    # the target is composed: how namespaces open and which memory I/O uses are handed in
+    # the target is composed: how namespaces open their backends, which memory I/O uses
     target = Target(loop=asyncio.new_event_loop(), open_backend=open_backend, p2p=P2PPolicy())
     transport = LoopTransport(target)
     with target.root.transaction():  # all of the file or nothing

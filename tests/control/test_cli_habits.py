@@ -128,8 +128,9 @@ def test_rpc_wait_for_a_daemon_started_a_moment_later(tmp_path: Path) -> None:
 
     path = str(Path(tempfile.mkdtemp(prefix="nvmet-wait-")) / "ctl.sock")
     loop = asyncio.new_event_loop()
-    server = RpcServer(SimpleNamespace(target=Target(loop=loop, open_backend=open_backend, p2p=P2PPolicy()),
-                                       config_path=None), path)
+    policy = P2PPolicy()
+    target = Target(loop=loop, open_backend=open_backend, p2p=policy)
+    server = RpcServer(SimpleNamespace(target=target, p2p=policy, config_path=None), path)
 
     def late_start() -> None:
         time.sleep(0.5)

@@ -121,8 +121,7 @@ def test_ls_shows_why_a_port_does_not_listen(env: LoopEnv, flaky: FlakyTransport
     from nvmet_p2p.control.shell import UIPort, make_shell
 
     env.root.ports[7].link_subsystem(SUBNQN)
-    server = RpcServer(SimpleNamespace(target=env.target, p2p=env.p2p, config_path=None),
-                       "unused")
+    server = RpcServer(SimpleNamespace(target=env.target, p2p=env.p2p, config_path=None), "unused")
 
     class Direct:  # RpcClient.call, answered in this thread
         def call(self, method: str, **params: object) -> object:

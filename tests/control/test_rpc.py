@@ -110,7 +110,7 @@ def test_stale_socket_is_replaced_and_removed_at_close(env: LoopEnv) -> None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.bind(path)  # bound, never listening: what a killed daemon leaves behind
-        server = RpcServer(SimpleNamespace(target=env.target, config_path=None), path)
+        server = RpcServer(SimpleNamespace(target=env.target, p2p=env.p2p, config_path=None), path)
         env.loop.run_until_complete(server.start())
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         env.loop.run_until_complete(server.close())

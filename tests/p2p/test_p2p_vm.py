@@ -114,6 +114,7 @@ def vt():
         print("\nP2P VM FIGURES", json.dumps(FIGURES, indent=2))
 
 
+@pytest.mark.without_p2pdma
 def test_decision_uses_the_cmb(vt):
     cmb = vt.cmb
     assert cmb is not None, vt.ns.backend.cmb_reason
@@ -125,6 +126,7 @@ def test_decision_uses_the_cmb(vt):
     assert host.active_ns() == [1]
 
 
+@pytest.mark.without_p2pdma
 def test_writes_pass_through_the_cmb_to_the_media(vt):
     p2p_host, sys_host = vt.connect(P2P_PORT), vt.connect(SYS_PORT)
     ns, cmb = vt.ns, vt.cmb

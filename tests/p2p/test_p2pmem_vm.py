@@ -34,7 +34,7 @@ from nvmet_p2p.transports.loop import LoopTransport
 from tests.support.backend_io import pattern
 from tests.support.kernel_p2p import kernel_nvme_disks, kernel_p2pdma, o_direct_verdict
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.without_p2pdma]
 
 NQN = "nqn.2026-12.io.nvmet-p2p:p2pmem-vm"
 PORTID = 1

@@ -5,7 +5,8 @@ NVMe controller bound to the kernel's nvme driver to its block device; `o_direct
 maps a few pages of a provider's `p2pmem/allocate` and does an O_DIRECT write and read
 between them and a block device, which the block layer issues as P2P-flagged requests:
 success, or the errno and the kernel log lines the refusal printed.  `KernelLog` reads
-the lines /dev/kmsg got since it was opened.
+the lines /dev/kmsg got since it was opened; `FunctionCalls` counts calls of kernel
+functions with ftrace's function tracer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import errno
 import mmap
 import os
 import platform
+import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +87,44 @@ class KernelLog:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class FunctionCalls:
+    """How often the kernel ran `functions` between start() and stop() (ftrace, function
+    tracer filtered to them); a function the kernel cannot trace raises OSError at start."""
+
+    def __init__(self, *functions: str) -> None:
+        self.functions = functions
+        self.counts: Counter[str] = Counter()
+
+    def _write(self, name: str, value: str) -> None:
+        with open(TRACEFS / name, "w") as f:
+            f.write(value)
+
+    def start(self) -> None:
+        if not (TRACEFS / "tracing_on").exists():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True,
+                           capture_output=True, timeout=30)
+        self._write("set_ftrace_filter", " ".join(self.functions))
+        self._write("trace", "")
+        self._write("current_tracer", "function")
+        self._write("tracing_on", "1")
+
+    def stop(self) -> Counter[str]:
+        self._write("tracing_on", "0")
+        text = (TRACEFS / "trace").read_text()
+        self._write("current_tracer", "nop")
+        self._write("set_ftrace_filter", "")
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            for fn in self.functions:  # "... : nvmet_req_alloc_sgls <-nvmet_rdma_..."
+                if f": {fn} <-" in line:
+                    self.counts[fn] += 1
+        return self.counts
 
 
 @dataclass

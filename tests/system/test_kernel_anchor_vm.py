@@ -10,8 +10,10 @@ The kernel says it by omission: nvmet-rdma names a P2P client for a controller o
 ib_dma_pci_p2p_dma_supported() (false for rxe, which uses virtual DMA), and without one
 nvmet_setup_p2p_ns_map() looks for no provider at all: neither "using p2pmem on ..." nor
 "no peer-to-peer memory is available ..." is logged, although the namespace was enabled
-with p2pmem (its own controller's p2pmem is reachable from it).  Ours names the cause.
-Both decisions are printed ("KERNEL ANCHOR ...").
+with p2pmem (its own controller's p2pmem is reachable from it), and ftrace shows every
+buffer allocated (nvmet_req_alloc_sgls) without a p2pmem search or allocation
+(pci_p2pmem_find_many, pci_p2pmem_alloc_sgl).  Ours names the cause.  Both decisions are
+printed ("KERNEL ANCHOR ...").
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import pytest
 from nvmet_p2p.testbed import guest
 from nvmet_p2p.testbed.kernel_target import KernelTarget
 from tests.support import vm_target as vt
-from tests.support.kernel_p2p import KernelLog, kernel_nvme_disks, kernel_p2pdma
+from tests.support.kernel_p2p import FunctionCalls, KernelLog, kernel_nvme_disks, kernel_p2pdma
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.without_p2pdma]
 
 KERNEL_NQN = "nqn.2026-12.io.nvmet-p2p:anchor-kernel"
 OURS_NQN = "nqn.2026-12.io.nvmet-p2p:anchor-ours"
@@ -57,24 +59,32 @@ def host_io(subnqn: str, trsvcid: int) -> None:
         guest.nvme_disconnect(subnqn)
 
 
+KERNEL_FUNCTIONS = ("nvmet_req_alloc_sgls", "pci_p2pmem_find_many", "pci_p2pmem_alloc_sgl")
+
+
 @pytest.fixture(scope="module")
-def kernel_decision(disk: str) -> list[str]:
-    """The kernel target's P2P log lines from enabling the namespace to the host's I/O."""
+def kernel_decision(disk: str) -> tuple[list[str], dict[str, int]]:
+    """The kernel target's log lines and buffer calls, from namespace enable to the I/O."""
     klog = KernelLog()
+    calls = FunctionCalls(*KERNEL_FUNCTIONS)
     try:
         with KernelTarget(KERNEL_NQN, disk, trsvcid=KERNEL_PORT, p2pmem="1") as kt:
             # enable with p2pmem=1 succeeded: p2pmem reachable from the namespace exists
             assert (kt.ns_dir / "p2pmem").read_text().strip() == "1"
-            host_io(KERNEL_NQN, KERNEL_PORT)
+            calls.start()
+            try:
+                host_io(KERNEL_NQN, KERNEL_PORT)
+            finally:
+                counts = dict(calls.stop())
         lines = [ln for ln in klog.lines() if ln.startswith(("nvmet", "nvme "))]
     finally:
         klog.close()
-    print(f"\nKERNEL ANCHOR kernel nvmet on {disk}: {lines}")
-    return lines
+    print(f"\nKERNEL ANCHOR kernel nvmet on {disk}: calls {counts}, log {lines}")
+    return lines, counts
 
 
 @pytest.fixture(scope="module")
-def ours(disk: str, kernel_decision: list[str], tmp_path_factory: pytest.TempPathFactory,
+def ours(disk: str, kernel_decision: tuple, tmp_path_factory: pytest.TempPathFactory,
          ) -> Iterator[tuple[dict, dict]]:
     port = vt.rdma_port(1, OURS_PORT, [OURS_NQN])
     port["attr"] = {"allow_p2pmem": "1"}
@@ -90,10 +100,14 @@ def ours(disk: str, kernel_decision: list[str], tmp_path_factory: pytest.TempPat
 
 def test_both_targets_refuse_p2p_memory_for_rxe_for_the_same_cause(disk, kernel_decision,
                                                                     ours):
-    # the kernel: the controller was made and served I/O, with no P2P client to judge
-    assert any(ln.startswith("nvmet: Created nvm controller") for ln in kernel_decision)
-    assert not any("using p2pmem" in ln for ln in kernel_decision), kernel_decision
-    assert not any("peer-to-peer memory is available" in ln for ln in kernel_decision)
+    # the kernel: the controller was made and served I/O in system memory, without looking
+    # for a provider: it had no P2P client to judge
+    lines, calls = kernel_decision
+    assert any(ln.startswith("nvmet: Created nvm controller") for ln in lines), lines
+    assert not any("using p2pmem" in ln or "peer-to-peer memory is available" in ln
+                   for ln in lines), lines
+    assert calls.get("nvmet_req_alloc_sgls", 0) >= 2 * IO_BYTES // (64 << 10), calls
+    assert not calls.get("pci_p2pmem_find_many") and not calls.get("pci_p2pmem_alloc_sgl")
     # ours: the same client refused, before any provider is looked at
     decision, stats = ours
     assert not decision["p2p"] and decision["reason"] == RXE_REASON, decision

@@ -98,6 +98,7 @@ def test_port_linked_live_shows_up_in_discovery(target: vt.VmTarget) -> None:
     target.rpc("delete", path="/ports/2")
 
 
+@pytest.mark.without_p2pdma
 def test_allow_p2pmem_on_rxe_falls_back_with_the_reason(target: vt.VmTarget) -> None:
     explained = target.rpc("p2p_explain")
     mine = [d for d in explained if d["subnqn"] == SUBNQN and d["nsid"] == 1]

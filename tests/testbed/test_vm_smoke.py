@@ -16,7 +16,8 @@ from nvmet_p2p.errors import VMError
 from nvmet_p2p.testbed import guest, vm
 from nvmet_p2p.testbed.kernel_target import KernelTarget
 
-pytestmark = [pytest.mark.vm, pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)]
+pytestmark = [pytest.mark.vm, pytest.mark.without_p2pdma,
+              pytest.mark.skipif(not guest.in_vm(), reason=guest.VM_SKIP_REASON)]
 
 # Linux IORESOURCE_* bits in the flags column of sysfs `resource`.
 IORESOURCE_PREFETCH = 0x2000

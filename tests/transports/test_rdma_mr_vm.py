@@ -38,7 +38,7 @@ from nvmet_p2p.testbed.guest import (
 )
 from nvmet_p2p.transports.rdma_mr import REG_MR, register_provider
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.without_p2pdma]
 
 SYS = Path("/sys/bus/pci/devices")
 DMABUF_SIZE = 1 << 20
@@ -236,6 +236,24 @@ def test_registering_the_vfio_owned_cmb_is_refused(pd, cmb_backend):
         # vfio-pci exported the CMB as a dma-buf; rxe implements no dma-buf MRs.
         assert why == (f"ibv_reg_dmabuf_mr {where}: [Errno {errno.EOPNOTSUPP}] "
                        "Operation not supported")
+
+
+def test_reg_mr_on_kernel_p2pmem_is_refused(pd):
+    from nvmet_p2p.cmb import KernelP2pmemProvider
+    from nvmet_p2p.p2p.topology import published_p2pmem
+    bdf = next((p.bdf for p in published_p2pmem() if p.published and p.allocatable), None)
+    if bdf is None:
+        pytest.skip(f"no published p2pmem (kernel {os.uname().release} without "
+                    "CONFIG_PCI_P2PDMA)")
+    with KernelP2pmemProvider("/sys", bdf, size=DMABUF_SIZE) as prov:
+        reg, why = register_provider(pd, prov, "rxe0")
+        outcome(f"kernel p2pmem {prov.name}", reg, why)
+        if reg is not None:
+            reg.close()
+    # rxe pins user pages as system memory; ZONE_DEVICE P2P pages are refused
+    assert reg is None
+    assert why == (f"ibv_reg_mr on p2pmem {bdf}/p2pmem failed on rxe0: [Errno {errno.EFAULT}] "
+                   "Bad address")
 
 
 @pytest.mark.parametrize("exporter", sorted(EXPORTERS))
