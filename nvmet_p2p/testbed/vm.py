@@ -557,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     _raise_on_sigterm()
     if argv and argv[0] == "pytest":
         opts, pytest_args = _split_pytest_cli(argv[1:])
-        # Every device any vm test needs: the CMB NVMe on the root bus stays 0000:00:0a.0
-        # (first in BDF order), the switch's NVMe come after it.
+        # Every device any vm test needs: the CMB NVMe on the root bus stays 0000:00:0b.0
+        # (first NVMe in BDF order; the cached-root 9p device takes 00:0a.0), the switch's NVMe after it.
         vm = VM(nvme_cmb=True, iommu=True, pcie_switch=True, verbose=opts.verbose,
                 kernel=opts.kernel)
         return _run_cli(vm, pytest_script(pytest_args, vm.repo), opts.vm_timeout,
