@@ -474,6 +474,12 @@ class SysfsBarProvider(_MappedFileProvider):
 # -- kernel p2pmem ---------------------------------------------------------------------------
 
 
+def p2pmem_exhausted(bdf: str, available: int, size: int) -> str:
+    """Why a device's p2pmem cannot be mapped: less than a page of it is free."""
+    return (f"{bdf}: p2pmem is exhausted ({available} of {size} bytes available; the rest "
+            f"is allocated by its other users)")
+
+
 class KernelP2pmemProvider(_MappedFileProvider):
     """Memory the kernel publishes as p2pmem for a PCI device.
 
@@ -507,8 +513,7 @@ class KernelP2pmemProvider(_MappedFileProvider):
             raise P2PError(f"{bdf}: p2pmem is not published (the driver keeps it private)")
         avail = info["available"]
         if avail < PAGE_SIZE:
-            raise P2PError(f"{bdf}: p2pmem is exhausted ({avail} of {self.total} bytes "
-                           f"available; the rest is allocated by its other users)")
+            raise P2PError(p2pmem_exhausted(bdf, avail, self.total))
         want = avail if size is None else size
         want -= want % PAGE_SIZE
         if want <= 0 or want > avail:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nvmet_p2p.errors import P2PError
 from nvmet_p2p.p2p.topology import NOT_PCI_PHRASE, Topology
 from nvmet_p2p.p2p.topology import Decision as TopologyDecision
 from nvmet_p2p.pci import normalize_bdf
@@ -42,6 +43,8 @@ class Candidate:
 
     `unusable` says why this process cannot use a provider the kernel publishes (e.g. a
     p2pmem without `allocate`, a CMB without WDS and RDS); such a candidate is never chosen.
+    `open` maps a provider not yet live, only once a decision chooses it: each mapping of
+    `p2pmem/allocate` takes memory from the device's pool, which its other users share.
     """
 
     bdf: str
@@ -49,6 +52,7 @@ class Candidate:
     provider: Provider | None = None
     unusable: str | None = None
     kind: str = "p2pmem"  # cmb.Provider.kind
+    open: Callable[[], Provider] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -163,6 +167,11 @@ def decide(topology: Topology, *, port: PortFacts, subnqn: str, nsid: int, ns_p2
     if not backend_kinds:
         return no(f"namespace {nsid}: the {ns_label} backend cannot issue P2P-flagged I/O: "
                   f"{backend_needs}", **kw)
+    if cand.provider is None and cand.open is not None:
+        try:
+            cand = replace(cand, provider=cand.open())
+        except P2PError as e:
+            return no(f"{cand.name} could not be mapped: {e}", **kw)
     if can_register is not None and cand.provider is not None:
         why = can_register(cand.provider)
         if why:

@@ -4,21 +4,23 @@
 once per (controller, namespace) and keeps the answer in the controller's p2p_ns_map
 (the core also logs it, allocates the per-request chunks and counts the fallbacks).
 The candidates are live: the CMBs our own NVMe driver found in enabled namespaces, and
-the p2pmem the kernel publishes, mapped once per device (`cmb.KernelP2pmemProvider`).
+the p2pmem the kernel publishes, mapped once per device when first chosen
+(`cmb.KernelP2pmemProvider`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nvmet_p2p.cmb import KernelP2pmemProvider, Provider
+from nvmet_p2p.cmb import PAGE_SIZE, KernelP2pmemProvider, Provider, p2pmem_exhausted
 from nvmet_p2p.errors import P2PError
 from nvmet_p2p.p2p.decision import Candidate, CanRegister, Decision, PortFacts, decide
-from nvmet_p2p.p2p.topology import Topology, published_p2pmem
+from nvmet_p2p.p2p.topology import P2pmemInfo, Topology, published_p2pmem
 
 if TYPE_CHECKING:
     from nvmet_p2p.configfs import Port
@@ -48,8 +50,8 @@ class P2PPolicy:
         self._kernel_providers: dict[str, Provider] = {}
 
     def candidates(self, namespaces: Sequence[Ns]) -> list[Candidate]:
-        """The CMBs our own NVMe driver found, then the kernel's p2pmem: each device's is
-        mapped (`p2pmem_pool_size` of it) when first a candidate, and kept."""
+        """The CMBs our own NVMe driver found, then the kernel's p2pmem: a device's is
+        mapped (`p2pmem_pool_size` of it) when a decision first chooses it, and kept."""
         out = []
         for ns in namespaces:
             cmb = ns.backend.cmb
@@ -70,16 +72,20 @@ class P2PPolicy:
                 unusable = P2PMEM_UNPUBLISHED
             elif not info.allocatable:
                 unusable = P2PMEM_ALLOCATE_MISSING
-            else:
-                try:
-                    prov = KernelP2pmemProvider(
-                        self.sysfs_root, info.bdf,
-                        size=min(self.p2pmem_pool_size, info.available))
-                    self._kernel_providers[info.bdf] = prov
-                except P2PError as e:
-                    unusable = str(e)
-            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov, unusable))
+            elif info.available < PAGE_SIZE:
+                unusable = p2pmem_exhausted(info.bdf, info.available, info.size)
+            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov, unusable,
+                                 open=functools.partial(self._map_p2pmem, info)))
         return out
+
+    def _map_p2pmem(self, info: P2pmemInfo) -> Provider:
+        """Map `p2pmem_pool_size` of a device's p2pmem (less if less is free), once."""
+        prov = self._kernel_providers.get(info.bdf)
+        if prov is None:
+            prov = KernelP2pmemProvider(self.sysfs_root, info.bdf,
+                                        size=min(self.p2pmem_pool_size, info.available))
+            self._kernel_providers[info.bdf] = prov
+        return prov
 
     def decide_for(self, port: Port, ops: TransportOps | None, subsys: Subsys, ns: Ns,
                    namespaces: Sequence[Ns]) -> Decision:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from nvmet_p2p.backends.base import Backend, Completion
-from nvmet_p2p.cmb import Chunk, SysfsBarProvider, copy_from, copy_into
+from nvmet_p2p.cmb import Chunk, KernelP2pmemProvider, SysfsBarProvider, copy_from, copy_into
 from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
-from nvmet_p2p.errors import ConfigError
+from nvmet_p2p.errors import ConfigError, P2PError
 from nvmet_p2p.p2p.decision import Candidate, decide
 from nvmet_p2p.p2p.explain import explain
 from nvmet_p2p.p2p.policy import P2PPolicy
@@ -554,6 +554,50 @@ def test_p2pmem_with_nothing_available_is_no_candidate(p2p_env):
     why = (f"no usable P2P memory provider: p2pmem {m.nvme}: {m.nvme}: p2pmem is exhausted "
            f"(0 of {1 << 20} bytes available; the rest is allocated by its other users)")
     assert p2p_env.env.ns(1).stats["sysmem_by_reason"] == {why: 1}
+
+
+def test_only_the_chosen_p2pmem_is_mapped(p2p_env, monkeypatch):
+    """Each mapping of p2pmem/allocate takes from a pool the device's other users share:
+    the farther provider, a candidate never chosen, is left alone."""
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+    p2p_env.kernel_p2pmem(m.peer1_fn, 1 << 20)
+    mapped = []
+    real = KernelP2pmemProvider.__init__
+
+    def spy(self, root, bdf, **kw):
+        mapped.append(bdf)
+        real(self, root, bdf, **kw)
+    monkeypatch.setattr(KernelP2pmemProvider, "__init__", spy)
+    p2p_env.setup(path="fake-kernel-nvme")
+    for _ in range(2):  # a second controller reuses the mapping
+        host = p2p_env.env.connect()
+        host.write(1, 0, payload(4096, 6))
+        assert host.read(1, 0, 8) == payload(4096, 6)
+    assert mapped == [m.nvme]
+    assert [p["name"] for p in p2p_env.policy.providers([])] == [f"{m.nvme}/p2pmem"]
+    p2p_env.policy.close()
+    assert p2p_env.policy.providers([]) == []
+
+
+def test_p2pmem_that_cannot_be_mapped_is_the_stated_reason(p2p_env, monkeypatch):
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+
+    def refuse(self, root, bdf, **kw):
+        raise P2PError(f"{bdf}: mapping 1048576 bytes of p2pmem/allocate failed: "
+                       "[Errno 12] Cannot allocate memory")
+    monkeypatch.setattr(KernelP2pmemProvider, "__init__", refuse)
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    host.write(1, 0, payload(4096, 7))
+    assert host.read(1, 0, 8) == payload(4096, 7)
+    d = p2p_env.env.target.controllers()[-1].p2p_ns_map[1]
+    assert not d.p2p and d.reason == (
+        f"p2pmem {m.nvme} could not be mapped: {m.nvme}: mapping 1048576 bytes of "
+        "p2pmem/allocate failed: [Errno 12] Cannot allocate memory")
+    assert d.provider == f"p2pmem {m.nvme}" and d.distance == 0
+    assert p2p_env.env.ns(1).stats["p2p_bytes"] == 0
 
 
 @pytest.mark.parametrize("published", [True, False])

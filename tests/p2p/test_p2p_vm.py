@@ -53,7 +53,8 @@ class VmTarget:
     def __init__(self, bdf: str) -> None:
         self.bdf = bdf
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=P2PPolicy())
+        self.p2p = P2PPolicy()
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p)
         self.transport = LoopTransport(self.target)
         root = self.target.root
         subsys = root.create_subsystem(NQN)
@@ -95,6 +96,7 @@ class VmTarget:
         self.target.shutdown()
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
+        self.p2p.close()
 
 
 @pytest.fixture(scope="module")

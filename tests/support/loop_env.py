@@ -163,6 +163,7 @@ class LoopEnv:
         self.target.shutdown()
         self.pump()
         self.loop.close()
+        self.p2p.close()
         for dev in self.loop_devices:
             _losetup("-d", dev)
         return leaks

@@ -51,7 +51,8 @@ class ThreadedRdmaTarget:
 
         setup_rxe()
         self.loop = asyncio.new_event_loop()
-        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=P2PPolicy())
+        self.p2p = P2PPolicy()
+        self.target = Target(loop=self.loop, open_backend=open_backend, p2p=self.p2p)
         self.transport = RdmaTransport(self.target, **transport_opts)
         root = self.target.root
         subsys = root.create_subsystem(SUBNQN)
@@ -88,6 +89,7 @@ class ThreadedRdmaTarget:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(CALL_TIMEOUT)
             self.loop.close()
+            self.p2p.close()
 
     def _shutdown(self) -> None:
         self.target.shutdown()

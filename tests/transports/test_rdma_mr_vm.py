@@ -241,10 +241,14 @@ def test_registering_the_vfio_owned_cmb_is_refused(pd, cmb_backend):
 def test_reg_mr_on_kernel_p2pmem_is_refused(pd):
     from nvmet_p2p.cmb import KernelP2pmemProvider
     from nvmet_p2p.p2p.topology import published_p2pmem
-    bdf = next((p.bdf for p in published_p2pmem() if p.published and p.allocatable), None)
-    if bdf is None:
+    published = [p for p in published_p2pmem() if p.published and p.allocatable]
+    if not published:
         pytest.skip(f"no published p2pmem (kernel {os.uname().release} without "
                     "CONFIG_PCI_P2PDMA)")
+    # Earlier tests bind the root-bus CMB NVMe to vfio-pci (its p2pmem goes with the nvme
+    # driver) and other targets may hold some: any published p2pmem with room will do.
+    bdf = next((p.bdf for p in published if p.available >= DMABUF_SIZE), None)
+    assert bdf is not None, f"every published p2pmem is exhausted: {published}"
     with KernelP2pmemProvider("/sys", bdf, size=DMABUF_SIZE) as prov:
         reg, why = register_provider(pd, prov, "rxe0")
         outcome(f"kernel p2pmem {prov.name}", reg, why)
