@@ -142,6 +142,17 @@ class BdevBackend(FileBackend):
         # turn O_DIRECT off for the whole device
         self._submit(self._pwrite, cb, chunk.view, slba * self.block_size, fua)
 
+    def _direct_refused(self, e: OSError, direct: bool, what: str, offset: int,
+                        nbytes: int) -> bool:
+        refused = super()._direct_refused(e, direct, what, offset, nbytes)
+        if refused and self.p2p_kinds:
+            # Buffered I/O copies through the page cache: no P2P-flagged request any more.
+            # Controllers that chose P2P memory decide again (`Ctrl.p2p_choice`).
+            self.p2p_kinds = frozenset()
+            self.p2p_needs = (f"{self.path} fell back to buffered I/O ({self.fallback_reason}), "
+                              "and only O_DIRECT I/O is P2P")
+        return refused
+
     def _zero_range(self, offset: int, length: int) -> None:
         # the kernel zeroes with Write Zeroes / unmap where the device can, else writes
         fcntl.ioctl(self._fd, BLKZEROOUT, struct.pack("=QQ", offset, length))

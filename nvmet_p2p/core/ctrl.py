@@ -212,9 +212,12 @@ class Ctrl:
     # -- P2P memory ---------------------------------------------------------------
     def p2p_choice(self, ns: Ns) -> P2PChoice:
         """The P2P decision for this controller's I/O to `ns`, asked of the policy once
-        (and again once its provider has been closed) and logged when made."""
+        (and again once its provider has been closed, or the backend can no longer use
+        its memory: a block device that fell back to buffered I/O) and logged when made."""
         choice = self.p2p_ns_map.get(ns.nsid)
-        if choice is None or choice.p2p_dev is not None and choice.p2p_dev.closed:
+        dev = choice.p2p_dev if choice is not None else None
+        if choice is None or dev is not None and (
+                dev.closed or dev.kind not in ns.backend.p2p_kinds):
             choice = self.p2p_ns_map[ns.nsid] = self.target.p2p.decide(self, ns)
             p2pmem.log.info("ctrl %d (%s): %s", self.cntlid, self.hostnqn, choice.text())
         return choice

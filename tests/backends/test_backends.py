@@ -584,6 +584,27 @@ def test_bdev_geometry_and_facts(loop_devices, loop, no_thread_leak):
         b.close()
 
 
+def test_bdev_that_falls_back_to_buffered_io_stops_claiming_p2p(loop_devices, loop):
+    """P2P-flagged I/O is O_DIRECT I/O: once the kernel refused an aligned O_DIRECT
+    transfer and the device went buffered, the backend offers P2P memory no more."""
+    dev = loop_devices.attach(SIZE)
+    b = open_backend(dev, block_size=4096, loop=loop)
+    try:
+        b.p2p_kinds = frozenset({"p2pmem"})  # as an NVMe namespace's would be
+        assert b._direct_refused(OSError(errno.EINVAL, "Invalid argument"), True, "write",
+                                 8192, 4096)
+        d = b.describe()
+        assert d["o_direct"] is False and d["p2p_kinds"] == []
+        assert b.p2p_needs == (f"{dev} fell back to buffered I/O (the filesystem refused an "
+                               "aligned O_DIRECT write of 4096 bytes at offset 8192 (EINVAL)), "
+                               "and only O_DIRECT I/O is P2P")
+        data = os.urandom(4096)
+        ok(write(loop, b, 3, data))
+        assert read(loop, b, 3, 1) == data
+    finally:
+        b.close()
+
+
 def test_bdev_logical_block_larger_than_block_size(loop_devices, loop):
     dev = loop_devices.attach(SIZE, sector_size=4096)
     with pytest.raises(BackendError, match="logical block size of 4096 bytes, larger than "

@@ -580,6 +580,26 @@ def test_only_the_chosen_p2pmem_is_mapped(p2p_env, monkeypatch):
     assert p2p_env.policy.providers([]) == []
 
 
+def test_backend_that_stops_taking_p2p_memory_is_decided_again(p2p_env):
+    """A block device that fell back to buffered I/O: the controllers that chose P2P
+    decide again, and say why the payload is now in system memory."""
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    host.write(1, 0, payload(4096, 8))
+    b = p2p_env.backend
+    b.p2p_kinds, b.p2p_needs = frozenset(), "it fell back to buffered I/O"
+    host.write(1, 8, payload(4096, 9))
+    assert host.read(1, 8, 8) == payload(4096, 9)
+    d = p2p_env.env.target.controllers()[-1].p2p_ns_map[1]
+    why = f"namespace 1: the fake-nvme {m.nvme} backend cannot issue P2P-flagged I/O: " \
+          "it fell back to buffered I/O"
+    assert not d.p2p and d.reason == why
+    st = p2p_env.env.ns(1).stats
+    assert st["p2p_bytes"] == 4096 and st["sysmem_by_reason"] == {why: 2}
+
+
 def test_p2pmem_that_cannot_be_mapped_is_the_stated_reason(p2p_env, monkeypatch):
     m = p2p_env.m
     p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
