@@ -528,7 +528,22 @@ class KernelP2pmemProvider(_MappedFileProvider):
             raise P2PError(f"{bdf}: mapping {want} bytes of p2pmem/allocate failed: "
                            f"{e.strerror or e}") from e
         self.size = want
+        self._allocate = str(alloc)
         self._add_region(memoryview(mm), buffer_address(mm), None, mm)
+
+    def alloc(self, size: int) -> Chunk | None:
+        """As `Provider.alloc`, but first: is the mapping still there?  Unbinding the
+        device's driver does not wait for us; the kernel revokes the mapping, removes the
+        p2pmem directory, and any later access raises SIGBUS (docs/p2p-kernel-facts.md).
+        So a provider whose `allocate` is gone closes itself and hands out nothing (its
+        users decide again); chunks handed out a moment before the unbind are not saved.
+        """
+        if not self.closed and not os.path.exists(self._allocate):
+            log.warning("%s: p2pmem/allocate is gone (the device's driver unbound): "
+                        "closing this provider", self.name)
+            self.close()
+            return None
+        return super().alloc(size)
 
 
 def read_p2pmem_info(p2pmem_dir: str | os.PathLike) -> dict:

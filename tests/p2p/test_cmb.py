@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import shutil
 from itertools import pairwise
 from pathlib import Path
 
@@ -230,6 +232,25 @@ def make_p2pmem(tmp_path: Path, *, published="1", allocate=True, size=1 << 20) -
     if allocate:
         (d / "allocate").write_bytes(b"\0" * size)
     return tmp_path
+
+
+def test_p2pmem_whose_driver_unbound_closes_itself(tmp_path, caplog):
+    """The kernel revokes the mapping when the driver unbinds (a later touch is SIGBUS):
+    the provider sees p2pmem/allocate gone, closes, and hands out nothing more."""
+    root = make_p2pmem(tmp_path)
+    p = KernelP2pmemProvider(root, BDF)
+    c = p.alloc(4096)
+    assert c is not None
+    shutil.rmtree(root / "bus/pci/devices" / BDF / "p2pmem")
+    with caplog.at_level(logging.WARNING, logger="nvmet_p2p.cmb"):
+        assert p.alloc(4096) is None
+    assert p.closed
+    with pytest.raises(ValueError):  # its views are revoked: no touch reaches the mapping
+        c.view[0]
+    gone = f"{BDF}/p2pmem: p2pmem/allocate is gone (the device's driver unbound): closing " \
+           "this provider"
+    assert [r.getMessage() for r in caplog.records] == [gone]
+    c.free()  # harmless after the close
 
 
 def test_p2pmem_parse_and_map(tmp_path):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +31,7 @@ from nvmet_p2p.errors import ConfigError
 from nvmet_p2p.host.loop import LoopHost
 from nvmet_p2p.p2p.policy import P2PPolicy
 from nvmet_p2p.p2p.topology import MAP_NOT_SUPPORTED, Topology, published_p2pmem
-from nvmet_p2p.testbed.guest import cmb_nvme_bdf
+from nvmet_p2p.testbed.guest import cmb_nvme_bdf, pci_driver, wait_for
 from nvmet_p2p.transports.loop import LoopTransport
 from tests.support.backend_io import pattern
 from tests.support.kernel_p2p import kernel_nvme_disks, kernel_p2pdma, o_direct_verdict
@@ -211,3 +213,34 @@ def test_switch_namespace_pinned_across_the_host_bridge_is_refused(lt, verdicts)
     print(f"\nP2PMEM PINNED REFUSAL: {msg}")
     assert msg.startswith(f"namespace 1 of {NQN}: p2pmem {root_bdf}: ")
     assert all(r in msg for r in ours.reasons), (msg, ours.reasons)
+
+
+def test_unbinding_the_providers_driver_closes_the_provider(caplog):
+    """The kernel does not wait for our mapping when the NVMe driver unbinds: it revokes
+    it (a later touch is SIGBUS, docs/p2p-kernel-facts.md).  The provider notices at the
+    next allocation, closes, and its chunks' views are revoked, so nothing touches it."""
+    if not kernel_p2pdma():
+        pytest.skip("kernel without CONFIG_PCI_P2PDMA: no p2pmem to unbind (Debian 6.1)")
+    from nvmet_p2p.cmb import KernelP2pmemProvider, copy_into
+    bdf = cmb_nvme_bdf()
+    dev = Path("/sys/bus/pci/devices") / bdf
+    assert pci_driver(bdf) == "nvme"
+    prov = KernelP2pmemProvider("/sys", bdf, size=1 << 20)
+    try:
+        chunk = prov.alloc(4096)
+        copy_into(chunk, b"before the unbind", prov.access)
+        (dev / "driver/unbind").write_text(bdf)
+        try:
+            wait_for(lambda: not (dev / "p2pmem").exists() or None, 30, "p2pmem to go")
+            with caplog.at_level(logging.WARNING, logger="nvmet_p2p.cmb"):
+                assert prov.alloc(4096) is None
+            assert prov.closed and "p2pmem/allocate is gone" in caplog.text
+            with pytest.raises(ValueError):
+                chunk.view[0]
+        finally:
+            Path("/sys/bus/pci/drivers/nvme/bind").write_text(bdf)
+            wait_for(lambda: bdf in kernel_nvme_disks() or None, 60, f"{bdf}'s namespace")
+    finally:
+        prov.close()
+    info = next(p for p in published_p2pmem() if p.bdf == bdf)
+    assert info.published and info.available == info.size  # the pool is back whole

@@ -245,8 +245,8 @@ def test_reg_mr_on_kernel_p2pmem_is_refused(pd):
     if not published:
         pytest.skip(f"no published p2pmem (kernel {os.uname().release} without "
                     "CONFIG_PCI_P2PDMA)")
-    # Earlier tests bind the root-bus CMB NVMe to vfio-pci (its p2pmem goes with the nvme
-    # driver) and other targets may hold some: any published p2pmem with room will do.
+    # Any published p2pmem with room will do: the first in bus order may be on vfio-pci
+    # for this module, or taken by another user.
     bdf = next((p.bdf for p in published if p.available >= DMABUF_SIZE), None)
     assert bdf is not None, f"every published p2pmem is exhausted: {published}"
     with KernelP2pmemProvider("/sys", bdf, size=DMABUF_SIZE) as prov:
