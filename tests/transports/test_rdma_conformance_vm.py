@@ -20,6 +20,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,6 +39,7 @@ SUBNQN = "nqn.2026-12.io.nvmet-p2p:rdma-conformance"
 NS_SIZE = 16 << 20
 CALL_TIMEOUT = 30.0
 VARIANTS = {"default": {}, "backpressure": {"pool_size": 2 << 20, "max_send_depth": 2}}
+WAITS: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}  # summed over the checks
 _ports = itertools.count(PORT)
 
 
@@ -132,7 +134,19 @@ def rdma_pair(t: ThreadedRdmaTarget):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_")
                                                for c in CHECKS])
-def test_rdma(rdma_target: ThreadedRdmaTarget, check: Any) -> None:
+def test_rdma(rdma_target: ThreadedRdmaTarget, check: Any, request: Any) -> None:
     check(rdma_pair(rdma_target))
     stats = rdma_target.call(lambda: dict(rdma_target.transport.stats))
     assert stats["completions"] > 0, stats
+    WAITS[request.node.callspec.params["rdma_target"]].update(
+        {k: v for k, v in stats.items() if k.endswith("_waits")})
+
+
+def test_backpressure_variant_waited() -> None:
+    """The back-pressure variant is only one if the transport waited in it: for buffers
+    (two MDTS commands fill the pool) and for send-queue room (2 entries)."""
+    if not WAITS["backpressure"]:
+        pytest.skip("run together with test_rdma (it counts the waits)")
+    print(f"\nRDMA CONFORMANCE WAITS {dict(WAITS)}")
+    assert WAITS["backpressure"]["buffer_waits"] > 0, WAITS
+    assert WAITS["backpressure"]["send_waits"] > 0, WAITS
