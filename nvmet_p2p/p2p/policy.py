@@ -63,6 +63,8 @@ class P2PPolicy:
             p2pmem = published_p2pmem(self.sysfs_root)
         except OSError:
             p2pmem = []  # no PCI tree to read: nothing is published
+        for bdf in [b for b, p in self._kernel_providers.items() if p.closed]:
+            del self._kernel_providers[bdf]  # revoked (its driver unbound): map anew
         for info in p2pmem:
             prov = self._kernel_providers.get(info.bdf)
             unusable = None

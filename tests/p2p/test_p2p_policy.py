@@ -600,6 +600,27 @@ def test_backend_that_stops_taking_p2p_memory_is_decided_again(p2p_env):
     assert st["p2p_bytes"] == 4096 and st["sysmem_by_reason"] == {why: 2}
 
 
+def test_p2pmem_revoked_by_an_unbind_is_mapped_anew_after_the_rebind(p2p_env):
+    m = p2p_env.m
+    p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
+    p2p_env.setup(path="fake-kernel-nvme")
+    host = p2p_env.env.connect()
+    host.write(1, 0, payload(4096, 10))
+    first = p2p_env.env.target.controllers()[-1].p2p_ns_map[1].p2p_dev
+    d = Path(m.root) / "bus/pci/devices" / m.nvme / "p2pmem"
+    (d / "allocate").rename(d / "allocate.gone")  # the unbind, as the provider sees it
+    host.write(1, 8, payload(4096, 11))  # the provider closes; this one is system memory
+    assert first.closed
+    (d / "allocate.gone").rename(d / "allocate")  # the rebind
+    host.write(1, 16, payload(4096, 12))
+    again = p2p_env.env.target.controllers()[-1].p2p_ns_map[1]
+    assert again.p2p and again.p2p_dev is not first and not again.p2p_dev.closed
+    for i in range(3):
+        assert host.read(1, 8 * i, 8) == payload(4096, 10 + i)
+    st = p2p_env.env.ns(1).stats
+    assert st["sysmem_by_reason"] == {REASON_EXHAUSTED: 1}
+
+
 def test_p2pmem_that_cannot_be_mapped_is_the_stated_reason(p2p_env, monkeypatch):
     m = p2p_env.m
     p2p_env.kernel_p2pmem(m.nvme_fn, 1 << 20)
