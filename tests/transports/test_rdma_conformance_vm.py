@@ -9,7 +9,8 @@ target's loop (`TargetSide.call`).
 
 Two variants: the default transport, and back-pressure (a 2 MiB buffer pool, so two
 MDTS-sized commands exhaust it, and a send queue of 2 entries, the least that carries a
-read's RDMA WRITE + SEND): every check must pass in both, with the waits counted.
+read's RDMA WRITE + SEND): every check must pass in both, and the back-pressure variant
+must have waited for send-queue room; a test of its own fills the pool.
 The keep-alive check needs a fake clock and skips here (it runs over loop).
 """
 
@@ -143,10 +144,37 @@ def test_rdma(rdma_target: ThreadedRdmaTarget, check: Any, request: Any) -> None
 
 
 def test_backpressure_variant_waited() -> None:
-    """The back-pressure variant is only one if the transport waited in it: for buffers
-    (two MDTS commands fill the pool) and for send-queue room (2 entries)."""
+    """The back-pressure variant is only one if the transport waited in it for send-queue
+    room (2 entries: a read's RDMA WRITE and SEND fill it)."""
     if not WAITS["backpressure"]:
         pytest.skip("run together with test_rdma (it counts the waits)")
     print(f"\nRDMA CONFORMANCE WAITS {dict(WAITS)}")
-    assert WAITS["backpressure"]["buffer_waits"] > 0, WAITS
     assert WAITS["backpressure"]["send_waits"] > 0, WAITS
+
+
+def test_mdts_writes_beyond_the_pool_wait_for_buffers() -> None:
+    """Six concurrent MDTS-sized writes against a pool that holds two: the others wait
+    for a buffer (no error, no lost data) and are served as buffers come back."""
+    from nvmet_p2p.host.rdma import RdmaHost
+    from nvmet_p2p.wire.command import IoOpcode, Sqe
+    from nvmet_p2p.wire.limits import NVMET_MAX_TRANSFER
+
+    t = ThreadedRdmaTarget(1, next(_ports), **VARIANTS["backpressure"])
+    try:
+        host = RdmaHost(t.traddr, t.trsvcid).connect(SUBNQN, nr_io_queues=1, queue_size=32)
+        try:
+            q = host.io[min(host.io)]
+            nlb = NVMET_MAX_TRANSFER // 512
+            datas = [bytes([i + 1]) * NVMET_MAX_TRANSFER for i in range(6)]
+            pend = [q.submit(Sqe(opcode=IoOpcode.WRITE, nsid=1, cdw10=i * nlb,
+                                 cdw12=nlb - 1), data=d) for i, d in enumerate(datas)]
+            assert [q.wait(p)[0].status for p in pend] == [0] * 6
+            for i, d in enumerate(datas):
+                assert host.read(1, i * nlb, nlb) == d
+        finally:
+            host.disconnect()
+        stats = t.call(lambda: dict(t.transport.stats))
+        print(f"\nRDMA MDTS BEYOND THE POOL: {stats}")
+        assert stats["buffer_waits"] > 0, stats
+    finally:
+        t.close()
