@@ -8,7 +8,9 @@ Markdown table with the ratio ours/kernel per job, and a PNG plot.
 
 Measuring, in one VM boot: rxe0 on a dummy netdev (its address also carries NVMe/TCP);
 one sparse file on the guest's /dev/shm that both targets serve (buffered: tmpfs
-refuses O_DIRECT); our target (`nvmet-p2p serve`, rdma port 4420, tcp port 4430) and
+refuses O_DIRECT) and, for the block-device series (`--backing bdev`, over RDMA), a
+loop device on another such file that both serve with O_DIRECT, where the blktests-style
+512 MiB crc32c verify (`verify-512m`, sized, not timed) runs once per target; our target (`nvmet-p2p serve`, rdma port 4420, tcp port 4430) and
 the kernel target (configfs, rdma 4421, tcp 4431) all up the whole time, but the Linux
 host is connected to only one of them while fio runs (our reactor stops polling once
 no queue is left, so an idle target costs nothing).  Targets alternate and each job is
@@ -52,12 +54,20 @@ OURS, KERNEL = "ours", "kernel"
 TARGETS = (OURS, KERNEL)
 RDMA, TCP = "rdma", "tcp"
 TRANSPORTS = (RDMA, TCP)
+FILE, BDEV = "file", "bdev"  # what the namespace sits on: a tmpfs file, a block device
+BACKINGS = (FILE, BDEV)
+BACKING_TEXT = {FILE: "a sparse file on the guest's /dev/shm, buffered I/O in both targets",
+                BDEV: "a loop device on a /dev/shm file, O_DIRECT in both targets"}
 SUBNQN = "nqn.2026-11.io.nvmet-p2p:bench"
 OURS_TRSVCID, KERNEL_TRSVCID = 4420, 4421  # both listen on the same address at once
 OURS_TCP_TRSVCID, KERNEL_TCP_TRSVCID = 4430, 4431
 KERNEL_TCP_SUBNQN = SUBNQN + "-tcp"  # the kernel's tcp port serves the file as its own subsystem
+BDEV_SUBNQN = SUBNQN + "-bdev"  # the block-device series: its own subsystem and ports
+OURS_BDEV_TRSVCID, KERNEL_BDEV_TRSVCID = 4422, 4423
 KERNEL_NAMES = {RDMA: "nvmet-rdma", TCP: "nvmet-tcp"}
 NS_SIZE = 256 << 20
+BDEV_NS_SIZE = 512 << 20  # the size blktests' nvme verify writes
+SIZED_JOB_TIMEOUT_S = 1800  # a sized job against a slow target: 128 Ki writes, then reads
 RSS_IO_QUEUES = 16
 # nvme-rdma gives a controller at most one I/O queue per online CPU, so the 16 queues of
 # the RSS figure are spread over several controllers (distinct host NQNs).
@@ -75,6 +85,8 @@ class Job:
 
     name: str
     ddirs: tuple[str, ...]  # fio result sections that carry this job's I/O
+    # Runs to a size (its wall time is the figure), once per target, block devices only.
+    sized: bool = False
 
     @property
     def path(self) -> Path:
@@ -89,7 +101,9 @@ JOBS = (
     Job("seqwrite-128k-qd16", ("write",)),
     Job("randrw-8k-qd16", ("read", "write")),
 )
-JOB_NAMES = tuple(j.name for j in JOBS)
+# blktests' _run_fio_verify_io on a 512 MiB block-device namespace
+VERIFY_JOB = Job("verify-512m", ("write",), sized=True)
+JOB_NAMES = tuple(j.name for j in (*JOBS, VERIFY_JOB))
 
 
 @dataclass(frozen=True)
@@ -196,7 +210,8 @@ def p2p_counters(status: dict[str, Any], subnqn: str = SUBNQN) -> dict[str, int]
 
 # -- summary, table, plot (pure) ----------------------------------------------------------------
 
-METRICS = ("iops", "bw_bytes", "lat_mean_us", "lat_p50_us", "lat_p99_us", "target_cpu_pct")
+METRICS = ("iops", "bw_bytes", "lat_mean_us", "lat_p50_us", "lat_p99_us", "target_cpu_pct",
+           "wall_s")
 
 
 def run_transport(run: dict[str, Any]) -> str:
@@ -204,16 +219,21 @@ def run_transport(run: dict[str, Any]) -> str:
     return str(run.get("transport", RDMA))
 
 
-def summarize(runs: Iterable[dict[str, Any]],
-              transport: str = RDMA) -> dict[str, dict[str, dict[str, Any]]]:
+def run_backing(run: dict[str, Any]) -> str:
+    """What a run's namespace sat on (records from before the bdev series: a file)."""
+    return str(run.get("backing", FILE))
+
+
+def summarize(runs: Iterable[dict[str, Any]], transport: str = RDMA,
+              backing: str = FILE) -> dict[str, dict[str, dict[str, Any]]]:
     """summary[job][target][metric] = {"median", "min", "max", "n"} over the successful
-    repeats over `transport`.
+    repeats over `transport` with namespaces on `backing`.
 
     A metric that is null in every repeat (the kernel target's CPU) stays null.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        if r.get("error") or run_transport(r) != transport:
+        if r.get("error") or run_transport(r) != transport or run_backing(r) != backing:
             continue
         groups.setdefault((r["job"], r["target"]), []).append(r)
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -254,10 +274,32 @@ def _spread(summary: dict[str, Any], job: str, target: str, metric: str) -> str:
     return f" ±{pct / 2:.0f}%"
 
 
-def transports_of(results: dict[str, Any]) -> list[str]:
-    """The transports the runs of `results` used, RDMA first."""
-    seen = {run_transport(r) for r in results["runs"]}
-    return [t for t in TRANSPORTS if t in seen]
+def series_of(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (transport, backing) series of `results`, RDMA first, files before bdevs."""
+    seen = {(run_transport(r), run_backing(r)) for r in results["runs"]}
+    return [(t, b) for t in TRANSPORTS for b in BACKINGS if (t, b) in seen]
+
+
+def _bdev_lines(results: dict[str, Any], transport: str) -> list[str]:
+    """The block-device series against the file one (same transport, same boot), and the
+    verify run's wall time, ours against the kernel's."""
+    files = summarize(results["runs"], transport, FILE)
+    bdevs = summarize(results["runs"], transport, BDEV)
+    lines = []
+    for target in TARGETS:
+        pairs = [f"{job} {_fmt(b / f, 2)}" for job in JOB_NAMES
+                 if (f := _med(files, job, target, "iops")) and
+                 (b := _med(bdevs, job, target, "iops")) is not None]
+        if pairs:
+            lines.append(f"IOPS bdev/file, {target}: " + ", ".join(pairs) + ".")
+    ours = _med(bdevs, VERIFY_JOB.name, OURS, "wall_s")
+    kern = _med(bdevs, VERIFY_JOB.name, KERNEL, "wall_s")
+    if ours is not None or kern is not None:
+        r = ours / kern if ours is not None and kern else None
+        lines.append(f"{VERIFY_JOB.name} (blktests-style: 512 MiB of 4 KiB random writes at "
+                     f"QD16, then crc32c verify): ours {_fmt(ours, 0)} s, kernel "
+                     f"{_fmt(kern, 0)} s, time ours/kernel {_fmt(r, 2)}.")
+    return lines
 
 
 def _job_table(summary: dict[str, Any]) -> list[str]:
@@ -285,16 +327,24 @@ def _job_table(summary: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The report: per transport and job, both targets' medians (spread = half the min-max
-    range) and the ratio ours/kernel; then the fabric limit and our RSS.  The RDMA table
-    comes first and bare (as before TCP jobs existed); a TCP table follows under its title."""
+    """The report: per series (transport, backing) and job, both targets' medians (spread
+    = half the min-max range) and the ratio ours/kernel; then the fabric limit and our RSS.
+    The RDMA file table comes first and bare (as before other series existed); the others
+    follow under their titles, a block-device table with its IOPS against the file one's
+    and the verify run's time."""
     lines: list[str] = []
-    for transport in transports_of(results) or [RDMA]:
-        if transport != RDMA:
+    for transport, backing in series_of(results) or [(RDMA, FILE)]:
+        if (transport, backing) != (RDMA, FILE):
             if lines:
                 lines.append("")
-            lines += [f"NVMe/TCP: ours (tcp.py) vs the kernel's {KERNEL_NAMES[TCP]}:", ""]
-        lines += _job_table(summarize(results["runs"], transport))
+            title = (f"NVMe/TCP: ours (tcp.py) vs the kernel's {KERNEL_NAMES[TCP]}"
+                     if transport == TCP else f"RDMA: ours vs the kernel's {KERNEL_NAMES[RDMA]}")
+            if backing == BDEV:
+                title += f", block-device namespace ({BACKING_TEXT[BDEV]})"
+            lines += [title + ":", ""]
+        lines += _job_table(summarize(results["runs"], transport, backing))
+        if backing == BDEV:
+            lines += ["", *_bdev_lines(results, transport)]
     meta = results.get("meta", {})
     lines.append("")
     lines.append(f"Medians of {meta.get('repeat', '?')} repeat(s) of "
@@ -324,18 +374,19 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """IOPS and mean latency per job, both targets, median bars with min-max whiskers."""
+    """IOPS and mean latency per job, both targets, median bars with min-max whiskers; a
+    row per series (transport, backing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    transports = transports_of(results) or [RDMA]
-    fig, grid = plt.subplots(len(transports), 2, figsize=(13, 4.8 * len(transports)),
-                             squeeze=False)
+    series = series_of(results) or [(RDMA, FILE)]
+    transports = list(dict.fromkeys(t for t, _ in series))
+    fig, grid = plt.subplots(len(series), 2, figsize=(13, 4.8 * len(series)), squeeze=False)
     width = 0.38
-    for row, transport in zip(grid, transports, strict=True):
-        summary = summarize(results["runs"], transport)
+    for row, (transport, backing) in zip(grid, series, strict=True):
+        summary = summarize(results["runs"], transport, backing)
         jobs = [j for j in JOB_NAMES if j in summary]
         for ax, metric, label in ((row[0], "iops", "IOPS (median)"),
                                   (row[1], "lat_mean_us", "mean completion latency, µs")):
@@ -353,7 +404,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                        else "nvmet-p2p")
             ax.set_xticks(range(len(jobs)))
             ax.set_xticklabels(jobs, rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel(f"{label} ({transport})")
+            ax.set_ylabel(f"{label} ({transport}{', bdev' if backing == BDEV else ''})")
             ax.set_yscale("log")
             ax.legend(fontsize=8)
     meta = results.get("meta", {})
@@ -386,6 +437,7 @@ class Endpoint:
     pid: int | None = None  # our target's process: CPU and RSS
     rpc_socket: str | None = None  # our target's status RPC: P2P counters
     transport: str = RDMA
+    backing: str = FILE
 
 
 def _read(path: str) -> str:
@@ -408,8 +460,9 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
     from nvmet_p2p.testbed import guest
 
     rec: dict[str, Any] = {"job": job.name, "target": ep.target, "transport": ep.transport,
-                           "repeat": repeat, "runtime_s": timing.runtime_s, "error": None,
-                           "target_cpu_pct": None, "p2p": None}
+                           "backing": ep.backing, "repeat": repeat,
+                           "runtime_s": None if job.sized else timing.runtime_s,
+                           "error": None, "target_cpu_pct": None, "p2p": None}
     try:
         guest.nvme_connect(ep.subnqn, traddr=ep.traddr, trsvcid=ep.trsvcid,
                            nr_io_queues=nr_io_queues, transport=ep.transport)
@@ -424,8 +477,10 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
             cp = subprocess.run(["fio", "--output-format=json", str(job.path)], check=False,
                                 env=env,
                                 capture_output=True, text=True,
-                                timeout=timing.runtime_s + timing.ramp_s + 120)
+                                timeout=SIZED_JOB_TIMEOUT_S if job.sized else
+                                timing.runtime_s + timing.ramp_s + 120)
             wall = time.monotonic() - t0
+            rec["wall_s"] = round(wall, 1)
             sys1 = system_busy_ticks(_read("/proc/stat"))
             if ep.pid:
                 cpu1 = proc_cpu_ticks(_read(f"/proc/{ep.pid}/stat"))
@@ -454,11 +509,14 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
 
 def schedule(jobs: Sequence[Job], targets: Sequence[str], repeat: int) -> list[tuple[int, Job, str]]:
     """(repeat, job, target) in run order: targets alternate, and which one goes first
-    alternates from job to job, so drift on a noisy machine hits both alike."""
+    alternates from job to job, so drift on a noisy machine hits both alike.  A sized
+    job runs in the first repeat only (it is long, and its figure is one wall time)."""
     order = []
     flip = 0
     for r in range(repeat):
         for job in jobs:
+            if job.sized and r:
+                continue
             ts = list(targets) if flip % 2 == 0 else list(reversed(targets))
             flip += 1
             order += [(r, job, t) for t in ts]
@@ -482,7 +540,10 @@ def run_matrix(endpoints: dict[str, Endpoint], timing: Timing, jobs: Sequence[Jo
                     f"mean {rec['lat_mean_us']:9,.0f} µs p99 {rec['lat_p99_us']:9,.0f} µs"
                     + (f" cpu {rec['target_cpu_pct']:4.0f}%"
                        if rec["target_cpu_pct"] is not None else ""))
-        say(f"[{i:2d}/{len(plan)}] {endpoints[target].transport:4} {target:6} "
+        if job.sized and not rec["error"]:
+            text += f" in {rec['wall_s']:.0f} s"
+        ep = endpoints[target]
+        say(f"[{i:2d}/{len(plan)}] {ep.transport:4} {ep.backing:4} {target:6} "
             f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)")
     return runs
 
@@ -564,21 +625,40 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
     return rss
 
 
-def _our_config(backing: Path, transports: Sequence[str] = (RDMA,)) -> dict[str, Any]:
+def _our_config(backing: Path, transports: Sequence[str] = (RDMA,),
+                bdev: str | None = None) -> dict[str, Any]:
+    """The file namespace on a port per transport; with `bdev`, that block device as the
+    namespace of BDEV_SUBNQN on an RDMA port of its own (O_DIRECT: buffered_io 0)."""
     from nvmet_p2p.testbed import guest
 
+    def port(portid: int, trtype: str, trsvcid: int, nqn: str) -> dict[str, Any]:
+        return {"portid": portid,
+                "addr": {"trtype": trtype, "adrfam": "ipv4", "traddr": guest.TRADDR,
+                         "trsvcid": str(trsvcid)},
+                "attr": {"allow_p2pmem": "1"}, "subsystems": [nqn]}
+
+    def subsystem(nqn: str, path: str, kind: str, buffered: int) -> dict[str, Any]:
+        return {"nqn": nqn, "attr": {"allow_any_host": "1"}, "allowed_hosts": [],
+                "namespaces": [{"nsid": 1, "enable": 1, "buffered_io": buffered,
+                                "device": {"path": path, "backend": kind}}]}
+
     ports = {RDMA: (1, OURS_TRSVCID), TCP: (3, OURS_TCP_TRSVCID)}
-    return {
+    cfg: dict[str, Any] = {
         "hosts": [],
-        "ports": [{"portid": ports[t][0],
-                   "addr": {"trtype": t, "adrfam": "ipv4", "traddr": guest.TRADDR,
-                            "trsvcid": str(ports[t][1])},
-                   "attr": {"allow_p2pmem": "1"}, "subsystems": [SUBNQN]}
-                  for t in transports],
-        "subsystems": [{"nqn": SUBNQN, "attr": {"allow_any_host": "1"}, "allowed_hosts": [],
-                        "namespaces": [{"nsid": 1, "enable": 1, "buffered_io": 1,
-                                        "device": {"path": str(backing), "backend": "file"}}]}],
-    }
+        "ports": [port(ports[t][0], t, ports[t][1], SUBNQN) for t in transports],
+        "subsystems": [subsystem(SUBNQN, str(backing), "file", 1)]}
+    if bdev is not None:
+        cfg["ports"].append(port(5, RDMA, OURS_BDEV_TRSVCID, BDEV_SUBNQN))
+        cfg["subsystems"].append(subsystem(BDEV_SUBNQN, bdev, "bdev", 0))
+    return cfg
+
+
+def _loop_device(backing: Path) -> str:
+    """A loop device on `backing` (a tmpfs file: the loop driver does buffered I/O to it,
+    the targets do O_DIRECT to the device)."""
+    cp = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                        capture_output=True, text=True, timeout=60)
+    return cp.stdout.strip()
 
 
 def _start_ours(config: Path, sock: str, log_path: Path) -> subprocess.Popen:
@@ -634,8 +714,12 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence[str],
                measure_fabric: bool = True, rss_queues: int = RSS_IO_QUEUES,
-               transports: Sequence[str] = TRANSPORTS) -> int:
-    """The whole measurement inside the VM; writes out/results.json."""
+               transports: Sequence[str] = TRANSPORTS,
+               backings: Sequence[str] = (FILE,)) -> int:
+    """The whole measurement inside the VM; writes out/results.json.
+
+    The timed jobs run over every transport on the file; with BDEV in `backings`, the
+    timed jobs and the sized ones of `jobs` run over RDMA on the block device too."""
     from nvmet_p2p.testbed import guest
     from nvmet_p2p.testbed.kernel_target import KernelTarget
 
@@ -650,11 +734,17 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
                  "mode": "vm", "runtime_s": timing.runtime_s, "ramp_s": timing.ramp_s,
                  "repeat": timing.repeat, "kernel": os.uname().release,
                  "cpus": os.cpu_count(), "ns_size": NS_SIZE,
-                 "backing": "sparse file on the guest's /dev/shm, buffered I/O in both targets",
-                 "jobs": [j.name for j in jobs], "transports": list(transports)},
+                 "backing": BACKING_TEXT[FILE],
+                 "jobs": [j.name for j in jobs], "transports": list(transports),
+                 "backings": list(backings)},
         "fabric": None, "runs": [], "rss": None}
+    if BDEV in backings:
+        results["meta"].update(bdev_ns_size=BDEV_NS_SIZE, bdev_backing=BACKING_TEXT[BDEV])
+    timed = [j for j in jobs if not j.sized]
     rxe = guest.setup_rxe()
     backing = guest.shm_file("bench-ns1.img", NS_SIZE)
+    bdev = (_loop_device(guest.shm_file("bench-bdev.img", BDEV_NS_SIZE))
+            if BDEV in backings and RDMA in transports else None)
     if measure_fabric:
         say("fabric limit: ib_write_bw 128 KiB, ib_read_lat 4 KiB over rxe0")
         # ib_write_bw -D 2 reported 0 MB/s once under TCG: give it a few seconds at least
@@ -662,19 +752,23 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
         say(f"  {json.dumps(results['fabric'])}")
     # per transport, the endpoint of each target
     endpoints: dict[str, dict[str, Endpoint]] = {t: {} for t in transports}
+    bdev_eps: dict[str, Endpoint] = {}  # the block-device series, over RDMA
     ours = None
     kts: list[KernelTarget] = []
     try:
         if OURS in targets:
             say("starting nvmet-p2p serve")
             cfg = Path("/dev/shm/bench-config.json")
-            cfg.write_text(json.dumps(_our_config(backing, transports)))
+            cfg.write_text(json.dumps(_our_config(backing, transports, bdev)))
             sock = "/tmp/nvmet-p2p-bench.sock"
             ours = _start_ours(cfg, sock, out / "target.log")
             for t, svc in ((RDMA, OURS_TRSVCID), (TCP, OURS_TCP_TRSVCID)):
                 if t in endpoints:
                     endpoints[t][OURS] = Endpoint(OURS, guest.TRADDR, svc, SUBNQN, ours.pid,
                                                   sock, transport=t)
+            if bdev is not None:
+                bdev_eps[OURS] = Endpoint(OURS, guest.TRADDR, OURS_BDEV_TRSVCID, BDEV_SUBNQN,
+                                          ours.pid, sock, backing=BDEV)
         if KERNEL in targets:
             for t, svc, nqn, portid in ((RDMA, KERNEL_TRSVCID, SUBNQN, 2),
                                         (TCP, KERNEL_TCP_TRSVCID, KERNEL_TCP_SUBNQN, 4)):
@@ -686,12 +780,22 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
                                         trtype=t, buffered_io=True))
                 kts[-1].setup()
                 endpoints[t][KERNEL] = Endpoint(KERNEL, guest.TRADDR, svc, nqn, transport=t)
+            if bdev is not None:
+                say(f"configuring the kernel target ({KERNEL_NAMES[RDMA]}, configfs, "
+                    f"{bdev}, buffered_io=0)")
+                kts.append(KernelTarget(BDEV_SUBNQN, bdev, trsvcid=KERNEL_BDEV_TRSVCID,
+                                        port_id=5, trtype=RDMA, buffered_io=False))
+                kts[-1].setup()
+                bdev_eps[KERNEL] = Endpoint(KERNEL, guest.TRADDR, KERNEL_BDEV_TRSVCID,
+                                            BDEV_SUBNQN, backing=BDEV)
         say(f"setup done in {time.monotonic() - t0:.0f} s; "
             f"{timing.repeat} x {len(jobs)} jobs x {len(targets)} targets x "
             f"{len(transports)} transports, {timing.runtime_s} s each")
         prof = _start_profiler(ours.pid, out) if ours is not None else None
         for t in transports:  # all RDMA runs, then all TCP runs: ratios are within one
-            results["runs"] += run_matrix(endpoints[t], timing, jobs, say)
+            results["runs"] += run_matrix(endpoints[t], timing, timed, say)
+        if bdev_eps:
+            results["runs"] += run_matrix(bdev_eps, timing, jobs, say)
         if prof is not None:
             prof.send_signal(signal.SIGINT)
             prof.wait(120)
@@ -708,6 +812,9 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
             kt.teardown()
         if ours is not None:
             results["meta"]["ours_exit"] = _stop(ours)
+        if bdev is not None:
+            subprocess.run(["losetup", "-d", bdev], check=False, capture_output=True,
+                           timeout=60)
         results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
@@ -722,16 +829,21 @@ def _timing(args: argparse.Namespace) -> Timing:
                   args.repeat or base.repeat)
 
 
-def _jobs(names: Sequence[str] | None) -> list[Job]:
+def _jobs(names: Sequence[str] | None, quick: bool = False) -> list[Job]:
+    """The jobs asked for; by default every timed job, and the verify run unless quick."""
     if not names:
-        return list(JOBS)
-    by_name = {j.name: j for j in JOBS}
+        return [*JOBS, *(() if quick else (VERIFY_JOB,))]
+    by_name = {j.name: j for j in (*JOBS, VERIFY_JOB)}
     return [by_name[n] for n in names]
 
 
-def _vm_timeout(timing: Timing, njobs: int, ntargets: int) -> float:
+def _vm_timeout(timing: Timing, jobs: Sequence[Job], ntargets: int, nseries: int) -> float:
+    """Time for every run of the matrix to end by its own timeout, and the setup."""
     per_run = timing.runtime_s + timing.ramp_s + 25  # connect, fio start, disconnect
-    return 300 + timing.repeat * njobs * ntargets * per_run
+    timed = sum(not j.sized for j in jobs)
+    sized = len(jobs) - timed
+    return (300 + timing.repeat * timed * ntargets * nseries * per_run
+            + sized * ntargets * SIZED_JOB_TIMEOUT_S)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -740,9 +852,10 @@ def _run(args: argparse.Namespace) -> int:
               "pip install 'nvmet-p2p[bench]'", file=sys.stderr)
         return 2
     timing = _timing(args)
-    jobs = _jobs(args.job)
+    jobs = _jobs(args.job, args.quick)
     targets = args.target or list(TARGETS)
     transports = args.transport or list(TRANSPORTS)
+    backings = args.backing or ([FILE] if args.quick else list(BACKINGS))
     out = Path(args.out) if args.out else DEFAULT_RESULTS_DIR / dt.datetime.now().strftime(
         "%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -750,7 +863,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_vm:
         rc = _run_no_vm(args, out, timing, jobs)
     else:
-        rc = _run_vm(args, out, timing, jobs, targets, transports)
+        rc = _run_vm(args, out, timing, jobs, targets, transports, backings)
     results_file = out / "results.json"
     if not results_file.exists():
         print(f"bench: no results (exit {rc})", file=sys.stderr)
@@ -771,7 +884,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job],
-            targets: list[str], transports: list[str]) -> int:
+            targets: list[str], transports: list[str], backings: list[str]) -> int:
     from nvmet_p2p.testbed.vm import VM
 
     inner = [sys.executable, "-m", "nvmet_p2p.testbed.bench", "guest", "--out", "$NVMET_P2P_VM_OUT",
@@ -783,13 +896,16 @@ def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]
         inner += ["--target", t]
     for t in transports:
         inner += ["--transport", t]
+    for b in backings:
+        inner += ["--backing", b]
     if args.no_fabric:
         inner.append("--no-fabric")
     script = " ".join(a if a.startswith("$") else shlex.quote(a) for a in inner) + "\n"
     if args.profile:
         script = f"export NVMET_P2P_BENCH_PROFILE={shlex.quote(args.profile)}\n" + script
     print(f"bench: booting the soft-RoCE VM (TCG), results in {out}", flush=True)
-    timeout = _vm_timeout(timing, len(jobs), len(targets) * len(transports))
+    nseries = len(transports) + (BDEV in backings and RDMA in transports)
+    timeout = _vm_timeout(timing, jobs, len(targets), nseries)
     result = VM().run(script, timeout, stream=sys.stdout, out_dir=out)
     return result.returncode
 
@@ -832,6 +948,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", action="append", choices=TRANSPORTS,
                    help="run only over this transport (repeatable; default: rdma and tcp; "
                         "--no-vm: the first one given, default rdma)")
+    p.add_argument("--backing", action="append", choices=BACKINGS,
+                   help="namespaces on a tmpfs file (buffered) and/or a loop block device "
+                        "(O_DIRECT, over RDMA, with the 512 MiB verify run unless --quick) "
+                        "(repeatable; default: both, quick: file)")
     p.add_argument("--no-fabric", action="store_true", help="skip ib_write_bw / ib_read_lat")
     p.add_argument("--rss-queues", type=int, default=RSS_IO_QUEUES,
                    help="I/O queues connected for the RSS figure (0: skip; default 16)")
@@ -875,9 +995,10 @@ def _guest_cli(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     _add_common(p)
     args = p.parse_args(argv)
-    return guest_main(Path(args.out), _timing(args), _jobs(args.job),
+    return guest_main(Path(args.out), _timing(args), _jobs(args.job, args.quick),
                       args.target or list(TARGETS), measure_fabric=not args.no_fabric,
-                      rss_queues=args.rss_queues, transports=args.transport or list(TRANSPORTS))
+                      rss_queues=args.rss_queues, transports=args.transport or list(TRANSPORTS),
+                      backings=args.backing or ([FILE] if args.quick else list(BACKINGS)))
 
 
 if __name__ == "__main__":

@@ -226,9 +226,87 @@ def test_no_vm_without_addresses_refuses(tmp_path: Path, capsys):
     assert "--traddr" in capsys.readouterr().err
 
 
-def test_quick_vm_budget_fits_six_minutes():
+def test_quick_vm_ceiling_stays_under_twenty_minutes():
     # The hard VM timeout is a ceiling, not an estimate; it must still leave room.
-    assert bench._vm_timeout(bench.QUICK, len(bench.JOBS), 2) <= 900
+    # Quick: the timed jobs, both targets, both transports, on the file only.
+    jobs = bench._jobs(None, quick=True)
+    assert not any(j.sized for j in jobs)
+    assert bench._vm_timeout(bench.QUICK, jobs, 2, 2) <= 1200
+
+
+def test_verify_job_file_is_blktests_fio_verify():
+    job = bench.VERIFY_JOB
+    text = job.path.read_text()
+    settings = dict(re.findall(r"^(\w+)=(\S+)$", text, re.MULTILINE))
+    assert job.sized and "${BENCH_RUNTIME}" not in text and "time_based" not in settings
+    assert {k: settings[k] for k in ("rw", "bs", "iodepth", "ioengine", "direct", "size",
+                                     "verify", "do_verify", "verify_fatal")} == {
+        "rw": "randwrite", "bs": "4k", "iodepth": "16", "ioengine": "libaio", "direct": "1",
+        "size": "512m", "verify": "crc32c", "do_verify": "1", "verify_fatal": "1"}
+    assert bench.BDEV_NS_SIZE == 512 << 20  # the whole device is written
+    assert bench.VERIFY_JOB in bench._jobs(None) and bench._jobs(["verify-512m"]) == [job]
+
+
+def test_sized_job_runs_in_the_first_repeat_only():
+    plan = bench.schedule([bench.JOBS[0], bench.VERIFY_JOB], ["ours", "kernel"], 3)
+    sized = [(r, t) for r, j, t in plan if j.sized]
+    assert sized == [(0, "kernel"), (0, "ours")]
+    assert sum(not j.sized for _, j, _ in plan) == 6
+
+
+def test_cli_backing_defaults():
+    assert build_parser().parse_args(["bench"]).backing is None
+    assert build_parser().parse_args(["bench", "--backing", "bdev"]).backing == ["bdev"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--backing", "nfs"])
+
+
+# -- the block-device series ---------------------------------------------------------------------
+
+@pytest.fixture
+def with_bdev(results) -> dict:
+    """`results` plus the QD32 job and the verify run on a block device over RDMA."""
+    bdev = []
+    for r, (k, o) in enumerate([(1500, 600), (1600, 800), (1400, 700)]):
+        bdev.append({**_run("randread-4k-qd32", "kernel", r, k, 20000), "backing": "bdev"})
+        bdev.append({**_run("randread-4k-qd32", "ours", r, o, 40000, cpu=90.0),
+                     "backing": "bdev"})
+    bdev.append({**_run("verify-512m", "kernel", 0, 1700, 9000), "backing": "bdev",
+                 "runtime_s": None, "wall_s": 81.0})
+    bdev.append({**_run("verify-512m", "ours", 0, 500, 30000), "backing": "bdev",
+                 "runtime_s": None, "wall_s": 243.0})
+    return {**results, "runs": results["runs"] + bdev}
+
+
+def test_bdev_series_is_summarized_apart(with_bdev):
+    files = bench.summarize(with_bdev["runs"])
+    bdevs = bench.summarize(with_bdev["runs"], "rdma", "bdev")
+    assert files["randread-4k-qd32"]["ours"]["iops"]["median"] == 1200
+    assert bdevs["randread-4k-qd32"]["ours"]["iops"]["median"] == 700
+    assert bdevs["verify-512m"]["kernel"]["wall_s"]["median"] == 81.0
+    assert "verify-512m" not in files
+    assert bench.series_of(with_bdev) == [("rdma", "file"), ("rdma", "bdev")]
+
+
+def test_markdown_bdev_table_compares_with_the_file_and_times_the_verify(with_bdev):
+    md = bench.markdown_table(with_bdev)
+    before, after = md.split("RDMA: ours vs the kernel's nvmet-rdma, block-device namespace "
+                             "(a loop device on a /dev/shm file, O_DIRECT in both targets):")
+    assert "| verify-512m |" in after and "| verify-512m |" not in before
+    assert "IOPS bdev/file, ours: randread-4k-qd32 0.58." in after  # 700 / 1200
+    assert "IOPS bdev/file, kernel: randread-4k-qd32 0.75." in after  # 1500 / 2000
+    assert ("verify-512m (blktests-style: 512 MiB of 4 KiB random writes at QD16, then "
+            "crc32c verify): ours 243 s, kernel 81 s, time ours/kernel 3.00.") in after
+
+
+def test_our_config_serves_the_bdev_on_a_port_of_its_own(tmp_path: Path):
+    cfg = bench._our_config(tmp_path / "f.img", ("rdma",), bdev="/dev/loop7")
+    by_nqn = {s["nqn"]: s for s in cfg["subsystems"]}
+    ns = by_nqn[bench.BDEV_SUBNQN]["namespaces"][0]
+    assert ns["device"] == {"path": "/dev/loop7", "backend": "bdev"} and ns["buffered_io"] == 0
+    [port] = [p for p in cfg["ports"] if p["subsystems"] == [bench.BDEV_SUBNQN]]
+    assert port["addr"]["trtype"] == "rdma"
+    assert port["addr"]["trsvcid"] == str(bench.OURS_BDEV_TRSVCID)
 
 
 # -- TCP jobs ------------------------------------------------------------------------------------
@@ -249,7 +327,7 @@ def test_summaries_are_per_transport(both):
     assert bench.ratio(rdma, "randread-4k-qd32", "iops") == pytest.approx(1200 / 2000)
     assert bench.ratio(tcp, "randread-4k-qd32", "iops") == pytest.approx(1500 / 3000)
     assert "randread-4k-qd1" not in tcp
-    assert bench.transports_of(both) == ["rdma", "tcp"]
+    assert bench.series_of(both) == [("rdma", "file"), ("tcp", "file")]
 
 
 def test_markdown_has_a_tcp_table_after_the_rdma_one(both):
@@ -284,3 +362,8 @@ def test_cli_transport_choice():
     assert build_parser().parse_args(["bench"]).transport is None  # both
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--transport", "fc"])
+
+
+def test_report_with_a_bdev_series_plots(with_bdev, tmp_path: Path):
+    md, png = bench.write_report(with_bdev, tmp_path)
+    assert "verify-512m" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
