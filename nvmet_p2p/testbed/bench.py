@@ -792,7 +792,8 @@ def guest_main(out: Path, timing: Timing, jobs: Sequence[Job], targets: Sequence
             f"{timing.repeat} x {len(jobs)} jobs x {len(targets)} targets x "
             f"{len(transports)} transports, {timing.runtime_s} s each")
         prof = _start_profiler(ours.pid, out) if ours is not None else None
-        for t in transports:  # all RDMA runs, then all TCP runs: ratios are within one
+        for t in transports if FILE in backings else ():
+            # all RDMA runs, then all TCP runs: ratios are within one
             results["runs"] += run_matrix(endpoints[t], timing, timed, say)
         if bdev_eps:
             results["runs"] += run_matrix(bdev_eps, timing, jobs, say)
