@@ -656,8 +656,13 @@ def _our_config(backing: Path, transports: Sequence[str] = (RDMA,),
 def _loop_device(backing: Path) -> str:
     """A loop device on `backing` (a tmpfs file: the loop driver does buffered I/O to it,
     the targets do O_DIRECT to the device)."""
-    cp = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+    from nvmet_p2p.testbed import guest
+
+    guest.modprobe("loop")  # Debian builds it as a module; the VM's init loads none
+    cp = subprocess.run(["losetup", "--find", "--show", str(backing)], check=False,
                         capture_output=True, text=True, timeout=60)
+    if cp.returncode:
+        raise RuntimeError(f"losetup {backing}: {cp.stderr.strip()}")
     return cp.stdout.strip()
 
 
