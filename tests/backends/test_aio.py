@@ -190,14 +190,47 @@ def test_an_aio_error_becomes_the_kernels_status(loop, tmp_path, monkeypatch) ->
     b.close()
 
 
-def test_unaligned_buffers_stay_on_the_worker_pool(loop, tmp_path, monkeypatch) -> None:
+def test_unaligned_buffers_go_through_a_bounce_buffer_on_the_reactor(loop, tmp_path,
+                                                                     monkeypatch) -> None:
+    """In-capsule data sits 64 bytes into its receive buffer: AIO takes it through an
+    aligned copy made on the reactor, not a worker hop (measured on a host loop device:
+    94 us a write through the pool, 26 us this way)."""
     b = _file_backend(tmp_path, loop)
-    monkeypatch.setattr(b._aio, "submit", lambda *a, **k: pytest.fail("AIO for a bounce"))
+    monkeypatch.setattr(b, "_submit", lambda *a, **k: pytest.fail("a worker hop"))
+    seen: list = []
+    real = b._aio.submit
+
+    def spy(write, buf, addr, offset, done, rw_flags=0):
+        seen.append(addr % 4096)
+        real(write, buf, addr, offset, done, rw_flags)
+    monkeypatch.setattr(b._aio, "submit", spy)
     data = pattern(4096, 3)
+    capsule = memoryview(bytearray(64 + 4096))
+    capsule[64:] = data
+    got: list = []
+    b.submit_write(0, 8, capsule[64:], False, got.append)
+    wait(loop, got, 1)
+    back = memoryview(bytearray(4097))[1:]
+    b.submit_read(0, 8, back, got.append)
+    wait(loop, got, 2)
+    assert got == [0, 0] and bytes(back) == data and seen == [0, 0]
+    b.close()
+
+
+def test_a_refused_bounced_transfer_goes_to_the_pool_with_its_own_buffer(
+        loop, tmp_path, monkeypatch) -> None:
+    b = _file_backend(tmp_path, loop)
+    monkeypatch.setattr(b._aio, "submit",
+                        lambda write, buf, addr, offset, done, rw_flags=0:
+                        loop.call_soon(done, None))
+    data = pattern(4096, 4)
     unaligned = memoryview(bytearray(4097))[1:]
     unaligned[:] = data
     got: list = []
     b.submit_write(0, 8, unaligned, False, got.append)
     wait(loop, got, 1)
-    assert got == [0]
+    back = memoryview(bytearray(4097))[1:]
+    b.submit_read(0, 8, back, got.append)
+    wait(loop, got, 2)
+    assert got == [0, 0] and bytes(back) == data
     b.close()

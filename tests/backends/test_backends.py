@@ -362,7 +362,9 @@ def file_backend(disk_dir, loop, no_thread_leak):
 
 
 def test_file_io_never_runs_on_the_loop_thread(file_backend, loop, monkeypatch):
+    """The worker path (AIO off, as where libaio is missing): blocking calls on workers."""
     b = file_backend
+    monkeypatch.setattr(b, "_aio", None)  # restored before the fixture closes b
     io_threads = []
     real_preadv, real_pwritev = os.preadv, os.pwritev
 
@@ -431,6 +433,7 @@ def test_closed_loop_does_not_break_workers(disk_dir, no_thread_leak):
 
 def test_io_errors_become_status(file_backend, loop, monkeypatch):
     b = file_backend
+    monkeypatch.setattr(b, "_aio", None)  # the worker path; AIO errors: tests/backends/test_aio.py
 
     def eio(*a):
         raise OSError(errno.EIO, "Input/output error")
