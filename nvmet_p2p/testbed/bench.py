@@ -16,6 +16,9 @@ repeated, since the machine is noisy; the report gives the median and the spread
 fabric limit is ib_write_bw / ib_read_lat over rxe0.  At the end the host connects 16
 RDMA I/O queues to our target and its VmRSS is read.
 
+Progress (testbed/progress.py): one `[ i/n] ...` line per run, always; on a terminal a
+tqdm bar under them, driven on the host from the lines the VM relays.
+
 The pure parts (fio/perftest parsing, CPU from /proc/<pid>/stat, summary, ratios,
 table, plot) take values and return values; tests/testbed/test_bench.py drives them with
 canned documents.
@@ -37,9 +40,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from nvmet_p2p.errors import NvmetError
+from nvmet_p2p.testbed.progress import Progress, progress_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = Path(__file__).resolve().parent / "jobs"  # package data: installed with the code
@@ -482,8 +486,8 @@ def run_matrix(endpoints: dict[str, Endpoint], timing: Timing, jobs: Sequence[Jo
                     f"mean {rec['lat_mean_us']:9,.0f} µs p99 {rec['lat_p99_us']:9,.0f} µs"
                     + (f" cpu {rec['target_cpu_pct']:4.0f}%"
                        if rec["target_cpu_pct"] is not None else ""))
-        say(f"[{i:2d}/{len(plan)}] {endpoints[target].transport:4} {target:6} "
-            f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)")
+        say(progress_line(i, len(plan), f"{endpoints[target].transport:4} {target:6} "
+                                        f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)"))
     return runs
 
 
@@ -790,7 +794,8 @@ def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]
         script = f"export NVMET_P2P_BENCH_PROFILE={shlex.quote(args.profile)}\n" + script
     print(f"bench: booting the soft-RoCE VM (TCG), results in {out}", flush=True)
     timeout = _vm_timeout(timing, len(jobs), len(targets) * len(transports))
-    result = VM().run(script, timeout, stream=sys.stdout, out_dir=out)
+    with Progress(sys.stdout) as progress:  # the guest's lines; a bar on a terminal
+        result = VM().run(script, timeout, stream=cast(TextIO, progress), out_dir=out)
     return result.returncode
 
 
@@ -815,8 +820,9 @@ def _run_no_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[J
         "fabric": {"write_bw_MBps": None, "read_lat": None,
                    "error": "perftest needs a server on the target machine; run it by hand"},
         "runs": [], "rss": None}
-    results["runs"] = run_matrix(endpoints, timing, jobs, lambda s: print(s, flush=True),
-                                 nr_io_queues=args.nr_io_queues)
+    with Progress(sys.stdout) as progress:
+        results["runs"] = run_matrix(endpoints, timing, jobs, progress.line,
+                                     nr_io_queues=args.nr_io_queues)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
