@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nvmet_p2p.errors import VMError
+from nvmet_p2p.p2p.netdev import netdev_of_addr
 from nvmet_p2p.wire.limits import NVME_RDMA_IP_PORT
 
 TRADDR = "192.0.2.1"  # TEST-NET-1: only ever the VM's own dummy netdev, never routed
@@ -85,7 +86,7 @@ def setup_netdev(netdev: str = NETDEV, addr: str = TRADDR) -> str:
     modprobe("dummy")
     if not Path(f"/sys/class/net/{netdev}").exists():
         sh("ip", "link", "add", netdev, "type", "dummy")
-    if addr not in sh("ip", "-o", "-4", "addr", "show", "dev", netdev).stdout:
+    if netdev_of_addr(addr) != netdev:  # rtnetlink, not `ip addr` output
         sh("ip", "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", netdev)
     sh("ip", "link", "set", netdev, "up")
     return netdev
