@@ -475,15 +475,25 @@ class UINamespace(UINode):
         parts = [f"{device['path'] or '(no path)'} ({device['backend']}{size})",
                  "enabled" if enabled else "disabled"]
         status = self.call("status")
-        decision = self._decision(status) or self._explained()
-        if decision is not None:
-            parts.append(f"p2p: {decision['provider']}" if decision.get("p2p")
-                         else f"system memory: {_short(decision.get('reason', '?'))}")
         stats = self.status_part(status).get("stats", {})
+        moved = ""
         if stats.get("p2p_bytes") or stats.get("sysmem_bytes"):  # Read/Write payload so far
-            parts.append(f"{human_size(str(stats['p2p_bytes']))} P2P, "
-                         f"{human_size(str(stats['sysmem_bytes']))} system memory")
-        return (", ".join(parts), True if enabled else None)
+            moved = (f"{human_size(str(stats['p2p_bytes']))} P2P, "
+                     f"{human_size(str(stats['sysmem_bytes']))} system memory")
+        decision = self._decision(status) or self._explained()
+        if decision is not None and decision.get("p2p"):
+            parts.append(f"p2p: {decision['provider']}")
+        elif decision is not None:  # the reason gets what the line has left (ls wraps)
+            rest = len(", ".join([*parts, moved])) + len(", system memory: ")
+            parts.append("system memory: " + _short(decision.get("reason", "?"),
+                                                    self._ls_room() - rest))
+        return (", ".join([*parts, *([moved] if moved else [])]), True if enabled else None)
+
+    def _ls_room(self) -> int:
+        """Characters of summary that fit on this node's `ls` line (configshell's layout:
+        two per level, "o- ", the name, at least one dot, " [", "]", a last column)."""
+        level = self.path.rstrip("/").count("/")
+        return self.shell.con.get_width() - (2 * level + 3) - len(self.name) - 6
 
     def _ids(self) -> tuple[str, str]:
         parts = self.rpc_path.strip("/").split("/")
@@ -590,11 +600,16 @@ class UILink(UINode):
         return ("link", None)
 
 
-LS_REASON_CHARS = 48  # a P2P reason in `ls`; `info` and `p2p` show it whole
+LS_REASON_CHARS = 48  # at most, of a P2P reason in `ls`; `info` and `p2p` show it whole
+MORE = "… (info)"
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= LS_REASON_CHARS else text[:LS_REASON_CHARS - 1] + "… (info)"
+def _short(text: str, room: int = LS_REASON_CHARS) -> str:
+    """`text`, or as much of it as `room` holds followed by MORE (MORE alone at worst)."""
+    room = min(room, LS_REASON_CHARS)
+    if len(text) <= room:
+        return text
+    return text[:max(0, room - len(MORE))].rstrip() + MORE
 
 
 def human_size(value: str) -> str:

@@ -438,6 +438,21 @@ def test_ls_rounds_sizes_and_info_has_the_details(sh: ConfigShell,
     assert max(len(x) for x in summaries) <= 100  # long P2P reasons are cut; info has them
 
 
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_ls_fits_the_terminal(sh: ConfigShell, capfd: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """The P2P reason of a namespace is cut to what its ls line has left, so the tree
+    does not wrap at 80 columns (names longer than the terminal still do)."""
+    build(sh, capfd)
+    monkeypatch.setattr(type(sh.con), "get_width", lambda self: width)
+    [line] = [ln for ln in ok(sh, capfd, "ls /subsystems").splitlines()
+              if ln.strip().startswith("o- 1 ")]
+    assert len(line) <= width, line
+    assert "mem0 (memory 1M), enabled, system memory: " in line
+    assert line.endswith("(info)]")  # the whole reason is in `info`
+    assert "is not a PCI device" in ok(sh, capfd, f"{NS} p2p")
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
