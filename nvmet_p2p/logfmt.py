@@ -97,3 +97,4 @@ def warning(logger: logging.Logger, what: str, /, **fields: Any) -> None:
 def error(logger: logging.Logger, what: str, /, **fields: Any) -> None:
     if logger.isEnabledFor(logging.ERROR):
         logger.log(logging.ERROR, "%s", line("event", what, fields), stacklevel=2)
+

@@ -406,14 +406,15 @@ class RdmaTransport:
             try:
                 ev = self.channel.get_event()
             except TransportError:
-                log.exception("rdma: CM event channel failed")
+                log.exception("%s", logfmt.line("event", "rdma_cm_channel_failed", {}))
                 return
             if ev is None:
                 return
             try:
                 self._cm_event(ev)
             except Exception:  # one bad connection must not stop the listener
-                log.exception("rdma: handling %s failed", ev.type.name)
+                log.exception("%s", logfmt.line("event", "rdma_cm_event_failed", {
+                    "cm_event": ev.type.name}))
 
     def _cm_event(self, ev: CmEvent) -> None:
         if ev.type == CmEventType.CONNECT_REQUEST:
@@ -472,7 +473,7 @@ class RdmaTransport:
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
         except Exception:  # a bug must not leave the host waiting for an answer
-            log.exception("rdma: creating qid %d failed", parsed.qid)
+            log.exception("%s", logfmt.line("event", "rdma_queue_failed", {"qid": parsed.qid}))
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
         assert q.qp is not None  # RdmaQueue() made it or raised

@@ -449,7 +449,8 @@ class TcpTransport:
                 self._fatal(q, err)
                 return
             except Exception:  # a bug of ours costs this connection, not the target
-                log.exception("tcp: qid %d (%s): handling a PDU failed", q.qid, _peer(q.peer))
+                log.exception("%s", logfmt.line("event", "tcp_pdu_failed", {
+                    "qid": q.qid, "peer": _peer(q.peer)}))
                 self._teardown(q, "internal error")
                 return
 

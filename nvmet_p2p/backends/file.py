@@ -331,7 +331,8 @@ class FileBackend(Backend):
                            reason=str(e))
         except Exception:  # a bug must become a status, not kill a worker silently
             status = Status.INTERNAL | DNR
-            log.exception("%s: %s raised", self.path, getattr(op, "__name__", op))
+            log.exception("%s", logfmt.line("event", "io_internal_error", {
+                "path": self.path, "op": getattr(op, "__name__", op)}))
         return status
 
     def _read(self, offset: int, buf: memoryview) -> None:

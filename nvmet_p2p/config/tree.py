@@ -632,7 +632,8 @@ class Root:
                 try:
                     undo()
                 except Exception:  # keep going: every other step still goes back
-                    log.exception("config: undoing a change failed")
+                    log.exception("%s", logfmt.line("event", "undo_failed", {
+                        "reason": "undoing a change failed"}))
             raise
         self._journal = None
 

@@ -141,8 +141,9 @@ class Daemon:
                          reason=f"{self.config_path} was not reloaded; the configuration is "
                                 f"unchanged: {e}")
         except Exception:
-            log.exception("SIGHUP: reloading %s failed; the configuration is unchanged",
-                          self.config_path)
+            log.exception("%s", logfmt.line("event", "reload_failed", {
+                "signal": "SIGHUP", "file": self.config_path,
+                "reason": "internal error; the configuration is unchanged"}))
         sd_notify("READY=1")
 
     def status(self) -> dict:

@@ -234,7 +234,8 @@ class RpcServer:
         except NvmetError as e:
             return None, RpcError(TARGET_ERROR, str(e))
         except Exception as e:
-            log.exception("rpc: %s failed (the configuration is unchanged)", method)
+            log.exception("%s", logfmt.line("event", "rpc_internal_error", {
+                "method": method, "reason": "the configuration is unchanged"}))
             return None, RpcError(INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}; "
                                   "the configuration is unchanged; see the nvmet-p2p log")
 
