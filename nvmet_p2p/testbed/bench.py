@@ -69,8 +69,8 @@ RSS_IO_QUEUES = 16
 # it becomes an "error" field of the record and the rest of the matrix goes on.
 RUN_ERRORS = (NvmetError, OSError, RuntimeError, ValueError, KeyError,
               subprocess.SubprocessError)
+# one host NQN per RSS controller; its host ID is the NQN's UUID (libnvme_host.hostid_of)
 HOSTNQN_FMT = "nqn.2014-08.org.nvmexpress:uuid:5be0c000-0000-4000-8000-{:012d}"
-HOSTID_FMT = "5be0c000-0000-4000-8000-{:012d}"  # one host ID per host NQN, as the kernel wants
 
 
 @dataclass(frozen=True)
@@ -408,15 +408,17 @@ def _status(ep: Endpoint) -> dict[str, Any] | None:
 
 def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
             nr_io_queues: int | None = None) -> dict[str, Any]:
-    """Connect the Linux host to `ep`, run one fio job, disconnect; one run record."""
-    from nvmet_p2p.testbed import guest
+    """Connect the Linux host to `ep` (libnvme), run one fio job, disconnect; one run
+    record."""
+    from nvmet_p2p.testbed import guest, libnvme_host
 
     rec: dict[str, Any] = {"job": job.name, "target": ep.target, "transport": ep.transport,
                            "repeat": repeat, "runtime_s": timing.runtime_s, "error": None,
                            "target_cpu_pct": None, "p2p": None}
     try:
-        guest.nvme_connect(ep.subnqn, traddr=ep.traddr, trsvcid=ep.trsvcid,
-                           nr_io_queues=nr_io_queues, transport=ep.transport)
+        guest.modprobe(guest.host_module(ep.transport))
+        libnvme_host.connect(ep.subnqn, ep.traddr, ep.trsvcid, transport=ep.transport,
+                             nr_io_queues=nr_io_queues)
         try:
             dev = guest.namespace_block_device(ep.subnqn)
             env = dict(os.environ, BENCH_DEV=dev, BENCH_RUNTIME=str(timing.runtime_s),
@@ -450,7 +452,7 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
                 raise RuntimeError(f"fio job errors {errors}: {cp.stderr.strip()[-500:]}")
             rec.update(parse_fio(res, job.ddirs))
         finally:
-            guest.nvme_disconnect(ep.subnqn)
+            libnvme_host.disconnect(ep.subnqn)
     except RUN_ERRORS as err:
         rec["error"] = f"{type(err).__name__}: {err}"[:600]
     return rec
@@ -527,7 +529,7 @@ def fabric_limit(dev: str, addr: str, seconds: int) -> dict[str, Any]:
 def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
     """Connect `io_queues` I/O queues to our target (over as many controllers as needed)
     and read its VmRSS; then disconnect."""
-    from nvmet_p2p.testbed import guest
+    from nvmet_p2p.testbed import guest, libnvme_host
 
     rss: dict[str, Any] = {"io_queues": io_queues, "controllers": 0, "vmrss_kib": None,
                            "idle_vmrss_kib": None, "error": None}
@@ -541,16 +543,10 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         guest.modprobe("nvme-rdma")
         for i in range(nctrl):
             n = min(per_ctrl, io_queues - i * per_ctrl)
-            # Straight to the fabrics device: nvme-cli 2.3 calls a second controller to the
-            # same address "already connected" whatever the host NQN/ID and -D say.
-            fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
-            try:
-                os.write(fd, (f"transport=rdma,traddr={ep.traddr},trsvcid={ep.trsvcid},"
-                              f"nqn={ep.subnqn},hostnqn={HOSTNQN_FMT.format(i)},"
-                              f"hostid={HOSTID_FMT.format(i)},nr_io_queues={n}").encode())
-                os.read(fd, 4096)  # instance=N,cntlid=M: the controller exists
-            finally:
-                os.close(fd)
+            # libnvme, not nvme-cli: nvme-cli 2.3 calls a second controller to the same
+            # address "already connected" whatever the host NQN/ID and -D say
+            libnvme_host.connect(ep.subnqn, ep.traddr, ep.trsvcid,
+                                 hostnqn=HOSTNQN_FMT.format(i), nr_io_queues=n)
             rss["controllers"] += 1
         guest.wait_for(lambda: len(guest.nvme_ctrls(ep.subnqn)) >= nctrl, 30,
                        f"{nctrl} controllers of {ep.subnqn}")
@@ -562,7 +558,7 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         rss["error"] = f"{type(err).__name__}: {err}"[:600]
     finally:
         try:
-            guest.nvme_disconnect(ep.subnqn)
+            libnvme_host.disconnect(ep.subnqn)
         except RUN_ERRORS as err:
             rss["error"] = rss["error"] or f"disconnect: {err}"
     return rss
@@ -800,8 +796,14 @@ def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]
 
 
 def _run_no_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]) -> int:
+    from nvmet_p2p.testbed import libnvme_host
+
     if not (args.traddr or args.kernel_traddr):
         print("bench: --no-vm needs --traddr and/or --kernel-traddr", file=sys.stderr)
+        return 2
+    if libnvme_host.nvme is None:  # say so before the matrix, not once per run
+        print(f"bench: --no-vm connects through libnvme: {libnvme_host.IMPORT_ERROR}",
+              file=sys.stderr)
         return 2
     endpoints = {}
     transport = (args.transport or [RDMA])[0]

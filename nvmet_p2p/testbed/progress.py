@@ -56,8 +56,8 @@ class Progress:
         m = PROGRESS_LINE.match(text)
         if m:
             done, total = int(m[1]), int(m[2])
-            if self.bar.total != total:
-                self.bar.total = total
+            if done < self.bar.n or self.bar.total != total:  # the next transport's matrix
+                self.bar.reset(total=total)
             self.bar.update(done - self.bar.n)
 
     # -- a text stream (the VM's relayed output) ------------------------------------------

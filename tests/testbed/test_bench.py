@@ -229,6 +229,18 @@ def test_no_vm_without_addresses_refuses(tmp_path: Path, capsys):
     assert "--traddr" in capsys.readouterr().err
 
 
+def test_no_vm_without_libnvme_refuses_before_running(tmp_path: Path, capsys, monkeypatch):
+    from nvmet_p2p.testbed import libnvme_host
+
+    monkeypatch.setattr(libnvme_host, "nvme", None)
+    monkeypatch.setattr(libnvme_host, "IMPORT_ERROR", "no libnvme (test)")
+    monkeypatch.setattr(bench, "run_matrix", lambda *a, **k: pytest.fail("the matrix ran"))
+    args = build_parser().parse_args(["bench", "--no-vm", "--traddr", "192.0.2.1",
+                                      "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "connects through libnvme: no libnvme (test)" in capsys.readouterr().err
+
+
 def test_quick_vm_budget_fits_six_minutes():
     # The hard VM timeout is a ceiling, not an estimate; it must still leave room.
     assert bench._vm_timeout(bench.QUICK, len(bench.JOBS), 2) <= 900
@@ -349,6 +361,8 @@ def test_progress_relays_the_vms_chunks_as_lines():
                       "3] rdma kernel j #1: ok\n", "no newline at the end"]:
             p.write(chunk)
         assert (p.bar.n, p.bar.total) == (2, 3)
+        p.write("\n[ 1/3] tcp  ours j #1: ok\n")  # the next transport: the bar starts again
+        assert (p.bar.n, p.bar.total) == (1, 3)
     lines = [ln for ln in out.getvalue().replace("\r", "\n").splitlines() if ln.strip()]
     for want in ["bench: booting the VM", "[ 1/3] rdma ours j #1: ok",
                  "[ 2/3] rdma kernel j #1: ok", "no newline at the end"]:
