@@ -32,6 +32,7 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.errors import P2PError
 
 log = logging.getLogger(__name__)
@@ -293,8 +294,8 @@ class Provider(ABC):
                     except BufferError:
                         # Someone still holds a buffer export (e.g. a numpy array of a chunk);
                         # the mapping goes away when that object does.
-                        log.warning("%s: mapping still exported at close; left to the GC",
-                                    self.name)
+                        logfmt.warning(log, "mapping_exported_at_close", provider=self.name,
+                                       reason="left to the GC")
         self._close_backing()
 
     def _close_backing(self) -> None:
@@ -318,7 +319,7 @@ def _release(view: memoryview) -> None:
     try:
         view.release()
     except BufferError:
-        log.warning("memoryview still exported at provider close")
+        logfmt.warning(log, "memoryview_exported_at_close")
 
 
 # -- system memory ---------------------------------------------------------------------------
@@ -367,7 +368,8 @@ class SystemMemoryProvider(Provider):
                 return mm
             except OSError as e:
                 self.hugepages_reason = f"MAP_HUGETLB failed ({e.strerror}); using 4 KiB pages"
-                log.info("%s: %s", self.name, self.hugepages_reason)
+                logfmt.info(log, "hugepages_refused", provider=self.name,
+                            reason=self.hugepages_reason)
         elif hugepages and not self.hugepages_reason:
             self.hugepages_reason = f"slab of {slab} bytes is not a multiple of 2 MiB"
         return mmap.mmap(-1, slab, flags)
@@ -460,8 +462,8 @@ class SysfsBarProvider(_MappedFileProvider):
                 except OSError as e:
                     self.wc_reason = f"mapping {wc_path.name} failed: {e.strerror or e}"
             if mm is None:
-                log.warning("%s: write-combining refused, mapping UC: %s", self.name,
-                            self.wc_reason)
+                logfmt.warning(log, "wc_refused", provider=self.name, mapping="uc",
+                               reason=f"write-combining refused: {self.wc_reason}")
         self.mapping = "wc" if mm is not None else "uc"
         if mm is None:
             try:
@@ -539,8 +541,8 @@ class KernelP2pmemProvider(_MappedFileProvider):
         users decide again); chunks handed out a moment before the unbind are not saved.
         """
         if not self.closed and not os.path.exists(self._allocate):
-            log.warning("%s: p2pmem/allocate is gone (the device's driver unbound): "
-                        "closing this provider", self.name)
+            logfmt.warning(log, "p2pmem_revoked", provider=self.name,
+                           reason="p2pmem/allocate is gone (the device's driver unbound)")
             self.close()
             return None
         return super().alloc(size)
@@ -608,7 +610,7 @@ class VfioBarProvider(Provider):
                 self.dmabuf_reason = ""
             except P2PError as e:
                 self.dmabuf_reason = str(e)
-                log.info("%s: no dma-buf: %s", self.name, e)
+                logfmt.info(log, "dmabuf_unavailable", provider=self.name, reason=e)
         return None if self._dmabuf_fd is None else (self._dmabuf_fd, 0)
 
     def _close_backing(self) -> None:

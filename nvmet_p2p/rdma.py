@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import pyverbs.enums as e
 from pyverbs.wr import RecvWR, SendWR
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.cmb import Provider, SystemMemoryProvider
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
@@ -322,8 +323,8 @@ class RdmaTransport:
             self.channel = EventChannel()
             self.loop.add_reader(self.channel.fd, self._cm_events)
         self.listeners[port.portid] = Listener(self, port)
-        log.info("rdma: port %d listening on %s:%s", port.portid, port.addr_traddr,
-                 port.addr_trsvcid or NVME_RDMA_IP_PORT)
+        logfmt.info(log, "rdma_listening", portid=port.portid, traddr=port.addr_traddr,
+                    trsvcid=port.addr_trsvcid or NVME_RDMA_IP_PORT)
 
     def remove_port(self, port: Any) -> None:
         lst = self.listeners.pop(port.portid, None)
@@ -405,14 +406,15 @@ class RdmaTransport:
             try:
                 ev = self.channel.get_event()
             except TransportError:
-                log.exception("rdma: CM event channel failed")
+                log.exception("%s", logfmt.line("event", "rdma_cm_channel_failed", {}))
                 return
             if ev is None:
                 return
             try:
                 self._cm_event(ev)
             except Exception:  # one bad connection must not stop the listener
-                log.exception("rdma: handling %s failed", ev.type.name)
+                log.exception("%s", logfmt.line("event", "rdma_cm_event_failed", {
+                    "cm_event": ev.type.name}))
 
     def _cm_event(self, ev: CmEvent) -> None:
         if ev.type == CmEventType.CONNECT_REQUEST:
@@ -423,7 +425,8 @@ class RdmaTransport:
             if ev.type == CmEventType.DEVICE_REMOVAL:
                 for portid, lst in list(self.listeners.items()):
                     if lst.cm_id.ptr == ev.id:
-                        log.error("rdma: port %d: device removed, listener closed", portid)
+                        logfmt.error(log, "rdma_device_removed", portid=portid,
+                                     reason="device removed, listener closed")
                         del self.listeners[portid]
                         lst.close()
                         self.target.port_down(lst.port, "RDMA device removed")
@@ -456,19 +459,21 @@ class RdmaTransport:
         if port is None:
             status = CmRejectStatus.NO_RESOURCES  # the listener went away meanwhile
         if status:
-            log.info("rdma: reject connect (%s): %s", CmRejectStatus(status).name,
-                     parsed)
+            request = vars(parsed) if isinstance(parsed, CmRequest) else {}
+            logfmt.info(log, "rdma_connect_rejected", status=CmRejectStatus(status).name,
+                        request=request)
             self._reject(cm_id, status)
             return
         assert isinstance(parsed, CmRequest)
         try:
             q = self._create_queue(port, cm_id, parsed, ev)
         except NvmetError as err:
-            log.warning("rdma: no resources for qid %d: %s", parsed.qid, err)
+            logfmt.warning(log, "rdma_connect_rejected", status="NO_RESOURCES",
+                           qid=parsed.qid, reason=err)
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
         except Exception:  # a bug must not leave the host waiting for an answer
-            log.exception("rdma: creating qid %d failed", parsed.qid)
+            log.exception("%s", logfmt.line("event", "rdma_queue_failed", {"qid": parsed.qid}))
             self._reject(cm_id, CmRejectStatus.NO_RESOURCES)
             return
         assert q.qp is not None  # RdmaQueue() made it or raised
@@ -477,14 +482,14 @@ class RdmaTransport:
                          responder_resources=0,  # hosts never RDMA READ from a target
                          initiator_depth=q.qp.max_rd_atomic)
         except TransportError as err:
-            log.warning("rdma: accept failed: %s", err)
+            logfmt.warning(log, "rdma_accept_failed", qid=q.qid, reason=err)
             self._teardown(q, "accept failed")
 
     def _reject(self, cm_id: CmId, status: int) -> None:
         try:
             cm_id.reject(encode_cm_reject(status))
         except TransportError as err:
-            log.warning("rdma: reject failed: %s", err)
+            logfmt.warning(log, "rdma_reject_failed", reason=err)
         cm_id.close()
 
     def _create_queue(self, port: Any, cm_id: CmId, creq: CmRequest, ev: CmEvent) -> RdmaQueue:
@@ -512,7 +517,7 @@ class RdmaTransport:
         if q.dead:
             return
         q.dead = True
-        log.info("rdma: qid %d torn down: %s", q.qid, why)
+        logfmt.info(log, "rdma_queue_torn_down", qid=q.qid, reason=why)
         self.queues.pop(q.cm_id.ptr, None)
         q.cm_id.disconnect()
         q.close_verbs()
@@ -581,7 +586,7 @@ class RdmaTransport:
                 self._process(q, cmd)
             elif cmd.req is not None:
                 # A bad rkey or host memory: the QP is in error now; report and leave.
-                log.warning("rdma: qid %d: RDMA READ failed (wc status %d)", q.qid, wc.status)
+                logfmt.warning(log, "rdma_read_failed", qid=q.qid, wc_status=wc.status)
                 cmd.req.complete(Status.DATA_XFER_ERROR | DNR)
                 self._teardown(q, "RDMA READ failed")
                 return
@@ -590,7 +595,7 @@ class RdmaTransport:
             q.send_credits += cmd.wr_count
             cmd.wr_count = 0
             if not ok:
-                log.warning("rdma: qid %d: response failed (wc status %d)", q.qid, wc.status)
+                logfmt.warning(log, "rdma_send_failed", qid=q.qid, wc_status=wc.status)
                 self._finish(q, cmd)
                 self._teardown(q, "RDMA WRITE/SEND failed")
                 return
@@ -692,7 +697,8 @@ class RdmaTransport:
         if key not in self.registrations:
             self.registrations[key] = register_provider(dev.pd, provider, dev.name)
             if self.registrations[key][0] is None:
-                log.warning("rdma: %s", self.registrations[key][1])
+                logfmt.warning(log, "rdma_mr_refused", device=dev.name,
+                               reason=self.registrations[key][1])
         return self.registrations[key]
 
     def _st_read_pending(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:

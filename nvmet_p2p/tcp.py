@@ -49,6 +49,7 @@ from collections.abc import Callable
 from enum import IntEnum, auto
 from typing import TYPE_CHECKING, Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.cmb import SystemMemoryProvider
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
@@ -67,6 +68,14 @@ if TYPE_CHECKING:
     from nvmet_p2p.core.target import Target
 
 log = logging.getLogger("nvmet_p2p.tcp")
+
+
+def _peer(peer: Any) -> str:
+    """A socket address as host:port ([host]:port for IPv6), for log lines."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
 
 DEFAULT_TRSVCID = NVME_RDMA_IP_PORT  # the IANA NVMe-oF port serves TCP too
 # Data bytes one H2CData PDU may carry (ICResp MAXH2CDATA).  SPDK's default; the kernel
@@ -268,8 +277,8 @@ class TcpTransport:
         if port.portid in self.listeners:
             return
         self.listeners[port.portid] = Listener(self, port)
-        log.info("tcp: port %d listening on %s:%s", port.portid, port.addr_traddr,
-                 port.addr_trsvcid or DEFAULT_TRSVCID)
+        logfmt.info(log, "tcp_listening", portid=port.portid, traddr=port.addr_traddr,
+                    trsvcid=port.addr_trsvcid or DEFAULT_TRSVCID)
 
     def remove_port(self, port: Port) -> None:
         lst = self.listeners.pop(port.portid, None)
@@ -334,14 +343,14 @@ class TcpTransport:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # e.g. EMFILE: the listener stays, the host retries
-                log.warning("tcp: port %d: accept failed: %s", lst.port.portid, e)
+                logfmt.warning(log, "tcp_accept_failed", portid=lst.port.portid, reason=e)
                 return
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 q = TcpQueue(self, lst.port, sock, peer)
             except OSError as e:
-                log.warning("tcp: setting up a connection from %s failed: %s", peer, e)
+                logfmt.warning(log, "tcp_setup_failed", peer=_peer(peer), reason=e)
                 sock.close()
                 continue
             self.queues[q.fd] = q
@@ -359,7 +368,7 @@ class TcpTransport:
         if q.dead:
             return
         q.state, q.dead = QueueState.DEAD, True
-        log.info("tcp: qid %d (%s) torn down: %s", q.qid, q.peer, why)
+        logfmt.info(log, "tcp_queue_torn_down", qid=q.qid, peer=_peer(q.peer), reason=why)
         self.queues.pop(q.fd, None)
         for timer in (q.timer, q.data_timer):
             if timer is not None:
@@ -389,7 +398,8 @@ class TcpTransport:
             return
         if q.rx_bytes == q.rx_mark:
             why = f"no data for its R2Ts within {self.data_timeout:g} s"
-            log.warning("tcp: qid %d (%s): %s; closing the connection", q.qid, q.peer, why)
+            logfmt.warning(log, "tcp_queue_error", qid=q.qid, peer=_peer(q.peer),
+                           reason=f"{why}; closing the connection")
             ctrl = q.sq.ctrl
             self._teardown(q, why)
             if ctrl is not None:
@@ -400,7 +410,8 @@ class TcpTransport:
 
     def _fatal(self, q: TcpQueue, err: pdu.PduError) -> None:
         """A PDU broke the binding: C2HTermReq, close, and the controller goes fatal."""
-        log.warning("tcp: qid %d (%s): %s; terminating the connection", q.qid, q.peer, err)
+        logfmt.warning(log, "tcp_queue_error", qid=q.qid, peer=_peer(q.peer),
+                       reason=f"{err}; terminating the connection")
         if err.fes == pdu.Fes.HDR_DIGEST_ERR:
             self.stats["hdr_digest_errors"] += 1
         self.stats["term_sent"] += 1
@@ -438,7 +449,8 @@ class TcpTransport:
                 self._fatal(q, err)
                 return
             except Exception:  # a bug of ours costs this connection, not the target
-                log.exception("tcp: qid %d (%s): handling a PDU failed", q.qid, q.peer)
+                log.exception("%s", logfmt.line("event", "tcp_pdu_failed", {
+                    "qid": q.qid, "peer": _peer(q.peer)}))
                 self._teardown(q, "internal error")
                 return
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-    python3-venv python3-pyverbs
+    python3-venv python3-pyverbs python3-nvme
     qemu-system-x86 busybox-static kmod cpio linux-image-amd64 e2fsprogs
     rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest
     libibverbs-dev librdmacm-dev

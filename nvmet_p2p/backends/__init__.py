@@ -12,6 +12,7 @@ import os
 import stat
 from typing import Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.backends.bdev import BdevBackend, open_bdev
 from nvmet_p2p.backends.file import CompletionLoop, FileBackend, open_file
@@ -85,8 +86,8 @@ def open_backend(path: str, *, kind: str = "auto", block_size: int = 512,
         if kind == "file":
             raise BackendError(f"{path} is a block device, not a file; use kind bdev or auto")
         if size is not None:
-            log.warning("%s: size is ignored for a block device; its own capacity is used",
-                        path)
+            logfmt.warning(log, "size_ignored", path=path,
+                           reason="a block device has its own capacity")
         return open_bdev(path, st.st_rdev, block_size=block_size, buffered_io=buffered_io,
                          loop=loop)
     if stat.S_ISREG(st.st_mode):
@@ -118,11 +119,12 @@ def open_vfio_nvme(path: str, *, block_size: int, size: int | None, loop: Any) -
     except BackendError as e:
         raise BackendError(f"NVMe controller {bdf} through VFIO: {e}") from e
     if size is not None:
-        log.warning("%s: size is ignored for a vfio-nvme namespace; the controller's "
-                    "namespace capacity is used", bdf)
+        logfmt.warning(log, "size_ignored", bdf=bdf,
+                       reason="a vfio-nvme namespace has the controller's capacity")
     if block_size != backend.block_size:
-        log.warning("%s: block_size %d is ignored; the controller's namespace is formatted "
-                    "with %d-byte blocks", bdf, block_size, backend.block_size)
+        logfmt.warning(log, "block_size_ignored", bdf=bdf, block_size=block_size,
+                       formatted=backend.block_size,
+                       reason="the controller's namespace is formatted with other blocks")
     if hasattr(loop, "call_later"):  # an asyncio loop: poll on it while I/O is in flight
         backend.attach(loop)
     return backend

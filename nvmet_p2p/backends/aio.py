@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from nvmet_p2p import logfmt
+
 log = logging.getLogger("nvmet_p2p.backend")
 
 try:
@@ -223,11 +225,11 @@ def open_ring(fd: int, loop: Any, what: str) -> AioRing | None:
     if not hasattr(loop, "add_reader"):
         return None  # not an event loop (a test double): the worker pool it is
     if aio is None:
-        log.info("%s: I/O on worker threads: %s", what, UNAVAILABLE)
+        logfmt.info(log, "io_engine", path=what, engine="threads", reason=UNAVAILABLE)
         return None
     try:
         return AioRing(fd, loop)
     except OSError as e:
-        log.info("%s: I/O on worker threads: io_setup failed: %s", what,
-                 os.strerror(e.errno) if e.errno else e)
+        logfmt.info(log, "io_engine", path=what, engine="threads",
+                    reason=f"io_setup failed: {os.strerror(e.errno) if e.errno else e}")
         return None

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends.aio import AioRing, open_ring
 from nvmet_p2p.backends.aligned import ALIGN, AlignedPool, buffer_address, is_aligned
 from nvmet_p2p.backends.base import Backend, Completion
@@ -312,9 +313,9 @@ class FileBackend(Backend):
                     self._submit(self._read, cb, offset, buf)
                 return
             if err:
-                log.warning("%s: %s of %d bytes at %d failed: %s", self.path,
-                            "write" if write else "read", buf.nbytes, offset,
-                            os.strerror(err))
+                logfmt.warning(log, "io_failed", path=self.path,
+                               op="write" if write else "read", bytes=buf.nbytes,
+                               offset=offset, reason=os.strerror(err))
                 cb(errno_to_status(err))
                 return
             cb(0)
@@ -345,10 +346,12 @@ class FileBackend(Backend):
         except OSError as e:
             status = errno_to_status(e.errno)
             # str(e), not e: a kept log record must not pin the traceback's buffers
-            log.warning("%s: %s failed: %s", self.path, getattr(op, "__name__", op), str(e))
+            logfmt.warning(log, "io_failed", path=self.path, op=getattr(op, "__name__", op),
+                           reason=str(e))
         except Exception:  # a bug must become a status, not kill a worker silently
             status = Status.INTERNAL | DNR
-            log.exception("%s: %s raised", self.path, getattr(op, "__name__", op))
+            log.exception("%s", logfmt.line("event", "io_internal_error", {
+                "path": self.path, "op": getattr(op, "__name__", op)}))
         return status
 
     def _read(self, offset: int, buf: memoryview) -> None:
@@ -433,7 +436,8 @@ class FileBackend(Backend):
 
     def _log_fallback(self, reason: str) -> None:
         level = logging.INFO if reason == BUFFERED_REQUESTED else logging.WARNING
-        log.log(level, "%s: using buffered I/O instead of O_DIRECT: %s", self.path, reason)
+        logfmt.event(log, level, "o_direct_fallback", path=self.path,
+                     reason=f"using buffered I/O instead of O_DIRECT: {reason}")
 
     def _zero_range(self, offset: int, length: int) -> None:
         """Write Zeroes: keep the blocks allocated if possible, as the kernel does."""
@@ -497,18 +501,21 @@ def open_file(path: str, *, block_size: int, size: int | None, create: bool,
     try:
         if create and size is not None:  # size was required above
             os.ftruncate(fd, size)  # sparse: blocks are allocated on first write
-            log.info("%s: created sparse file of %d bytes", path, size)
+            logfmt.info(log, "file_created", path=path, size=size, sparse=True)
         file_size = os.fstat(fd).st_size
         if size is not None and not create and size != file_size:
-            log.warning("%s: exists with %d bytes; using that, not the configured size %d",
-                        path, file_size, size)
+            logfmt.warning(log, "file_size_differs", path=path, size=file_size,
+                           configured_size=size,
+                           reason=f"exists with {file_size} bytes; using that, not the "
+                                  f"configured size {size}")
         nblocks = file_size // block_size
         if nblocks == 0:
             raise BackendError(f"{path} is {file_size} bytes, smaller than one "
                                f"{block_size}-byte block")
         if file_size % block_size:
-            log.info("%s: size %d is not a multiple of %d; the last %d bytes are unused",
-                     path, file_size, block_size, file_size % block_size)
+            logfmt.info(log, "file_tail_unused", path=path, size=file_size,
+                        block_size=block_size,
+                        reason=f"the last {file_size % block_size} bytes are unused")
     except BaseException as e:
         os.close(fd)
         if create:

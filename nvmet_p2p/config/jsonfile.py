@@ -371,7 +371,9 @@ def save_doc(path: str | os.PathLike, doc: dict) -> None:
 
     The directory is created (nvmetcli creates /etc/nvmet); a file already there keeps
     its mode (new files are 0600: they may name hosts) and is first copied to
-    backup/<name>.<time> beside it, the newest BACKUPS copies kept.
+    backup/<name>.<time> beside it, the newest BACKUPS copies kept.  A file that already
+    holds this very text is left alone, so that repeated saves (the shell's
+    auto_save_on_exit) do not push real backups out with copies of the same file.
     """
     path = os.fspath(path)
     text = json.dumps(doc, sort_keys=True, indent=2) + "\n"
@@ -385,6 +387,8 @@ def save_doc(path: str | os.PathLike, doc: dict) -> None:
             mode = 0o600
         else:
             mode = stat.S_IMODE(old.st_mode)
+            if _holds(path, text):
+                return
             _backup(path, directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
@@ -408,6 +412,14 @@ def save_doc(path: str | os.PathLike, doc: dict) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _holds(path: str, text: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(len(text) + 1) == text
+    except (OSError, UnicodeDecodeError):
+        return False  # unreadable: write it anew
 
 
 def _backup(path: str, directory: str) -> None:

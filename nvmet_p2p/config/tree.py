@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 import nvmet_p2p
+from nvmet_p2p import logfmt
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.config.attrs import AttrSpec, Node
 from nvmet_p2p.config.shape import CHILD_DIRS
@@ -631,7 +632,8 @@ class Root:
                 try:
                     undo()
                 except Exception:  # keep going: every other step still goes back
-                    log.exception("config: undoing a change failed")
+                    log.exception("%s", logfmt.line("event", "undo_failed", {
+                        "reason": "undoing a change failed"}))
             raise
         self._journal = None
 
@@ -822,7 +824,8 @@ def _restore_later(children: dict[Any, Any], key: Any, obj: Node) -> Callable[[]
 def _warn_nqn(kind: str, nqn: str) -> None:
     why = nqn_format_warning(nqn)
     if why is not None:
-        log.warning("config: %s %s (accepted, as the kernel target does)", kind, why)
+        logfmt.warning(log, "nqn_off_format", kind=kind, nqn=nqn,
+                       reason=f"{why} (accepted, as the kernel target does)")
 
 
 def _listing(d: Mapping[Any, Any]) -> str:

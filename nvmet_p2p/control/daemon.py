@@ -17,7 +17,6 @@ the target).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ import socket
 import time
 from typing import Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends import open_backend
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.core.target import Target
@@ -53,7 +53,7 @@ def _rdma_transport(target: Target) -> TransportOps | None:
     try:
         from nvmet_p2p.rdma import RdmaTransport
     except ImportError as e:
-        log.info("rdma transport unavailable: %s", e)
+        logfmt.info(log, "rdma_unavailable", reason=e)
         return None
     return RdmaTransport(target)
 
@@ -69,7 +69,28 @@ def sd_notify(state: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto(state.encode(), path)
     except OSError as e:
-        log.warning("sd_notify %s: %s", state.split("=", 1)[0], e)
+        logfmt.warning(log, "sd_notify_failed", state=state.split("=", 1)[0], reason=e)
+
+
+def status_lines(status: dict) -> list[tuple[str, dict[str, Any]]]:
+    """The status (Target.status()) as (event, fields) lines: one summary, then one per
+    port, namespace, controller, P2P decision, provider and transport."""
+    subsystems = status.get("subsystems", {})
+    out: list[tuple[str, dict[str, Any]]] = [("status", {
+        "ports": len(status.get("ports", {})), "subsystems": len(subsystems),
+        "controllers": len(status.get("controllers", [])),
+        "disc_genctr": status.get("disc_genctr")})]
+    out += [("status_port", {"portid": portid, **port})
+            for portid, port in status.get("ports", {}).items()]
+    for nqn, subsys in subsystems.items():
+        out += [("status_ns", {"subnqn": nqn, **ns}) for ns in subsys.get("namespaces", [])]
+    out += [("status_ctrl", dict(ctrl)) for ctrl in status.get("controllers", [])]
+    p2p = status.get("p2p") or {}
+    out += [("status_p2p_decision", dict(d)) for d in p2p.get("decisions", [])]
+    out += [("status_p2p_provider", dict(p)) for p in p2p.get("providers", [])]
+    out += [("status_transport", {"transport": name, **t})
+            for name, t in status.get("transports", {}).items()]
+    return out
 
 
 class Daemon:
@@ -108,18 +129,21 @@ class Daemon:
         from nvmet_p2p.control.rpc import RpcError, replace_config
 
         if not self.config_path:
-            log.warning("SIGHUP: no --config file to reload")
+            logfmt.warning(log, "reload_skipped", signal="SIGHUP",
+                           reason="no --config file to reload")
             return
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             doc = jsonfile.read_doc(self.config_path)
             replace_config(self.target.root, doc, self.config_path, replace=True)
         except (NvmetError, RpcError) as e:
-            log.error("SIGHUP: %s was not reloaded; the configuration is unchanged: %s",
-                      self.config_path, e)
+            logfmt.error(log, "reload_failed", signal="SIGHUP", file=self.config_path,
+                         reason=f"{self.config_path} was not reloaded; the configuration is "
+                                f"unchanged: {e}")
         except Exception:
-            log.exception("SIGHUP: reloading %s failed; the configuration is unchanged",
-                          self.config_path)
+            log.exception("%s", logfmt.line("event", "reload_failed", {
+                "signal": "SIGHUP", "file": self.config_path,
+                "reason": "internal error; the configuration is unchanged"}))
         sd_notify("READY=1")
 
     def status(self) -> dict:
@@ -137,7 +161,9 @@ class Daemon:
         self.loop.call_later(TICK_S, self._tick)
 
     def _dump_status(self) -> None:
-        log.info("status:\n%s", json.dumps(self.status(), default=str, indent=2))
+        """SIGUSR1: the status as key=value lines, one per object (status_lines)."""
+        for what, fields in status_lines(self.status()):
+            logfmt.info(log, what, **fields)
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")
@@ -155,22 +181,23 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGUSR1, self._dump_status)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.loop.call_later(TICK_S, self._tick)
-        log.info("nvmet-p2p serving (%d ports listening)", len(self.target.listening))
+        logfmt.info(log, "serving", ports_listening=len(self.target.listening),
+                    config=self.config_path, socket=self.rpc_socket)
         for portid, why in self.target.listen_errors.items():
-            log.warning("port %d is not listening yet: %s", portid, why)
+            logfmt.warning(log, "port_not_listening", portid=portid, reason=why)
         sd_notify("READY=1")
         await self._stopping.wait()
-        log.info("shutting down")
+        logfmt.info(log, "shutting_down")
 
     def run(self) -> int:
         try:
             self.loop.run_until_complete(self._main())
         except NvmetError as e:
-            log.error("%s", e)
+            logfmt.error(log, "start_failed", reason=e)
             return 1
         except Exception as e:  # a bug: one line here, the traceback only at debug level
-            log.error("internal error: %s: %s (run with --log-level debug for the "
-                      "traceback)", type(e).__name__, e)
+            logfmt.error(log, "internal_error", type=type(e).__name__, reason=e,
+                         hint="run with --log-level debug for the traceback")
             log.debug("traceback", exc_info=True)
             return 1
         finally:

@@ -8,7 +8,9 @@ Tree and groups mirror the kernel's configfs tree.  Attribute groups are the con
 file prefixes (attr, addr, param, device, ana); the files without a prefix (namespace
 enable / buffered_io / p2pmem, referral enable) are the group `attr` here, since those
 objects have no `attr_` files of their own.  Ports keep their `attr` group
-(allow_p2pmem).  `global` is the shell's own preferences group, as in targetcli.
+(allow_p2pmem).  `global` is the shell's own preferences group, as in targetcli,
+including targetcli's `auto_save_on_exit` (default true): leaving the interactive shell
+saves the configuration to the daemon's file (by default /etc/nvmet-p2p/config.json).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from configshell_fb import (  # type: ignore[import-untyped]
     ConfigNode,
@@ -36,6 +38,7 @@ from nvmet_p2p.errors import NvmetError
 DEFAULT_PREFS_DIR = "~/.targetcli-ext"
 UNPREFIXED_GROUP = "attr"  # the shell's name for configfs group "" (see module docstring)
 GLOBAL_GROUP = "global"
+AUTO_SAVE = "auto_save_on_exit"  # targetcli's preference, and its default (true)
 _OFF = ("0", "n", "no", "false", "off")
 
 
@@ -51,6 +54,10 @@ class UINode(ConfigNode):
         self.rpc_path = rpc_path
         self._client = client
         super().__init__(name, parent, shell)
+        self.define_config_group_param(
+            GLOBAL_GROUP, AUTO_SAVE, "bool",
+            "If true, leaving the interactive shell saves the configuration to the "
+            "daemon's file (saveconfig without a file).")
 
     # -- the daemon ------------------------------------------------------------------
     @property
@@ -177,6 +184,14 @@ class UINode(ConfigNode):
         if parameters.get("group") == GLOBAL_GROUP:
             return super().ui_complete_get(parameters, text, current_param)
         return _one(self._complete_group_params(parameters, text, current_param, False))
+
+    def ui_command_exit(self) -> str:
+        '''
+        Leaves the shell.  With `set global auto_save_on_exit=true` (the default, as
+        in targetcli) the configuration is first saved to the daemon's file, as a
+        bare `saveconfig` does; `set global auto_save_on_exit=false` turns that off.
+        '''
+        return "EXIT"
 
     def ui_command_saveconfig(self, savefile: str | None = None) -> None:
         '''
@@ -460,15 +475,25 @@ class UINamespace(UINode):
         parts = [f"{device['path'] or '(no path)'} ({device['backend']}{size})",
                  "enabled" if enabled else "disabled"]
         status = self.call("status")
-        decision = self._decision(status) or self._explained()
-        if decision is not None:
-            parts.append(f"p2p: {decision['provider']}" if decision.get("p2p")
-                         else f"system memory: {_short(decision.get('reason', '?'))}")
         stats = self.status_part(status).get("stats", {})
+        moved = ""
         if stats.get("p2p_bytes") or stats.get("sysmem_bytes"):  # Read/Write payload so far
-            parts.append(f"{human_size(str(stats['p2p_bytes']))} P2P, "
-                         f"{human_size(str(stats['sysmem_bytes']))} system memory")
-        return (", ".join(parts), True if enabled else None)
+            moved = (f"{human_size(str(stats['p2p_bytes']))} P2P, "
+                     f"{human_size(str(stats['sysmem_bytes']))} system memory")
+        decision = self._decision(status) or self._explained()
+        if decision is not None and decision.get("p2p"):
+            parts.append(f"p2p: {decision['provider']}")
+        elif decision is not None:  # the reason gets what the line has left (ls wraps)
+            rest = len(", ".join([*parts, moved])) + len(", system memory: ")
+            parts.append("system memory: " + _short(decision.get("reason", "?"),
+                                                    self._ls_room() - rest))
+        return (", ".join([*parts, *([moved] if moved else [])]), True if enabled else None)
+
+    def _ls_room(self) -> int:
+        """Characters of summary that fit on this node's `ls` line (configshell's layout:
+        two per level, "o- ", the name, at least one dot, " [", "]", a last column)."""
+        level = self.path.rstrip("/").count("/")
+        return self.shell.con.get_width() - (2 * level + 3) - len(self.name) - 6
 
     def _ids(self) -> tuple[str, str]:
         parts = self.rpc_path.strip("/").split("/")
@@ -575,11 +600,16 @@ class UILink(UINode):
         return ("link", None)
 
 
-LS_REASON_CHARS = 48  # a P2P reason in `ls`; `info` and `p2p` show it whole
+LS_REASON_CHARS = 48  # at most, of a P2P reason in `ls`; `info` and `p2p` show it whole
+MORE = "… (info)"
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= LS_REASON_CHARS else text[:LS_REASON_CHARS - 1] + "… (info)"
+def _short(text: str, room: int = LS_REASON_CHARS) -> str:
+    """`text`, or as much of it as `room` holds followed by MORE (MORE alone at worst)."""
+    room = min(room, LS_REASON_CHARS)
+    if len(text) <= room:
+        return text
+    return text[:max(0, room - len(MORE))].rstrip() + MORE
 
 
 def human_size(value: str) -> str:
@@ -686,10 +716,16 @@ def _writable_prefs_dir(prefs_dir: str | None) -> str | None:
     return path if os.access(path, os.W_OK) else None
 
 
+class Shell(ConfigShell):
+    """configshell's shell with targetcli's extra preference."""
+
+    default_prefs: ClassVar[dict[str, Any]] = {**ConfigShell.default_prefs, AUTO_SAVE: True}
+
+
 def make_shell(rpc_socket: str = DEFAULT_RPC_SOCKET,
                prefs_dir: str | None = DEFAULT_PREFS_DIR) -> ConfigShell:
     """A shell whose root node talks to the daemon at `rpc_socket`."""
-    shell = ConfigShell(_writable_prefs_dir(prefs_dir))
+    shell = Shell(_writable_prefs_dir(prefs_dir))
     shell._parser = _quoting_parser()
     _complete_free_kparams(shell)
     # configshell's Console (a Borg) took sys.stdout when it was imported; write to
@@ -770,7 +806,19 @@ def _interactive(shell: ConfigShell) -> int:
             shell.log.error(str(e))
         except Exception as e:  # noqa: BLE001  one line, and the shell goes on
             shell.log.error(f"{type(e).__name__}: {e}")
-    return 0
+    return _auto_save(shell)
+
+
+def _auto_save(shell: ConfigShell) -> int:
+    """targetcli's auto_save_on_exit: a bare saveconfig as the shell is left."""
+    if not shell.prefs[AUTO_SAVE]:
+        return 0
+    shell.log.info(f"Global pref {AUTO_SAVE}=true")
+    rc = run_command(shell, "/ saveconfig")
+    if rc:
+        shell.log.error(f"the configuration was not saved on exit (`set global "
+                        f"{AUTO_SAVE}=false` leaves without saving)")
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

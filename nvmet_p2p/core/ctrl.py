@@ -13,6 +13,7 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.core import p2pmem
 from nvmet_p2p.wire.limits import (
     NVME_MAX_CHANGED_NAMESPACES,
@@ -181,8 +182,8 @@ class Ctrl:
         """Controller fatal status and teardown of every queue (keep-alive expiry)."""
         if self.dead:
             return
-        log.warning("ctrl %d (%s on %s): %s; tearing down", self.cntlid, self.hostnqn,
-                    self.subsys.nqn, why)
+        logfmt.warning(log, "ctrl_fatal", cntlid=self.cntlid, hostnqn=self.hostnqn,
+                       subnqn=self.subsys.nqn, reason=why)
         self._transition(CcEvent.FATAL)
         self.delete()
 
@@ -219,7 +220,9 @@ class Ctrl:
         if choice is None or dev is not None and (
                 dev.closed or dev.kind not in ns.backend.p2p_kinds):
             choice = self.p2p_ns_map[ns.nsid] = self.target.p2p.decide(self, ns)
-            p2pmem.log.info("ctrl %d (%s): %s", self.cntlid, self.hostnqn, choice.text())
+            # the decision's fields, its explain text among them (as in the RPC status)
+            logfmt.info(p2pmem.log, "p2p_decision", cntlid=self.cntlid, hostnqn=self.hostnqn,
+                        **choice.to_json())
         return choice
 
     # -- asynchronous events --------------------------------------------------

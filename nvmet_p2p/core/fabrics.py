@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.wire import command as c
 from nvmet_p2p.wire import sqe_layout as ipo
@@ -68,12 +69,14 @@ def _connect_admin(req: Request) -> None:
     target = req.sq.target
     subsys = target.find_subsys(req.sq.port, data.subnqn)
     if subsys is None:
-        log.info("connect from %s: subsystem %s not found on port %s", data.hostnqn,
-                 data.subnqn, getattr(req.sq.port, "portid", "?"))
+        logfmt.info(log, "connect_refused", hostnqn=data.hostnqn, subnqn=data.subnqn,
+                    portid=getattr(req.sq.port, "portid", None),
+                    reason="subsystem not found on the port")
         _invalid(req, True, ipo.CONNECT_IPO_DATA_SUBNQN)
         return
     if not subsys.allows_host(data.hostnqn):
-        log.info("connect: host %s not allowed to use %s", data.hostnqn, data.subnqn)
+        logfmt.info(log, "connect_refused", hostnqn=data.hostnqn, subnqn=data.subnqn,
+                    reason="host not allowed")
         req.set_error_loc(ipo.CONNECT_IPO_DATA_HOSTNQN)
         req.complete(Status.CONNECT_INVALID_HOST | DNR,
                      c.connect_invalid_result(True, ipo.CONNECT_IPO_DATA_HOSTNQN))

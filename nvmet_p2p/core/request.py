@@ -16,6 +16,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
 from nvmet_p2p.wire.command import SQE_SIZE, Cqe, IoOpcode, Sqe
 from nvmet_p2p.wire.limits import NVMET_NO_ERROR_LOC
@@ -155,7 +156,8 @@ class Request:
         try:
             status = self.sq.parse(self)
         except Exception:  # a bug of ours must not take the queue down
-            log.exception("parse of opcode 0x%02x failed", self.cmd.opcode)
+            log.exception("%s", logfmt.line("event", "parse_failed", {
+                "opcode": f"{self.cmd.opcode:#04x}"}))
             status = Status.INTERNAL | DNR
         if status:
             self.complete(status)
@@ -167,7 +169,8 @@ class Request:
         try:
             self.handler(self)
         except Exception:
-            log.exception("execute of opcode 0x%02x failed", self.cmd.opcode if self.cmd else -1)
+            log.exception("%s", logfmt.line("event", "execute_failed", {
+                "opcode": f"{self.cmd.opcode:#04x}" if self.cmd else None}))
             if not self.completed:
                 self.complete(Status.INTERNAL | DNR)
 

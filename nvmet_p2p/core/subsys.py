@@ -11,6 +11,7 @@ import logging
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.wire.limits import NVME_DISC_SUBSYS_NAME, NVMET_NR_QUEUES
 
 if TYPE_CHECKING:
@@ -84,7 +85,8 @@ class Ns:
         try:
             self.backend.close()
         except Exception:
-            log.exception("closing namespace %d of %s", self.nsid, self.subsys.nqn)
+            log.exception("%s", logfmt.line("event", "ns_close_failed", {
+                "subnqn": self.subsys.nqn, "nsid": self.nsid}))
 
     def describe(self) -> dict:
         stats = {k: dict(v) if isinstance(v, dict) else v for k, v in self.stats.items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.configfs import Namespace, Port, Root, Subsystem, TreeHooks
 from nvmet_p2p.core.backend import BackendOpener
 from nvmet_p2p.core.clock import Clock
@@ -114,8 +115,8 @@ class Target(TreeHooks):
                     kato_ms: int) -> Ctrl | None:
         held = sum(1 for c in subsys.ctrls.values() if c.hostnqn == hostnqn and not c.dead)
         if held >= self.max_ctrls_per_host:
-            log.warning("connect from %s to %s refused: it holds %d controllers already "
-                        "(max_ctrls_per_host)", hostnqn, subsys.nqn, held)
+            logfmt.warning(log, "connect_refused", hostnqn=hostnqn, subnqn=subsys.nqn,
+                           ctrls=held, reason="max_ctrls_per_host reached")
             return None
         cntlid = subsys.alloc_cntlid()
         if cntlid is None:
@@ -124,8 +125,8 @@ class Target(TreeHooks):
         subsys.ctrls[cntlid] = ctrl
         ctrl.sqs[0] = sq
         sq.ctrl = ctrl
-        log.info("ctrl %d: %s connected to %s (kato %ss)", cntlid, hostnqn, subsys.nqn,
-                 ctrl.kato)
+        logfmt.info(log, "ctrl_connected", cntlid=cntlid, hostnqn=hostnqn, subnqn=subsys.nqn,
+                    portid=getattr(sq.port, "portid", None), kato_s=ctrl.kato)
         for ns in list(subsys.ns.values()):  # as the kernel, P2P is decided at Connect
             ctrl.p2p_choice(ns)
         return ctrl
@@ -134,7 +135,8 @@ class Target(TreeHooks):
         if ctrl.subsys.ctrls.get(ctrl.cntlid) is ctrl:
             del ctrl.subsys.ctrls[ctrl.cntlid]
             ctrl.dead = True
-            log.info("ctrl %d: %s left %s", ctrl.cntlid, ctrl.hostnqn, ctrl.subsys.nqn)
+            logfmt.info(log, "ctrl_removed", cntlid=ctrl.cntlid, hostnqn=ctrl.hostnqn,
+                        subnqn=ctrl.subsys.nqn)
 
     def controllers(self) -> list[Ctrl]:
         out = list(self.discovery.ctrls.values())
@@ -184,7 +186,8 @@ class Target(TreeHooks):
             raise ConfigError(f"namespace {ns_cfg.nsid} of {subsys_cfg.nqn}: p2pmem "
                               f"{ns_cfg.p2pmem}: {why}")
         subsys.ns[ns.nsid] = ns
-        log.info("namespace %d of %s enabled: %s", ns_cfg.nsid, subsys.nqn, backend.describe())
+        logfmt.info(log, "ns_enabled", subnqn=subsys.nqn, nsid=ns_cfg.nsid,
+                    backend=backend.describe())
         for ctrl in subsys.ctrls.values():
             ctrl.p2p_ns_map.pop(ns.nsid, None)  # as nvmet_p2pmem_ns_add_p2p(): decide now
             ctrl.p2p_choice(ns)
@@ -198,7 +201,7 @@ class Target(TreeHooks):
         if ns is None:
             return
         ns.disable()
-        log.info("namespace %d of %s disabled (%d in flight)", ns.nsid, subsys.nqn, ns.inflight)
+        logfmt.info(log, "ns_disabled", subnqn=subsys.nqn, nsid=ns.nsid, inflight=ns.inflight)
         for ctrl in subsys.ctrls.values():
             ctrl.p2p_ns_map.pop(ns.nsid, None)
             ctrl.ns_changed(ns.nsid)
@@ -216,13 +219,13 @@ class Target(TreeHooks):
             why = (f"cannot listen on {port.addr_traddr}:{port.addr_trsvcid}: {e}; "
                    "retrying")
             if self.listen_errors.get(port.portid) != why:
-                log.warning("port %d: %s", port.portid, why)
+                logfmt.warning(log, "port_not_listening", portid=port.portid, reason=why)
             self.listen_errors[port.portid] = why
             return
         self.listening[port.portid] = ops
         self.listen_errors.pop(port.portid, None)
-        log.info("port %d: listening (%s %s:%s)", port.portid, port.addr_trtype,
-                 port.addr_traddr, port.addr_trsvcid)
+        logfmt.info(log, "port_listening", portid=port.portid, trtype=port.addr_trtype,
+                    traddr=port.addr_traddr, trsvcid=port.addr_trsvcid)
 
     def retry_ports(self) -> None:
         """Try again to listen on every linked port that is not listening."""
@@ -236,7 +239,7 @@ class Target(TreeHooks):
     def port_down(self, port: Port, why: str) -> None:
         """A transport lost a listener (its device went away): retried like a failed start."""
         if self.listening.pop(port.portid, None) is not None:
-            log.warning("port %d: %s; retrying", port.portid, why)
+            logfmt.warning(log, "port_down", portid=port.portid, reason=f"{why}; retrying")
             self.listen_errors[port.portid] = f"{why}; retrying"
 
     def port_add_subsys(self, port: Port, subsys_cfg: Subsystem) -> None:
@@ -249,15 +252,15 @@ class Target(TreeHooks):
         if subsys is not None:
             for ctrl in list(subsys.ctrls.values()):
                 if ctrl.port is port:
-                    log.info("ctrl %d: %s unlinked from port %d; deleting", ctrl.cntlid,
-                             subsys.nqn, port.portid)
+                    logfmt.info(log, "ctrl_deleted", cntlid=ctrl.cntlid, subnqn=subsys.nqn,
+                                portid=port.portid, reason="subsystem unlinked from the port")
                     ctrl.delete()
         remaining = [n for n in port.subsystems if n != subsys_cfg.nqn]
         if not remaining:
             self.listen_errors.pop(port.portid, None)
         if not remaining and port.portid in self.listening:
             self.listening.pop(port.portid).remove_port(port)
-            log.info("port %d: stopped listening", port.portid)
+            logfmt.info(log, "port_stopped", portid=port.portid)
         self.discovery_changed()
 
     def subsys_hosts_changed(self, subsys_cfg: Subsystem) -> None:
@@ -273,8 +276,9 @@ class Target(TreeHooks):
         if subsys is None or subsys.cfg is not subsys_cfg:
             return
         for ctrl in list(subsys.ctrls.values()):
-            log.info("ctrl %d: qid_max of %s is now %d; deleting so that %s reconnects",
-                     ctrl.cntlid, subsys.nqn, subsys.qid_max, ctrl.hostnqn)
+            logfmt.info(log, "ctrl_deleted", cntlid=ctrl.cntlid, subnqn=subsys.nqn,
+                        hostnqn=ctrl.hostnqn, qid_max=subsys.qid_max,
+                        reason="qid_max changed; the host reconnects")
             ctrl.delete()
 
     def discovery_changed(self) -> None:

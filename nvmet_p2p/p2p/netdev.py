@@ -2,24 +2,20 @@
 
 A configured rdma port names only an IP address; the RDMA device that rdma_cm would bind
 to it is the one with a GID on the network interface holding that address.  These
-lookups read `ip -j addr` (or, without iproute2, SIOCGIFADDR) and sysfs
-`class/infiniband/*/ports/*/gid_attrs/ndevs/*`.
+lookups ask the kernel over rtnetlink (pyroute2: RTM_GETADDR, RTM_GETLINK) and read
+sysfs `class/infiniband/*/ports/*/gid_attrs/ndevs/*`.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
+import ipaddress
 import os
-import socket
-import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-IP_TIMEOUT_S = 5.0  # `ip -j addr` answers in milliseconds; a hung one must not hang explain
-SIOCGIFADDR = 0x8915
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 NetdevOfAddr = Callable[[str], "str | None"]
 
@@ -35,31 +31,26 @@ class RdmaPort(Protocol):
 
 
 def netdev_of_addr(addr: str) -> str | None:
-    """The network interface holding IP address `addr` on this machine, or None."""
+    """The network interface holding IP address `addr` on this machine, or None.
+
+    Addresses compare as addresses, not as text (`fd00::2` is `fd00:0::2`).  IPv4 holds
+    the interface's own address in IFA_LOCAL (IFA_ADDRESS is the peer on a point-to-point
+    link); IPv6 has IFA_ADDRESS only.
+    """
     try:
-        cp = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
-                            timeout=IP_TIMEOUT_S, check=False)
-        links = json.loads(cp.stdout) if cp.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        links = None
-    if links is not None:
-        for link in links:
-            if any(a.get("local") == addr for a in link.get("addr_info", ())):
-                return link.get("ifname")
+        want = ipaddress.ip_address(addr)
+    except ValueError:
         return None
-    return _netdev_of_ipv4_ioctl(addr)
-
-
-def _netdev_of_ipv4_ioctl(addr: str) -> str | None:
-    # Without iproute2: SIOCGIFADDR per interface (IPv4 only).
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()))
-            except OSError:
-                continue
-            if socket.inet_ntoa(res[20:24]) == addr:
-                return name
+    try:
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if local is None or ipaddress.ip_address(local) != want:
+                    continue
+                links = ipr.get_links(msg["index"])
+                return links[0].get_attr("IFLA_IFNAME") if links else None
+    except (OSError, NetlinkError):  # no rtnetlink here: nothing is known to hold it
+        return None
     return None
 
 

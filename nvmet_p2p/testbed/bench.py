@@ -18,6 +18,9 @@ repeated, since the machine is noisy; the report gives the median and the spread
 fabric limit is ib_write_bw / ib_read_lat over rxe0.  At the end the host connects 16
 RDMA I/O queues to our target and its VmRSS is read.
 
+Progress (testbed/progress.py): one `[ i/n] ...` line per run, always; on a terminal a
+tqdm bar under them, driven on the host from the lines the VM relays.
+
 The pure parts (fio/perftest parsing, CPU from /proc/<pid>/stat, summary, ratios,
 table, plot) take values and return values; tests/testbed/test_bench.py drives them with
 canned documents.
@@ -39,9 +42,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from nvmet_p2p.errors import NvmetError
+from nvmet_p2p.testbed.progress import Progress, progress_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = Path(__file__).resolve().parent / "jobs"  # package data: installed with the code
@@ -75,8 +79,8 @@ RSS_IO_QUEUES = 16
 # it becomes an "error" field of the record and the rest of the matrix goes on.
 RUN_ERRORS = (NvmetError, OSError, RuntimeError, ValueError, KeyError,
               subprocess.SubprocessError)
+# one host NQN per RSS controller; its host ID is the NQN's UUID (libnvme_host.hostid_of)
 HOSTNQN_FMT = "nqn.2014-08.org.nvmexpress:uuid:5be0c000-0000-4000-8000-{:012d}"
-HOSTID_FMT = "5be0c000-0000-4000-8000-{:012d}"  # one host ID per host NQN, as the kernel wants
 
 
 @dataclass(frozen=True)
@@ -456,16 +460,18 @@ def _status(ep: Endpoint) -> dict[str, Any] | None:
 
 def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
             nr_io_queues: int | None = None) -> dict[str, Any]:
-    """Connect the Linux host to `ep`, run one fio job, disconnect; one run record."""
-    from nvmet_p2p.testbed import guest
+    """Connect the Linux host to `ep` (libnvme), run one fio job, disconnect; one run
+    record."""
+    from nvmet_p2p.testbed import guest, libnvme_host
 
     rec: dict[str, Any] = {"job": job.name, "target": ep.target, "transport": ep.transport,
                            "backing": ep.backing, "repeat": repeat,
                            "runtime_s": None if job.sized else timing.runtime_s,
                            "error": None, "target_cpu_pct": None, "p2p": None}
     try:
-        guest.nvme_connect(ep.subnqn, traddr=ep.traddr, trsvcid=ep.trsvcid,
-                           nr_io_queues=nr_io_queues, transport=ep.transport)
+        guest.modprobe(guest.host_module(ep.transport))
+        libnvme_host.connect(ep.subnqn, ep.traddr, ep.trsvcid, transport=ep.transport,
+                             nr_io_queues=nr_io_queues)
         try:
             dev = guest.namespace_block_device(ep.subnqn)
             env = dict(os.environ, BENCH_DEV=dev, BENCH_RUNTIME=str(timing.runtime_s),
@@ -501,7 +507,7 @@ def run_job(job: Job, ep: Endpoint, timing: Timing, repeat: int,
                 raise RuntimeError(f"fio job errors {errors}: {cp.stderr.strip()[-500:]}")
             rec.update(parse_fio(res, job.ddirs))
         finally:
-            guest.nvme_disconnect(ep.subnqn)
+            libnvme_host.disconnect(ep.subnqn)
     except RUN_ERRORS as err:
         rec["error"] = f"{type(err).__name__}: {err}"[:600]
     return rec
@@ -543,8 +549,8 @@ def run_matrix(endpoints: dict[str, Endpoint], timing: Timing, jobs: Sequence[Jo
         if job.sized and not rec["error"]:
             text += f" in {rec['wall_s']:.0f} s"
         ep = endpoints[target]
-        say(f"[{i:2d}/{len(plan)}] {ep.transport:4} {ep.backing:4} {target:6} "
-            f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)")
+        say(progress_line(i, len(plan), f"{ep.transport:4} {ep.backing:4} {target:6} "
+                                        f"{job.name:19} #{r + 1}: {text}  (eta {eta:.0f} s)"))
     return runs
 
 
@@ -584,7 +590,7 @@ def fabric_limit(dev: str, addr: str, seconds: int) -> dict[str, Any]:
 def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
     """Connect `io_queues` I/O queues to our target (over as many controllers as needed)
     and read its VmRSS; then disconnect."""
-    from nvmet_p2p.testbed import guest
+    from nvmet_p2p.testbed import guest, libnvme_host
 
     rss: dict[str, Any] = {"io_queues": io_queues, "controllers": 0, "vmrss_kib": None,
                            "idle_vmrss_kib": None, "error": None}
@@ -598,16 +604,10 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         guest.modprobe("nvme-rdma")
         for i in range(nctrl):
             n = min(per_ctrl, io_queues - i * per_ctrl)
-            # Straight to the fabrics device: nvme-cli 2.3 calls a second controller to the
-            # same address "already connected" whatever the host NQN/ID and -D say.
-            fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
-            try:
-                os.write(fd, (f"transport=rdma,traddr={ep.traddr},trsvcid={ep.trsvcid},"
-                              f"nqn={ep.subnqn},hostnqn={HOSTNQN_FMT.format(i)},"
-                              f"hostid={HOSTID_FMT.format(i)},nr_io_queues={n}").encode())
-                os.read(fd, 4096)  # instance=N,cntlid=M: the controller exists
-            finally:
-                os.close(fd)
+            # libnvme, not nvme-cli: nvme-cli 2.3 calls a second controller to the same
+            # address "already connected" whatever the host NQN/ID and -D say
+            libnvme_host.connect(ep.subnqn, ep.traddr, ep.trsvcid,
+                                 hostnqn=HOSTNQN_FMT.format(i), nr_io_queues=n)
             rss["controllers"] += 1
         guest.wait_for(lambda: len(guest.nvme_ctrls(ep.subnqn)) >= nctrl, 30,
                        f"{nctrl} controllers of {ep.subnqn}")
@@ -619,7 +619,7 @@ def measure_rss(ep: Endpoint, io_queues: int, cpus: int) -> dict[str, Any]:
         rss["error"] = f"{type(err).__name__}: {err}"[:600]
     finally:
         try:
-            guest.nvme_disconnect(ep.subnqn)
+            libnvme_host.disconnect(ep.subnqn)
         except RUN_ERRORS as err:
             rss["error"] = rss["error"] or f"disconnect: {err}"
     return rss
@@ -912,13 +912,20 @@ def _run_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]
     print(f"bench: booting the soft-RoCE VM (TCG), results in {out}", flush=True)
     nseries = len(transports) + (BDEV in backings and RDMA in transports)
     timeout = _vm_timeout(timing, jobs, len(targets), nseries)
-    result = VM().run(script, timeout, stream=sys.stdout, out_dir=out)
+    with Progress(sys.stdout) as progress:  # the guest's lines; a bar on a terminal
+        result = VM().run(script, timeout, stream=cast(TextIO, progress), out_dir=out)
     return result.returncode
 
 
 def _run_no_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[Job]) -> int:
+    from nvmet_p2p.testbed import libnvme_host
+
     if not (args.traddr or args.kernel_traddr):
         print("bench: --no-vm needs --traddr and/or --kernel-traddr", file=sys.stderr)
+        return 2
+    if libnvme_host.nvme is None:  # say so before the matrix, not once per run
+        print(f"bench: --no-vm connects through libnvme: {libnvme_host.IMPORT_ERROR}",
+              file=sys.stderr)
         return 2
     endpoints = {}
     transport = (args.transport or [RDMA])[0]
@@ -937,8 +944,9 @@ def _run_no_vm(args: argparse.Namespace, out: Path, timing: Timing, jobs: list[J
         "fabric": {"write_bw_MBps": None, "read_lat": None,
                    "error": "perftest needs a server on the target machine; run it by hand"},
         "runs": [], "rss": None}
-    results["runs"] = run_matrix(endpoints, timing, jobs, lambda s: print(s, flush=True),
-                                 nr_io_queues=args.nr_io_queues)
+    with Progress(sys.stdout) as progress:
+        results["runs"] = run_matrix(endpoints, timing, jobs, progress.line,
+                                     nr_io_queues=args.nr_io_queues)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

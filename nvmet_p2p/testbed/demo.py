@@ -1,7 +1,9 @@
 """`make demo`: the main job, end to end, on this machine.
 
 Boots the soft-RoCE VM, starts nvmet-p2p in it, configures it through `targetcli-ext`
-one-shot commands (printed as they run), connects the Linux kernel host over RDMA,
+one-shot commands (printed as they run), connects the Linux kernel host over RDMA
+(through libnvme's Python bindings, what `nvme discover` / `nvme connect` do; `nvme list`
+then shows the same controller as nvme-cli sees it),
 runs fio for 20 seconds with visible progress, and prints IOPS, bandwidth, latency,
 the connection summary and the P2P decision; then tears everything down.
 
@@ -95,6 +97,7 @@ def _fio(dev: str) -> dict:
 
 def guest() -> int:
     from nvmet_p2p.testbed import guest as g
+    from nvmet_p2p.testbed import libnvme_host
 
     step("soft-RoCE: rxe0 on dummy0 (192.0.2.1)")
     rxe = g.setup_rxe()
@@ -117,12 +120,18 @@ def guest() -> int:
         _targetcli("/ports/1/subsystems", "create", SUBNQN)
         _targetcli("ls")
 
-        step("the Linux host discovers and connects (nvme-cli, nvme-rdma)")
+        step("the Linux host discovers and connects (libnvme's Python bindings, nvme-rdma)")
         g.modprobe("nvme-rdma")
-        run("nvme", "discover", "-t", "rdma", "-a", g.TRADDR, "-s", "4420", "-q", HOSTNQN)
-        ctrl = g.nvme_connect(SUBNQN, hostnqn=HOSTNQN, nr_io_queues=2)
+        say(f">>> libnvme_host.discover({g.TRADDR!r}, 4420, hostnqn={HOSTNQN!r})")
+        for e in libnvme_host.discover(g.TRADDR, 4420, hostnqn=HOSTNQN):
+            say(f"    {e.get('subtype', '?'):>13} {e.get('subnqn')} "
+                f"{e.get('trtype')} {e.get('traddr')}:{e.get('trsvcid')}")
+        say(f">>> libnvme_host.connect({SUBNQN!r}, {g.TRADDR!r}, 4420, hostnqn={HOSTNQN!r}, "
+            "nr_io_queues=2)")
+        ctrl = libnvme_host.connect(SUBNQN, g.TRADDR, 4420, hostnqn=HOSTNQN, nr_io_queues=2)
         dev = g.namespace_block_device(SUBNQN)
-        say(f"connected: {ctrl}, namespace {dev}")
+        say(f"connected: {ctrl}, namespace {dev} "
+            f"(libnvme sees {libnvme_host.namespaces(SUBNQN)})")
         run("nvme", "list")
         result = _fio(dev)
 
@@ -154,7 +163,7 @@ def guest() -> int:
             say(d["text"])
 
         step("tear down")
-        g.nvme_disconnect(SUBNQN)
+        libnvme_host.disconnect(SUBNQN)
         say("host disconnected")
     finally:
         target.terminate()

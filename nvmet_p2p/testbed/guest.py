@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nvmet_p2p.errors import VMError
+from nvmet_p2p.p2p.netdev import netdev_of_addr
 from nvmet_p2p.wire.limits import NVME_RDMA_IP_PORT
 
 TRADDR = "192.0.2.1"  # TEST-NET-1: only ever the VM's own dummy netdev, never routed
@@ -85,7 +86,7 @@ def setup_netdev(netdev: str = NETDEV, addr: str = TRADDR) -> str:
     modprobe("dummy")
     if not Path(f"/sys/class/net/{netdev}").exists():
         sh("ip", "link", "add", netdev, "type", "dummy")
-    if addr not in sh("ip", "-o", "-4", "addr", "show", "dev", netdev).stdout:
+    if netdev_of_addr(addr) != netdev:  # rtnetlink, not `ip addr` output
         sh("ip", "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", netdev)
     sh("ip", "link", "set", netdev, "up")
     return netdev
@@ -113,7 +114,8 @@ def _fabrics_args(transport: str, traddr: str, trsvcid: int | str,
     return args
 
 
-def _host_module(transport: str) -> str:
+def host_module(transport: str) -> str:
+    """The Linux host driver of a transport (what `nvme connect -t` loads)."""
     return {"rdma": "nvme-rdma", "tcp": "nvme-tcp"}[transport]
 
 
@@ -134,7 +136,7 @@ def nvme_connect(subnqn: str, traddr: str = TRADDR, trsvcid: int | str = NVME_RD
                  disable_sqflow: bool = False, timeout: float = 60.0) -> str:
     """`nvme connect`; returns the new controller's name (e.g. "nvme1").  `digests`:
     NVMe/TCP header and data digests; `disable_sqflow`: no SQ flow control."""
-    modprobe(_host_module(transport))
+    modprobe(host_module(transport))
     before = set(nvme_ctrls(subnqn))
     args = ["nvme", "connect", "-n", subnqn, *_fabrics_args(transport, traddr, trsvcid, hostnqn)]
     if nr_io_queues is not None:
@@ -168,7 +170,7 @@ def nvme_discover(traddr: str = TRADDR, trsvcid: int | str = NVME_RDMA_IP_PORT,
                   hostnqn: str | None = None, transport: str = "rdma",
                   timeout: float = 60.0) -> list[dict[str, Any]]:
     """Discovery log entries as nvme-cli's JSON records (trtype, subnqn, traddr, trsvcid...)."""
-    modprobe(_host_module(transport))
+    modprobe(host_module(transport))
     cp = sh("nvme", "discover", *_fabrics_args(transport, traddr, trsvcid, hostnqn),
             "-o", "json", timeout=timeout)
     if not cp.stdout.strip():

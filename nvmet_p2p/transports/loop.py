@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.cmb import Provider, copy_from, copy_into
 from nvmet_p2p.core.request import DataDir
 from nvmet_p2p.core.sgl import DataMap, SglKind, map_sgl
@@ -76,8 +77,8 @@ class LoopConnection:
             raise ConnectionError("loop queue is disconnected")
         if len(capsule) < SQE_SIZE:
             # as RDMA: a receive shorter than an SQE is a fatal queue error, no CQE
-            log.error("loop qid %d: capsule of %d bytes is shorter than an SQE; "
-                      "tearing the queue down", self.sq.qid, len(capsule))
+            logfmt.error(log, "loop_short_capsule", qid=self.sq.qid, bytes=len(capsule),
+                         reason="shorter than an SQE; tearing the queue down")
             if self.sq.ctrl is not None:
                 self.sq.ctrl.fatal_error("capsule shorter than 64 bytes")
             self.disconnect()

@@ -949,6 +949,22 @@ def test_save_creates_the_directory_keeps_the_mode_and_rotates_backups(root, tmp
     assert len(json.loads(backups[-1].read_text())["hosts"]) == jsonfile.BACKUPS + 2
 
 
+def test_saving_the_same_configuration_again_keeps_the_backups(root, tmp_path):
+    target = tmp_path / "config.json"
+    root.save(target)
+    root.create_host("nqn.2024-01.io.example:h0")
+    root.save(target)
+    before = target.stat().st_mtime_ns
+    for _ in range(3):  # e.g. the shell's auto_save_on_exit after a look around
+        root.save(target)
+    assert target.stat().st_mtime_ns == before
+    assert len(list((tmp_path / "backup").iterdir())) == 1
+    root.create_host("nqn.2024-01.io.example:h1")
+    root.save(target)
+    assert len(list((tmp_path / "backup").iterdir())) == 2
+    assert "h1" in target.read_text()
+
+
 def test_save_where_the_directory_cannot_be_fails_cleanly(root, tmp_path):
     (tmp_path / "file").write_text("")
     with refused("cannot save the configuration"):

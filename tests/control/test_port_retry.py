@@ -4,10 +4,12 @@ periodically and as soon as an RDMA device appears.  The VM test
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.control import daemon as daemon_mod
 from nvmet_p2p.errors import TransportError
 from tests.support.loop_env import SUBNQN, LoopEnv
@@ -66,11 +68,15 @@ def test_a_port_that_cannot_listen_stays_configured_with_its_reason(
     status = env.target.status()["ports"][7]
     assert status["listening"] is False
     assert "rdma_create_event_channel: No such device; retrying" in status["error"]
-    assert "port 7: cannot listen on 192.0.2.1:4420" in caplog.text
+    [line] = [logfmt.parse(r.getMessage()) for r in caplog.records]
+    assert line["event"] == "port_not_listening" and line["portid"] == "7"
+    assert line["reason"].startswith("cannot listen on 192.0.2.1:4420: ")
     env.target.retry_ports()  # still down: still configured, one log line only
     assert caplog.text.count("cannot listen") == 1
     flaky.up = True
+    caplog.set_level(logging.INFO)
     env.target.retry_ports()
+    assert "event=port_listening portid=7 trtype=rdma traddr=192.0.2.1" in caplog.text
     assert env.target.status()["ports"][7] == {"listening": True}
     assert flaky.ports == [7]
 

@@ -295,20 +295,25 @@ def test_no_daemon_message(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     assert "cannot reach nvmet-p2p" in err
 
 
-def test_interactive_session(sh: ConfigShell, daemon: RpcDaemon,
-                             tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                             monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = iter(["cd /ports", "create 4 trtype=loop", "cd 4", "set attr allow_p2pmem=1",
-                  "set addr trtype=carrier", "ls", "exit"])
+def typed(monkeypatch: pytest.MonkeyPatch, *lines: str) -> None:
+    """The interactive shell reads `lines`, then end of input (Ctrl-D)."""
+    it = iter(lines)
 
     def fake_input(prompt: str = "") -> str:
         print(prompt, end="")
         try:
-            return next(lines)
+            return next(it)
         except StopIteration:
             raise EOFError from None
 
     monkeypatch.setattr(builtins, "input", fake_input)
+
+
+def test_interactive_session(sh: ConfigShell, daemon: RpcDaemon,
+                             tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    typed(monkeypatch, "cd /ports", "create 4 trtype=loop", "cd 4", "set attr allow_p2pmem=1",
+          "set addr trtype=carrier", "ls", "exit")
     assert main(["--rpc-socket", daemon.socket, "--prefs-dir", str(tmp_path / "p")]) == 0
     out, err = capfd.readouterr()
     assert "/ports> " in out and "/ports/4> " in out
@@ -433,8 +438,85 @@ def test_ls_rounds_sizes_and_info_has_the_details(sh: ConfigShell,
     assert max(len(x) for x in summaries) <= 100  # long P2P reasons are cut; info has them
 
 
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_ls_fits_the_terminal(sh: ConfigShell, capfd: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """The P2P reason of a namespace is cut to what its ls line has left, so the tree
+    does not wrap at 80 columns (names longer than the terminal still do)."""
+    build(sh, capfd)
+    monkeypatch.setattr(type(sh.con), "get_width", lambda self: width)
+    [line] = [ln for ln in ok(sh, capfd, "ls /subsystems").splitlines()
+              if ln.strip().startswith("o- 1 ")]
+    assert len(line) <= width, line
+    assert "mem0 (memory 1M), enabled, system memory: " in line
+    assert line.endswith("(info)]")  # the whole reason is in `info`
+    assert "is not a PCI device" in ok(sh, capfd, f"{NS} p2p")
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0
     assert "targetcli-ext (nvmet-p2p)" in capsys.readouterr().out
+
+
+def _saved_ports(daemon: RpcDaemon) -> list[int]:
+    return [p["portid"] for p in json.loads(daemon.config.read_text())["ports"]]
+
+
+@pytest.mark.parametrize("leave", ["exit", None])  # None: end of input, Ctrl-D
+def test_auto_save_on_exit_saves_to_the_daemons_file(
+        sh: ConfigShell, daemon: RpcDaemon, tmp_path: Path, leave: str | None,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    ok(sh, capfd, "saveconfig")
+    assert _saved_ports(daemon) == []
+    typed(monkeypatch, "/ports create 5 trtype=loop", "get global auto_save_on_exit",
+          *([leave] if leave else []))
+    assert main(["--rpc-socket", daemon.socket, "--prefs-dir", str(tmp_path / "p")]) == 0
+    out, err = capfd.readouterr()
+    assert "auto_save_on_exit=true" in out  # targetcli's default
+    assert f"Configuration saved to {daemon.config}." in out, out + err
+    assert _saved_ports(daemon) == [5]
+
+
+def test_auto_save_on_exit_off_and_one_shot_commands_leave_the_file(
+        sh: ConfigShell, daemon: RpcDaemon, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    ok(sh, capfd, "saveconfig")
+    prefs = ["--rpc-socket", daemon.socket, "--prefs-dir", str(tmp_path / "p")]
+    assert main([*prefs, "/ports", "create", "6", "trtype=loop"]) == 0  # one command: no save
+    assert _saved_ports(daemon) == []
+    typed(monkeypatch, "set global auto_save_on_exit=false", "/ports create 7 trtype=loop",
+          "exit")
+    assert main(prefs) == 0
+    out, _ = capfd.readouterr()
+    assert "Configuration saved" not in out
+    assert _saved_ports(daemon) == []
+    typed(monkeypatch, "exit")  # the preference is kept in the preferences directory
+    cs_prefs.Prefs._Prefs__borg_state.clear()  # type: ignore[attr-defined]
+    cs_prefs.Prefs._prefs = {}
+    assert main(prefs) == 0
+    assert "Configuration saved" not in capfd.readouterr().out
+    assert _saved_ports(daemon) == []
+
+
+def test_auto_save_on_exit_without_a_daemon_file_fails_clearly(
+        target_env: LoopEnv, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cs_prefs.Prefs._Prefs__borg_state.clear()  # type: ignore[attr-defined]
+    cs_prefs.Prefs._prefs = {}
+    server = InProcess(target_env)  # a daemon with no configuration file
+    loop = target_env.loop
+    thread = threading.Thread(target=loop.run_forever, name="target-loop")
+    thread.start()
+    try:
+        typed(monkeypatch, "exit")
+        result = [main(["--rpc-socket", server.path, "--prefs-dir", str(tmp_path / "p")])]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LOOP_STOP_TIMEOUT_S)
+        server.close()
+    _, err = capfd.readouterr()
+    assert result == [1]
+    assert "started without --config" in err and "not saved on exit" in err
+    assert "Traceback" not in err

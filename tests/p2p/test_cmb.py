@@ -247,9 +247,9 @@ def test_p2pmem_whose_driver_unbound_closes_itself(tmp_path, caplog):
     assert p.closed
     with pytest.raises(ValueError):  # its views are revoked: no touch reaches the mapping
         c.view[0]
-    gone = f"{BDF}/p2pmem: p2pmem/allocate is gone (the device's driver unbound): closing " \
-           "this provider"
-    assert [r.getMessage() for r in caplog.records] == [gone]
+    line = (f'event=p2pmem_revoked provider={BDF}/p2pmem reason="p2pmem/allocate is gone '
+            f'(the device\'s driver unbound)"')
+    assert [r.getMessage() for r in caplog.records] == [line]
     c.free()  # harmless after the close
 
 

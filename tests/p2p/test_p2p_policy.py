@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.cmb import Chunk, KernelP2pmemProvider, SysfsBarProvider, copy_from, copy_into
 from nvmet_p2p.core.p2pmem import REASON_EXHAUSTED, REASON_IN_CAPSULE
@@ -398,8 +399,14 @@ def test_loop_writes_and_reads_go_through_the_cmb(p2p_env, caplog):
     decision = ctrl.p2p_ns_map[1]
     assert decision.p2p and decision.provider == f"{p2p_env.m.nvme}/bar2"
     assert decision.distance == 0 and decision.clients == [p2p_env.m.nvme]
-    logged = [r.getMessage() for r in caplog.records if "ns 1:" in r.getMessage()]
-    assert logged == [f"ctrl {ctrl.cntlid} ({host.hostnqn}): {decision.text()}"]
+    logged = [logfmt.parse(r.getMessage()) for r in caplog.records
+              if "event=p2p_decision" in r.getMessage()]
+    assert [x for x in logged if x["nsid"] == "1"] == [{
+        "event": "p2p_decision", "cntlid": str(ctrl.cntlid), "hostnqn": host.hostnqn,
+        "portid": "1", "subnqn": decision.subnqn, "nsid": "1", "p2p": "1", "decision": "p2p",
+        "provider": decision.provider, "provider_bdf": decision.provider_bdf,
+        "distance": "0", "map_type": decision.map_type, "clients": p2p_env.m.nvme,
+        "reason": decision.reason or "", "text": decision.text()}]
 
 
 def test_decision_is_logged_once_per_ctrl_and_ns(p2p_env, caplog):
@@ -411,10 +418,12 @@ def test_decision_is_logged_once_per_ctrl_and_ns(p2p_env, caplog):
             h.write(1, i * 8, payload(4096, i))
             h.write(2, i * 8, payload(4096, i))
             h.read(2, i * 8, 8)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "nvmet_p2p.p2p"]
-    per_pair = Counter((m.split(":")[0], m.split(" ns ")[1].split(":")[0]) for m in msgs)
+    msgs = [logfmt.parse(r.getMessage()) for r in caplog.records
+            if r.name == "nvmet_p2p.p2p"]
+    per_pair = Counter((m["cntlid"], m["nsid"]) for m in msgs)
     assert len(per_pair) == 4 and set(per_pair.values()) == {1}, msgs
-    assert sum("ns 2: system memory: namespace 2: memory" in m for m in msgs) == 2
+    assert sum(m["nsid"] == "2" and m["decision"] == "system" and
+               m["reason"].startswith("namespace 2: memory") for m in msgs) == 2
     ns2 = p2p_env.env.ns(2)
     reason = f"namespace 2: memory {ns2.backend.path} is not a PCI device; it {NOT_PCI}"
     assert ns2.stats["sysmem_by_reason"] == {reason: 12}  # 2 hosts x 3 x (write, read)

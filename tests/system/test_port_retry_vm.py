@@ -70,8 +70,9 @@ def test_port_listens_once_its_rdma_device_appears(netdev_without_rdma: None,
         finally:
             guest.nvme_disconnect(NQN)
         log = tgt.log_text()
-        assert f"port 1: cannot listen on {ADDR}:{PORT}" in log
-        assert "port 1: listening" in log
+        assert f'event=port_not_listening portid=1 reason="cannot listen on {ADDR}:{PORT}' \
+            in log
+        assert "event=port_listening portid=1 " in log
         print(f"port listening {took:.1f} s after {RXE} appeared; {ctrl} connected")
     finally:
         assert tgt.stop() == 0

@@ -6,14 +6,17 @@ them (fio 3.33 JSON, perftest 4.5 text).
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from nvmet_p2p.cli import build_parser
 from nvmet_p2p.testbed import bench
+from nvmet_p2p.testbed.progress import PROGRESS_LINE, Progress
 
 
 def _ddir(iops: float, bw: float, mean_ns: float, n: int, p50_ns: float, p99_ns: float) -> dict:
@@ -226,6 +229,18 @@ def test_no_vm_without_addresses_refuses(tmp_path: Path, capsys):
     assert "--traddr" in capsys.readouterr().err
 
 
+def test_no_vm_without_libnvme_refuses_before_running(tmp_path: Path, capsys, monkeypatch):
+    from nvmet_p2p.testbed import libnvme_host
+
+    monkeypatch.setattr(libnvme_host, "nvme", None)
+    monkeypatch.setattr(libnvme_host, "IMPORT_ERROR", "no libnvme (test)")
+    monkeypatch.setattr(bench, "run_matrix", lambda *a, **k: pytest.fail("the matrix ran"))
+    args = build_parser().parse_args(["bench", "--no-vm", "--traddr", "192.0.2.1",
+                                      "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "connects through libnvme: no libnvme (test)" in capsys.readouterr().err
+
+
 def test_quick_vm_ceiling_stays_under_twenty_minutes():
     # The hard VM timeout is a ceiling, not an estimate; it must still leave room.
     # Quick: the timed jobs, both targets, both transports, on the file only.
@@ -367,3 +382,84 @@ def test_cli_transport_choice():
 def test_report_with_a_bdev_series_plots(with_bdev, tmp_path: Path):
     md, png = bench.write_report(with_bdev, tmp_path)
     assert "verify-512m" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- progress: plain lines always, a tqdm bar on a terminal -----------------------------------
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _fake_matrix(monkeypatch, n_jobs: int = 2) -> tuple[list, bench.Timing]:
+    jobs = [j for j in bench.JOBS if j.name in bench.JOB_NAMES[:n_jobs]]
+    calls = iter(range(100))
+
+    def fake_run_job(job, ep, timing, r, nr_io_queues=None):
+        i = next(calls)
+        if i == 1:
+            return {"error": "fio failed"}
+        return {"error": None, "iops": 1000.0 + i, "bw_bytes": 4.096e6, "lat_mean_us": 900.0,
+                "lat_p99_us": 2000.0, "target_cpu_pct": None}
+    monkeypatch.setattr(bench, "run_job", fake_run_job)
+    return jobs, bench.Timing(runtime_s=1, ramp_s=0, repeat=2)
+
+
+def _endpoints() -> dict:
+    return {t: bench.Endpoint(t, "192.0.2.1", 4420, "nqn.x") for t in (bench.OURS, bench.KERNEL)}
+
+
+def test_progress_without_a_terminal_is_the_plain_lines(monkeypatch):
+    jobs, timing = _fake_matrix(monkeypatch)
+    out = io.StringIO()
+    with Progress(out) as p:
+        runs = bench.run_matrix(_endpoints(), timing, jobs, p.line)
+    lines = out.getvalue().splitlines()
+    assert len(runs) == len(lines) == 8
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()  # no bar, no escapes
+    assert [PROGRESS_LINE.match(ln).groups() for ln in lines] == [
+        (f"{i:2d}".strip(), "8") for i in range(1, 9)]
+    assert "FAILED fio failed" in lines[1] and "IOPS" in lines[0] and "(eta " in lines[-1]
+
+
+def test_progress_on_a_terminal_adds_a_tqdm_bar(monkeypatch):
+    pytest.importorskip("tqdm")
+    jobs, timing = _fake_matrix(monkeypatch)
+    out = _Tty()
+    with Progress(out) as p:
+        assert p.bar is not None
+        bench.run_matrix(_endpoints(), timing, jobs, p.line)
+        assert (p.bar.n, p.bar.total) == (8, 8)
+    text = out.getvalue()
+    assert "bench: 100%" in text and "8/8" in text  # the bar, finished
+    assert sum(1 for ln in text.replace("\r", "\n").splitlines()
+               if PROGRESS_LINE.match(ln)) == 8  # every line is still there, whole
+
+
+def test_progress_relays_the_vms_chunks_as_lines():
+    pytest.importorskip("tqdm")
+    out = _Tty()
+    with Progress(out) as p:
+        for chunk in ["bench: booting", " the VM\n[ 1/3] rdma ours", " j #1: ok\n[ 2/",
+                      "3] rdma kernel j #1: ok\n", "no newline at the end"]:
+            p.write(chunk)
+        assert (p.bar.n, p.bar.total) == (2, 3)
+        p.write("\n[ 1/3] tcp  ours j #1: ok\n")  # the next transport: the bar starts again
+        assert (p.bar.n, p.bar.total) == (1, 3)
+    lines = [ln for ln in out.getvalue().replace("\r", "\n").splitlines() if ln.strip()]
+    for want in ["bench: booting the VM", "[ 1/3] rdma ours j #1: ok",
+                 "[ 2/3] rdma kernel j #1: ok", "no newline at the end"]:
+        assert want in lines
+    plain = io.StringIO()
+    with Progress(plain) as p:  # not a terminal: exactly what was written
+        p.write("a\nb")
+    assert plain.getvalue() == "a\nb\n"
+
+
+def test_progress_without_tqdm_is_the_plain_lines(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `pip install .` without [bench]
+    out = _Tty()
+    with Progress(out) as p:
+        assert p.bar is None
+        p.line("[ 1/1] x")
+    assert out.getvalue() == "[ 1/1] x\n"

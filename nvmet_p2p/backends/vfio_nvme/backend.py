@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends.base import Backend, Completion
 from nvmet_p2p.backends.vfio_nvme import controller
 from nvmet_p2p.backends.vfio_nvme import nvme_pci as pci
@@ -466,9 +467,11 @@ class VfioNvmeBackend(Backend):
         on a thread: they complete on the loop once the controller is disabled).
         """
         table = self._table
-        log.error("%s: %s; disabling the controller, completing %d commands in flight and %d "
-                  "waiting with %s (the host retries), then resetting it", self.bdf, reason,
-                  len(table.busy), len(table.pending), status_name(ABORTED))
+        logfmt.error(log, "vfio_nvme_reset", bdf=self.bdf, reason=reason,
+                     inflight=len(table.busy), waiting=len(table.pending),
+                     status=status_name(ABORTED),
+                     action="disable the controller, complete those commands (the host "
+                            "retries), reset it")
         self._state = _State.RESETTING
         loop = self._loop
         if loop is None:
@@ -518,9 +521,8 @@ class VfioNvmeBackend(Backend):
             return
         self._state = _State.LIVE
         self.stats["resets"] += 1
-        log.warning("%s: controller reset; serving again (%d resets so far, %d submissions "
-                    "waited for this one)", self.bdf, self.stats["resets"],
-                    len(self._table.pending))
+        logfmt.warning(log, "vfio_nvme_serving_again", bdf=self.bdf,
+                       resets=self.stats["resets"], waited=len(self._table.pending))
         self.poll()  # sends what waited
         self._arm_poller()
 
@@ -530,8 +532,10 @@ class VfioNvmeBackend(Backend):
             return
         self._state = _State.FAILED
         self.failed_reason = f"controller reset after an I/O error failed: {why}"
-        log.error("%s: %s; the namespace is failed: every command completes at once with %s "
-                  "until it is disabled", self.bdf, self.failed_reason, status_name(FAILED))
+        logfmt.error(log, "vfio_nvme_failed", bdf=self.bdf, reason=self.failed_reason,
+                     status=status_name(FAILED),
+                     action="the namespace is failed: every command completes at once with "
+                            "that status until it is disabled")
         self.stats["refused"] += self._table.fail_all(FAILED)  # those that waited for the reset
 
     # -- teardown ----------------------------------------------------------------------------
@@ -546,8 +550,8 @@ class VfioNvmeBackend(Backend):
             self._abort_all()
         elif self._state is _State.LIVE and self._regs is not None and hasattr(
                 self, "_cq") and not self.wait_idle(DRAIN_TIMEOUT_S):
-            log.warning("%s: %d commands still in flight at close; dropped", self.bdf,
-                        self.inflight)
+            logfmt.warning(log, "vfio_nvme_dropped_at_close", bdf=self.bdf,
+                           inflight=self.inflight)
         self._teardown(shutdown=True)
 
     def _teardown(self, shutdown: bool) -> None:
@@ -569,7 +573,7 @@ class VfioNvmeBackend(Backend):
                 else:  # the admin queue of a failed reset is not to be trusted: just stop
                     controller.disable(self)
             except BackendError as e:
-                log.warning("%s: unclean shutdown: %s", self.bdf, e)
+                logfmt.warning(log, "vfio_nvme_unclean_shutdown", bdf=self.bdf, reason=e)
         if self.cmb is not None:
             self.cmb.close()
         controller.close_rings(self)
@@ -584,7 +588,7 @@ class VfioNvmeBackend(Backend):
             try:
                 self._binding.close()  # back to the kernel nvme driver
             except P2PError as e:
-                log.warning("%s", e)
+                logfmt.warning(log, "vfio_unbind_failed", bdf=self.bdf, reason=e)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.backends.vfio_nvme import nvme_pci as pci
 from nvmet_p2p.cmb import Chunk, NvmeCmbProvider, SystemMemoryProvider, wmb
 from nvmet_p2p.errors import BackendError, P2PError
@@ -122,10 +123,10 @@ def start(b: VfioNvmeBackend, dma_size: int, io_depth: int) -> None:
     b._prp_lists = [zeroed(b, list_pages * pci.NVME_PAGE_SIZE)
                        for _ in range(io_depth)]
     b._bring_up()
-    log.info("%s: ns %d, %d x %d-byte blocks, mdts %d KiB, vwc %s, CMB %s, io_timeout "
-             "%g s", b.bdf, b.nsid, b.nblocks, b.block_size,
-             b.max_xfer >> 10, b.vwc, b.cmb.size if b.cmb else b.cmb_reason,
-             b.io_timeout)
+    logfmt.info(log, "vfio_nvme_ready", bdf=b.bdf, nsid=b.nsid, nblocks=b.nblocks,
+                block_size=b.block_size, mdts_kib=b.max_xfer >> 10, vwc=b.vwc,
+                cmb_size=b.cmb.size if b.cmb else None, cmb_reason=b.cmb_reason,
+                io_timeout_s=b.io_timeout)
 
 
 def bring_up(b: VfioNvmeBackend) -> None:
@@ -139,7 +140,8 @@ def bring_up(b: VfioNvmeBackend) -> None:
     try:
         dev.reset()
     except P2PError as e:  # a controller reset (CC.EN=0) follows anyway
-        log.info("%s: %s; continuing with a controller reset", b.bdf, e)
+        logfmt.info(log, "vfio_reset_unavailable", bdf=b.bdf,
+                    reason=f"{e}; continuing with a controller reset")
     dev.enable()
     disable(b)
     close_rings(b)
@@ -304,9 +306,9 @@ def enable_cmb(b: VfioNvmeBackend) -> None:
     b.cmb = NvmeCmbProvider(dev, bir, offset=info.offset, size=info.size, bus_base=cba,
                                wds=info.wds, rds=info.rds)
     b.cmb_reason = b.cmb.publish_reason or ""
-    log.info("%s: CMB %d MiB in BAR %d at %#x (CBA %#x), WDS %s RDS %s%s", b.bdf,
-             info.size >> 20, bir, info.offset, cba, info.wds, info.rds,
-             " (clipped to the BAR)" if info.clipped else "")
+    logfmt.info(log, "cmb_enabled", bdf=b.bdf, size_mib=info.size >> 20, bar=bir,
+                offset=hex(info.offset), cba=hex(cba), wds=info.wds, rds=info.rds,
+                clipped=info.clipped)
 
 
 def set_cba(b: VfioNvmeBackend, cba: int, store: Callable[[int, int], None]) -> bool:
@@ -366,10 +368,12 @@ def stop_dma(b: VfioNvmeBackend) -> bool:
         disable(b)
         return True
     except BackendError as e:
-        log.error("%s: %s; turning bus mastering off", b.bdf, e)
+        logfmt.error(log, "vfio_disable_failed", bdf=b.bdf,
+                     reason=f"{e}; turning bus mastering off")
     try:
         b._device.stop_dma()
         return True
     except P2PError as e:
-        log.error("%s: %s; its bounce buffers stay allocated until close", b.bdf, e)
+        logfmt.error(log, "vfio_stop_dma_failed", bdf=b.bdf,
+                     reason=f"{e}; its bounce buffers stay allocated until close")
         return False

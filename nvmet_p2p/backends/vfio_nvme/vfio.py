@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Self
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.cmb import buffer_address
 from nvmet_p2p.errors import P2PError
 
@@ -120,7 +121,8 @@ class VfioBinding:
             self._restore()
             raise
         self._bound = True
-        log.info("%s: bound to vfio-pci (was %s)", bdf, self.previous or "unbound")
+        logfmt.info(log, "vfio_bound", bdf=bdf, driver="vfio-pci",
+                    previous=self.previous or "unbound")
 
     def _write(self, path: Path, value: str, busy: bool = False) -> None:
         try:
@@ -155,7 +157,7 @@ class VfioBinding:
         if self._bound:
             self._bound = False
             self._restore()
-            log.info("%s: given back to %s", self.bdf, self.previous or "no driver")
+            logfmt.info(log, "vfio_unbound", bdf=self.bdf, driver=self.previous or "none")
 
     def iommu_group(self) -> int:
         link = self.dev / "iommu_group"
@@ -234,7 +236,7 @@ class VfioContainer:
                 try:
                     self.unmap_dma(iova)
                 except P2PError as e:
-                    log.warning("%s", e)
+                    logfmt.warning(log, "vfio_unmap_failed", iova=hex(iova), reason=e)
         for g in reversed(self.groups):
             g.close()
         self.groups.clear()
@@ -412,7 +414,8 @@ class VfioDevice:
             try:
                 mm.close()
             except BufferError:
-                log.warning("%s: a BAR mapping is still exported at close", self.bdf)
+                logfmt.warning(log, "mapping_exported_at_close", bdf=self.bdf,
+                               reason="a BAR mapping is still exported")
         self._maps.clear()
         if self.fd >= 0:
             os.close(self.fd)

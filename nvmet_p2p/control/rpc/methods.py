@@ -9,12 +9,12 @@ live target as they were.  Every change is logged as one `key=value` line.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import nvmet_p2p
+from nvmet_p2p import logfmt
 from nvmet_p2p.config import jsonfile
 from nvmet_p2p.config.shape import CHILD_DIRS, DIRS, ENTRY_DIR, join, path_kind, split_path
 from nvmet_p2p.configfs import (
@@ -49,15 +49,9 @@ log = logging.getLogger("nvmet_p2p.rpc")
 
 
 def log_change(change: str, **fields: Any) -> None:
-    """One structured line per change: change=<what> key=value ..., values quoted as JSON
-    when they hold spaces, quotes or '=' (so a log reader can split the line)."""
-    parts = [f"change={change}"]
-    for key, value in fields.items():
-        shown = text(value) if isinstance(value, (bool, int)) else str(value)
-        if not shown or any(c.isspace() or c in "\"=" for c in shown):
-            shown = json.dumps(shown)
-        parts.append(f"{key}={shown}")
-    log.info("%s", " ".join(parts))
+    """One structured line per change: change=<what> key=value ... (see logfmt)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", logfmt.line("change", change, fields))
 
 
 def _resolve(root: Root, path: str, *kinds: str) -> Any:

@@ -22,6 +22,7 @@ import socket
 import stat
 from typing import Any
 
+from nvmet_p2p import logfmt
 from nvmet_p2p.config.jsonfile import parse_json
 from nvmet_p2p.control.rpc.errors import (
     BUSY,
@@ -71,7 +72,7 @@ class RpcServer:
         self._inode = os.stat(self.path).st_ino
         self._server = await asyncio.start_unix_server(self._serve_client, sock=sock,
                                                        limit=MAX_LINE)
-        log.info("control socket %s (JSON-RPC 2.0)", self.path)
+        logfmt.info(log, "rpc_listening", socket=self.path, protocol="JSON-RPC 2.0")
 
     async def close(self) -> None:
         if self._server is not None:
@@ -92,8 +93,8 @@ class RpcServer:
         if not idle:
             return False
         _, task = min(idle, key=lambda x: x[0])
-        log.warning("rpc: %d control connections; closing the one idle longest",
-                    len(self._clients))
+        logfmt.warning(log, "rpc_client_evicted", clients=len(self._clients),
+                       reason="connection limit; the one idle longest is closed")
         task.cancel()
         return True
 
@@ -200,7 +201,8 @@ class RpcServer:
             result, error = await self.call(method, req.get("params"))
         if "id" not in req:  # a notification: never answered, as the spec requires
             if error is not None:
-                log.warning("rpc: notification %s failed: %s", req.get("method"), error)
+                logfmt.warning(log, "rpc_notification_failed", method=req.get("method"),
+                               reason=error.message)
             return None
         if error is not None:
             return _error(rid, error)
@@ -232,7 +234,8 @@ class RpcServer:
         except NvmetError as e:
             return None, RpcError(TARGET_ERROR, str(e))
         except Exception as e:
-            log.exception("rpc: %s failed (the configuration is unchanged)", method)
+            log.exception("%s", logfmt.line("event", "rpc_internal_error", {
+                "method": method, "reason": "the configuration is unchanged"}))
             return None, RpcError(INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}; "
                                   "the configuration is unchanged; see the nvmet-p2p log")
 
