@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from nvmet_p2p.control.rpc import RpcClient, RpcError, RpcUnreachable
 from nvmet_p2p.errors import VMError
-from nvmet_p2p.testbed import guest
+from nvmet_p2p.testbed import guest, libnvme_host
 
 # Importing pyverbs + asyncio takes ~5 s under TCG; a busy 2-vCPU guest needs more.
 START_TIMEOUT = 120.0
@@ -84,11 +84,12 @@ def config(ports: list[dict[str, Any]], subsystems: list[dict[str, Any]]) -> dic
 # -- Linux host teardown ---------------------------------------------------------------------
 
 def disconnect_all(subnqns: list[str], timeout: float = 60.0) -> list[str]:
-    """Disconnect every Linux-host controller of these subsystems; returns what failed."""
+    """Disconnect every Linux-host controller of these subsystems (libnvme: teardown is
+    plumbing, not what the tests show of nvme-cli); returns what failed."""
     problems = []
     for nqn in subnqns:
         try:
-            guest.nvme_disconnect(nqn, timeout=timeout)
+            libnvme_host.disconnect(nqn, timeout=timeout)
         except VMError as e:
             problems.append(str(e))
     return problems

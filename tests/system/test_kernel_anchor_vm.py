@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nvmet_p2p.testbed import guest
+from nvmet_p2p.testbed import guest, libnvme_host
 from nvmet_p2p.testbed.kernel_target import KernelTarget
 from tests.support import vm_target as vt
 from tests.support.kernel_p2p import FunctionCalls, KernelLog, kernel_nvme_disks, kernel_p2pdma
@@ -47,8 +47,9 @@ def disk() -> str:
 
 
 def host_io(subnqn: str, trsvcid: int) -> None:
-    """Connect the Linux host, write and read back 1 MiB O_DIRECT, disconnect."""
-    guest.nvme_connect(subnqn, trsvcid=trsvcid, nr_io_queues=1)
+    """Connect the Linux host (libnvme), write and read back 1 MiB O_DIRECT, disconnect."""
+    guest.modprobe("nvme-rdma")
+    libnvme_host.connect(subnqn, guest.TRADDR, trsvcid, nr_io_queues=1)
     try:
         dev = guest.namespace_block_device(subnqn)
         guest.sh("dd", "if=/dev/urandom", f"of={dev}", "bs=64k", f"count={IO_BYTES >> 16}",
@@ -56,7 +57,7 @@ def host_io(subnqn: str, trsvcid: int) -> None:
         guest.sh("dd", f"if={dev}", "of=/dev/null", "bs=64k", f"count={IO_BYTES >> 16}",
                  "iflag=direct", timeout=120)
     finally:
-        guest.nvme_disconnect(subnqn)
+        libnvme_host.disconnect(subnqn)
 
 
 KERNEL_FUNCTIONS = ("nvmet_req_alloc_sgls", "pci_p2pmem_find_many", "pci_p2pmem_alloc_sgl")
