@@ -492,27 +492,42 @@ def test_poll_group_keeps_a_busy_queue_disarmed_for_the_budget(env):
     t, _ = env
     now = [100.0]
     t._clock = lambda: now[0]
-    q = make_queue(t)
-    cq = q.qp.cq = FakeCQ([SimpleNamespace(wr_id=0, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
-                                           byte_len=0)])
+    q = make_queue(t, sync=False)
+    arrive(t, q, 0, IoOpcode.READ, 1, Sgl(KEYED, 0x9000, 512, 0x31))  # in flight: executing
+    flushed = SimpleNamespace(wr_id=1, status=rdma.e.IBV_WC_WR_FLUSH_ERR, byte_len=0)
+    cq = q.qp.cq = FakeCQ([flushed])
     arms = []
     q.qp.take_event, q.qp.arm = (lambda: True), (lambda: arms.append(now[0]))
     t._cq_ready(q)
     assert t.stats["completions"] == 1 and not arms and q in t.polling
     assert t._pass_handle is not None  # the next pass is scheduled on the loop
+    t._pass_handle.cancel()
     now[0] += t.poll_budget / 2
-    cq.pending.append(SimpleNamespace(wr_id=1, status=rdma.e.IBV_WC_WR_FLUSH_ERR, byte_len=0))
+    cq.pending.append(flushed)
     t._poll_pass()  # picked up by polling, no event, no arm
     assert t.stats["completions"] == 2 and t.stats["cq_events"] == 1 and not arms
     now[0] += t.poll_budget * 0.9  # within the budget of the last completion
+    t._pass_handle.cancel()
     t._poll_pass()
     assert not arms and q in t.polling
     now[0] += t.poll_budget
+    t._pass_handle.cancel()
     t._poll_pass()  # idle for the budget: armed, polled once more, out of the group
     assert arms == [now[0]] and not t.polling and t._pass_handle is None
     polls = cq.polls
     t._poll_pass()
     assert cq.polls == polls and t._pass_handle is None  # an idle target polls nothing
+
+
+def test_poll_group_rearms_a_queue_with_nothing_in_flight_at_once(env):
+    t, _ = env
+    q = make_queue(t)
+    q.qp.cq = FakeCQ([SimpleNamespace(wr_id=0, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
+                                      byte_len=0)])
+    arms = []
+    q.qp.take_event, q.qp.arm = (lambda: True), (lambda: arms.append(1))
+    t._cq_ready(q)  # QD1: the next capsule is far away; the host side needs the CPU
+    assert not q.inflight and arms == [1] and not t.polling and t._pass_handle is None
 
 
 def test_cq_event_on_a_dead_queue_does_nothing(env):
@@ -585,3 +600,16 @@ def test_a_reused_work_request_is_unlinked_from_its_last_chain():
     finally:
         a.close()
         b.close()
+
+
+def test_pyverbs_objects_get_their_loggers_from_a_cache():
+    import logging
+
+    import pyverbs.base
+    from pyverbs.cq import WC
+
+    from nvmet_p2p.transports import rdma_verbs  # noqa: F401  (installs the cache)
+    shim = pyverbs.base.logging
+    assert shim is not logging and shim.getLogger("WC") is logging.getLogger("WC")
+    assert shim.DEBUG == logging.DEBUG  # everything else is the logging module's
+    assert WC(wr_id=5).wr_id == 5
