@@ -5,16 +5,16 @@ blocks inside librdmacm or pyverbs.  The CM event channel's fd is non-blocking a
 watched with `loop.add_reader` (see rdma_cm for why the CM is driven through ctypes).
 Each queue's CQ has its own completion channel, watched the same way: when it is
 readable the queue joins the transport's poll group, whose CQs are drained on every pass
-of the loop while they have work, and re-armed only after `poll_budget` seconds without
-any (SPDK polls; we poll only while there is work, so an idle target sleeps in epoll).
-The next capsule of a busy queue, and the completions our own posts produce meanwhile
-(rxe runs a user QP's sends inside post_send), then cost no wake-up.
+of the loop while the queue has commands in flight, and re-armed when it has none or
+after `poll_budget` seconds without completions (SPDK polls; we poll only while there is
+work, so an idle target sleeps in epoll).  The send-queue WRs a pass produces (RDMA
+READs, WRITEs, response SENDs of all its commands) go out in one post per queue.
 
 Work requests are built once and reused: a RECV per ring slot, a response SEND per
 command context, and the RDMA READ/WRITE for a data chunk (kept per chunk address,
-since the pool hands the same chunks out again); a post only updates ids and keys.
-Every pyverbs object costs a logger lookup and an allocation (the 4k QD32 profile
-showed both), and pyverbs 44 leaks a WR's memory unless it is closed (rdma_verbs).
+since the pool hands the same chunks out again); a post only updates ids, keys and
+links.  Every pyverbs object costs an allocation (and, uncached, a logger lookup; see
+rdma_verbs), and pyverbs 44 leaks a WR's memory unless it is closed.
 
 A command is a state machine (`CmdState`), as in SPDK's lib/nvmf/rdma.c: `_process`
 drives one command until its state stops changing; waiting for a data buffer, for an
@@ -582,12 +582,14 @@ class RdmaTransport:
         """
         self._flush_posts()  # what the callbacks since the last pass queued
         now = self._clock()
+        worked = False
         for q in list(self.polling):
             if q.dead or q.qp is None:
                 del self.polling[q]
                 continue
             if self._drain(q) and not q.dead:
                 self.polling[q] = now
+                worked = True
             if q.dead or q.qp is None:
                 continue  # torn down while draining: _teardown took it out of the group
             if q.inflight and now - self.polling[q] < self.poll_budget:
@@ -595,10 +597,14 @@ class RdmaTransport:
             q.qp.arm()
             if self._drain(q) and not q.dead:
                 self.polling[q] = now  # armed too; the event it raises is taken as usual
+                worked = True
             else:
                 self.polling.pop(q, None)
         self._flush_posts()
-        if self.polling and self._pass_handle is None:
+        # After work, one more pass even with the group empty: it runs right behind the
+        # backend completions this pass caused (call_soon is FIFO) and posts their
+        # responses in one chain, instead of the first of them scheduling a pass of its own.
+        if (self.polling or worked) and self._pass_handle is None:
             self._pass_handle = self.loop.call_soon(self._poll_pass)
 
     def _post(self, q: RdmaQueue, wr: SendWR) -> None:
