@@ -4,15 +4,17 @@ Reactor discipline: everything runs on the target's asyncio loop and nothing eve
 blocks inside librdmacm or pyverbs.  The CM event channel's fd is non-blocking and
 watched with `loop.add_reader` (see rdma_cm for why the CM is driven through ctypes).
 Each queue's CQ has its own completion channel, watched the same way: when it is
-readable the CQ is polled until empty and only then re-armed, so an idle target sleeps
-in epoll, a capsule is picked up as soon as it lands, and the completions our own posts
-produce meanwhile (rxe runs a user QP's sends inside post_send) cost no extra wake-up.
+readable the queue joins the transport's poll group, whose CQs are drained on every pass
+of the loop while the queue has commands in flight, and re-armed when it has none or
+after `poll_budget` seconds without completions (SPDK polls; we poll only while there is
+work, so an idle target sleeps in epoll).  The send-queue WRs a pass produces (RDMA
+READs, WRITEs, response SENDs of all its commands) go out in one post per queue.
 
 Work requests are built once and reused: a RECV per ring slot, a response SEND per
 command context, and the RDMA READ/WRITE for a data chunk (kept per chunk address,
-since the pool hands the same chunks out again); a post only updates ids and keys.
-Every pyverbs object costs a logger lookup and an allocation (the 4k QD32 profile
-showed both), and pyverbs 44 leaks a WR's memory unless it is closed (rdma_verbs).
+since the pool hands the same chunks out again); a post only updates ids, keys and
+links.  Every pyverbs object costs an allocation (and, uncached, a logger lookup; see
+rdma_verbs), and pyverbs 44 leaks a WR's memory unless it is closed.
 
 A command is a state machine (`CmdState`), as in SPDK's lib/nvmf/rdma.c: `_process`
 drives one command until its state stops changing; waiting for a data buffer, for an
@@ -32,7 +34,9 @@ command still in flight is forced to COMPLETED so its buffer goes back to the po
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import deque
 from enum import IntEnum, auto
 from typing import TYPE_CHECKING, Any
@@ -76,6 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvmet_p2p.rdma")
 
 POLL_BATCH = 32
+POLL_BUDGET = 0.002  # s a queue stays in the poll group without completions (see _poll_group)
 DATA_WR_CACHE = 1024  # RDMA READ/WRITE work requests kept per queue, by chunk
 DEFAULT_POOL_SIZE = 32 << 20
 
@@ -226,6 +231,7 @@ class RdmaQueue:
         self.wait_read: deque[RdmaCmd] = deque()
         self.wait_send: deque[RdmaCmd] = deque()
         self.data_wrs = {}
+        self.pending_wrs: list[SendWR] = []  # send-queue WRs of this pass (RdmaTransport._post)
 
     def data_wr(self, cmd: RdmaCmd, opcode: int) -> SendWR:
         """The RDMA READ or WRITE moving `cmd`'s chunk to or from the host's buffer."""
@@ -235,6 +241,7 @@ class RdmaQueue:
         wr = self.data_wrs.get(key)
         if wr is None:
             if len(self.data_wrs) >= DATA_WR_CACHE:
+                self.post_pending()  # a queued WR must not be closed before its post
                 self.close_data_wrs()
             # A READ reports its own completion; a WRITE is reported by the SEND behind it.
             wr = self.data_wrs[key] = send_wr(0, opcode, addr, m.length, cmd.lkey,
@@ -247,6 +254,12 @@ class RdmaQueue:
         for wr in self.data_wrs.values():
             wr.close()
         self.data_wrs.clear()
+
+    def post_pending(self) -> None:
+        """Post the send-queue WRs queued so far (see RdmaTransport._post) as one chain."""
+        wrs, self.pending_wrs = self.pending_wrs, []
+        if wrs and self.qp is not None and not self.dead:
+            self.qp.post_chain(wrs)
 
     def post_recv(self, slot: int) -> None:
         assert self.qp is not None and self.qp.qp is not None
@@ -270,6 +283,7 @@ class RdmaQueue:
             if buf is not None:
                 buf.close()
         self.ring = self.rsp = None
+        self.pending_wrs = []
         # After the QP is gone nothing posts any more; each WR is closed exactly once.
         for wr in self.recv_wrs:
             wr.close()
@@ -293,9 +307,11 @@ class RdmaTransport:
     msdbd = 1
 
     def __init__(self, target: Target, pool: Provider | None = None, *,
-                 pool_size: int = DEFAULT_POOL_SIZE, max_send_depth: int = 1 << 16) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, max_send_depth: int = 1 << 16,
+                 poll_budget: float = POLL_BUDGET) -> None:
         """`max_send_depth` caps each QP's send queue (tests of back-pressure); at least 2,
-        the WRITE + SEND of one read."""
+        the WRITE + SEND of one read.  `poll_budget`: seconds a queue is polled without
+        completions before its CQ is re-armed (0: re-arm as soon as it is empty)."""
         if max_send_depth < 2:
             raise ValueError("max_send_depth must be at least 2 (a read's WRITE + SEND)")
         self.target = target
@@ -311,8 +327,13 @@ class RdmaTransport:
         # (device, id(provider)) -> its MRs, or None and why the device refused them
         self.registrations: dict[tuple[str, int], tuple[PoolRegistration | None, str]] = {}
         self.wait_buffer: deque[tuple[RdmaQueue, RdmaCmd]] = deque()
+        self.poll_budget = poll_budget
+        self._clock = time.monotonic
+        self.polling: dict[RdmaQueue, float] = {}  # the poll group: queue -> last work seen
+        self.posting: dict[RdmaQueue, None] = {}  # queues with WRs to post, in order
+        self._pass_handle: asyncio.Handle | None = None
         self.stats = {"cq_events": 0, "completions": 0, "buffer_waits": 0,
-                      "send_waits": 0, "read_waits": 0}
+                      "send_waits": 0, "read_waits": 0, "posts": 0, "posted_wrs": 0}
         target.register_transport(self)
 
     # -- TransportOps -------------------------------------------------------------
@@ -383,6 +404,11 @@ class RdmaTransport:
     def close(self) -> None:
         for q in list(self.queues.values()):
             self._teardown(q, "transport closing")
+        self.polling.clear()
+        self.posting.clear()
+        if self._pass_handle is not None:
+            self._pass_handle.cancel()
+            self._pass_handle = None
         for portid in list(self.listeners):
             self.listeners.pop(portid).close()
         if self.channel is not None:
@@ -519,6 +545,8 @@ class RdmaTransport:
         q.dead = True
         logfmt.info(log, "rdma_queue_torn_down", qid=q.qid, reason=why)
         self.queues.pop(q.cm_id.ptr, None)
+        self.polling.pop(q, None)
+        self.posting.pop(q, None)
         q.cm_id.disconnect()
         q.close_verbs()
         for cmd in list(q.inflight):
@@ -532,18 +560,86 @@ class RdmaTransport:
 
     # -- completions ------------------------------------------------------------------
     def _cq_ready(self, q: RdmaQueue) -> None:
-        """The queue's completion channel is readable: drain the CQ, then re-arm it."""
+        """The queue's completion channel is readable: the queue joins the poll group."""
         if q.dead or q.qp is None or not q.qp.take_event():
             return
         self.stats["cq_events"] += 1
-        while True:
-            while self._poll_queue(q):
-                pass
+        self.polling[q] = self._clock()
+        self._poll_group()
+
+    def _poll_pass(self) -> None:
+        """One scheduled pass over the poll group (the loop ran everything else first)."""
+        self._pass_handle = None
+        self._poll_group()
+
+    def _poll_group(self) -> None:
+        """Drain the CQ of every queue in the poll group; re-arm those idle for a budget.
+
+        A queue with commands in flight whose CQ had work stays disarmed and is polled
+        again on the next loop pass, after the backend completions and other fds the
+        loop has ready: at depth the next capsule usually lands within the budget and
+        costs no wake-up (epoll, read of the channel, re-arm).  A queue with nothing in
+        flight, or nothing for `poll_budget` seconds, is armed and polled once more (a
+        completion landing between the last poll and the arm raised no event) and leaves
+        the group; an idle target schedules nothing.  Polling an empty queue is what not
+        to do here: the host side (fio, nvme-rdma, rxe) runs on the same two vCPUs, and
+        spinning for the next QD1 capsule made QD1 latency 1.7x worse.
+        """
+        self._flush_posts()  # what the callbacks since the last pass queued
+        now = self._clock()
+        worked = False
+        for q in list(self.polling):
             if q.dead or q.qp is None:
-                return
+                del self.polling[q]
+                continue
+            if self._drain(q) and not q.dead:
+                self.polling[q] = now
+                worked = True
+            if q.dead or q.qp is None:
+                continue  # torn down while draining: _teardown took it out of the group
+            if q.inflight and now - self.polling[q] < self.poll_budget:
+                continue
             q.qp.arm()
-            if not self._poll_queue(q):
-                return  # armed and empty: the next completion wakes us
+            if self._drain(q) and not q.dead:
+                self.polling[q] = now  # armed too; the event it raises is taken as usual
+                worked = True
+            else:
+                self.polling.pop(q, None)
+        self._flush_posts()
+        # After work, one more pass even with the group empty: it runs right behind the
+        # backend completions this pass caused (call_soon is FIFO) and posts their
+        # responses in one chain, instead of the first of them scheduling a pass of its own.
+        if (self.polling or worked) and self._pass_handle is None:
+            self._pass_handle = self.loop.call_soon(self._poll_pass)
+
+    def _post(self, q: RdmaQueue, wr: SendWR) -> None:
+        """Queue a send-queue WR; it goes out with the others of this pass in one post.
+
+        The WRs of one loop pass, in order: those the completions and the backend
+        callbacks before the pass produced are posted when it starts, those it produced
+        itself when it ends.  Outside a pass (a completion with no queue polling), a pass
+        is scheduled: it runs once the callbacks already ready have queued theirs.
+        """
+        q.pending_wrs.append(wr)
+        self.posting[q] = None
+        if self._pass_handle is None:
+            self._pass_handle = self.loop.call_soon(self._poll_pass)
+
+    def _flush_posts(self) -> None:
+        while self.posting:
+            q = next(iter(self.posting))
+            del self.posting[q]
+            if q.pending_wrs:
+                self.stats["posts"] += 1
+                self.stats["posted_wrs"] += len(q.pending_wrs)
+                q.post_pending()
+
+    def _drain(self, q: RdmaQueue) -> int:
+        """Poll `q`'s CQ until it is empty; how many completions that handled."""
+        total = 0
+        while n := self._poll_queue(q):
+            total += n
+        return total
 
     def _poll_queue(self, q: RdmaQueue) -> int:
         if q.dead or q.qp is None or q.qp.cq is None:
@@ -709,7 +805,7 @@ class RdmaTransport:
         ready = q.reads_in_flight < q.qp.max_rd_atomic and q.send_credits >= 1
         if not self._my_turn(q.wait_read, cmd, ready, "read_waits"):
             return CmdState.DATA_TRANSFER_TO_TARGET_PENDING
-        q.qp.qp.post_send(q.data_wr(cmd, e.IBV_WR_RDMA_READ))
+        self._post(q, q.data_wr(cmd, e.IBV_WR_RDMA_READ))
         q.reads_in_flight += 1
         q.send_credits -= 1
         cmd.wr_count = 1
@@ -751,23 +847,20 @@ class RdmaTransport:
     def _st_ready_to_complete(self, q: RdmaQueue, cmd: RdmaCmd) -> CmdState:
         req, m, send = cmd.req, cmd.dmap, cmd.send_wr
         assert req is not None and send is not None and q.qp is not None and q.rsp is not None
-        qp, rsp = q.qp.qp, q.rsp.view  # a live queue's verbs objects
-        assert qp is not None and rsp is not None
+        rsp = q.rsp.view  # a live queue's verbs objects
+        assert rsp is not None
         with_data = (m is not None and m.kind == SglKind.KEYED and req.cqe.status == 0
                      and req.data_dir == DataDir.FROM_CTRL)
         need = 2 if with_data else 1
         if not self._my_turn(q.wait_send, cmd, q.send_credits >= need, "send_waits"):
             return CmdState.READY_TO_COMPLETE
-        rsp[cmd.index * CQE_SIZE:(cmd.index + 1) * CQE_SIZE] = req.cqe.encode()
+        req.cqe.encode_into(rsp, cmd.index * CQE_SIZE)
         inv = m is not None and m.kind == SglKind.KEYED and m.invalidate
         send.opcode = e.IBV_WR_SEND_WITH_INV if inv else e.IBV_WR_SEND
         send.imm_data = m.key if m is not None and inv else 0  # imm_data is invalidate_rkey's storage
-        if with_data:
-            write = q.data_wr(cmd, e.IBV_WR_RDMA_WRITE)
-            write.next_wr = send  # one post: the data lands before the completion
-            qp.post_send(write)
-        else:
-            qp.post_send(send)
+        if with_data:  # the send queue is ordered: the data lands before the completion
+            self._post(q, q.data_wr(cmd, e.IBV_WR_RDMA_WRITE))
+        self._post(q, send)
         q.send_credits -= need
         cmd.wr_count = need
         return CmdState.TRANSFERRING_TARGET_TO_HOST if with_data else CmdState.COMPLETING

@@ -197,6 +197,11 @@ class Cqe:
         return _CQE.pack(self.result, self.sq_head, self.sq_id, self.cid,
                          (self.status << 1) | (self.phase & 1))
 
+    def encode_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """`encode()` written straight into `buf` (a transport's response slot)."""
+        _CQE.pack_into(buf, offset, self.result, self.sq_head, self.sq_id, self.cid,
+                       (self.status << 1) | (self.phase & 1))
+
 
 # -- fabrics commands ---------------------------------------------------------
 

@@ -108,13 +108,17 @@ def test_sockaddr_layouts():
 class FakeQP:
     def __init__(self, max_rd_atomic=4):
         self.max_rd_atomic = max_rd_atomic
-        self.sends: list = []
+        self.sends: list = []  # every WR posted, in order
+        self.posts: list[list[int]] = []  # the opcodes of each post_chain call
         self.recvs: list[int] = []
         self.qp = self
         self.cq = None
 
-    def post_send(self, wr):
-        self.sends.append(SimpleNamespace(wr_id=wr.wr_id, opcode=wr.opcode, imm=wr.imm_data))
+    def post_chain(self, wrs):
+        posted = [SimpleNamespace(wr_id=wr.wr_id, opcode=wr.opcode, imm=wr.imm_data)
+                  for wr in wrs]
+        self.posts.append([w.opcode for w in posted])
+        self.sends.extend(posted)
 
     def post_recv(self, wr):
         self.recvs.append(wr.wr_id)
@@ -258,7 +262,13 @@ def arrive(t, q, slot, opcode, cid, sgl, payload=b"", nlb=1):
     capsule = sqe.encode() + payload
     base = slot * q.slot_size
     q.ring.view[base:base + len(capsule)] = capsule
-    t._completion(q, SimpleNamespace(wr_id=slot, status=0, byte_len=len(capsule)))
+    deliver(t, q, SimpleNamespace(wr_id=slot, status=0, byte_len=len(capsule)))
+
+
+def deliver(t, q, wc):
+    """One completion, then the end of the loop pass: what it queued is posted."""
+    t._completion(q, wc)
+    t._flush_posts()
 
 
 def wc_for(q, cmd_index, status=0):
@@ -282,7 +292,7 @@ def test_host_write_keyed_walks_every_state(env):
     assert [s.opcode for s in q.qp.sends] == [pv.IBV_WR_RDMA_READ]
     assert q.reads_in_flight == 1 and q.qp.recvs == []
     c.req.chunk.view[:] = b"\x5a" * 512  # what the RDMA READ brought in
-    t._completion(q, wc_for(q, c.index))
+    deliver(t, q, wc_for(q, c.index))
     assert c.state is rdma.CmdState.COMPLETING
     assert q.sq.written == [b"\x5a" * 512]
     assert q.qp.recvs == [0]  # the RECV went back when the response was queued
@@ -290,7 +300,7 @@ def test_host_write_keyed_walks_every_state(env):
     idx = c.index
     rsp = Cqe.decode(bytes(q.rsp.view[idx * CQE_SIZE:(idx + 1) * CQE_SIZE]))
     assert rsp.cid == 5 and rsp.status == 0
-    t._completion(q, wc_for(q, idx))
+    deliver(t, q, wc_for(q, idx))
     assert not q.inflight and len(q.free_cmds) == len(q.cmds)
     assert q.send_credits == 2 * q.depth + 1
     if avail is not None:
@@ -305,9 +315,9 @@ def test_host_read_keyed_with_invalidate_chains_write_and_send_with_inv(env):
     c = cmd_of(q, 9)
     assert c.state is rdma.CmdState.TRANSFERRING_TARGET_TO_HOST
     # one post: the RDMA WRITE heads the chain; the SEND_WITH_INV follows it
-    assert [s.opcode for s in q.qp.sends] == [pv.IBV_WR_RDMA_WRITE]
+    assert q.qp.posts == [[pv.IBV_WR_RDMA_WRITE, pv.IBV_WR_SEND_WITH_INV]]
     assert c.wr_count == 2 and q.send_credits == 2 * q.depth + 1 - 2
-    t._completion(q, wc_for(q, c.index))
+    deliver(t, q, wc_for(q, c.index))
     assert not q.inflight
 
 
@@ -316,7 +326,7 @@ def test_send_with_inv_carries_rkey_when_no_data(env):
     q = make_queue(t)
     arrive(t, q, 0, IoOpcode.WRITE, 3, Sgl(SglType.KEYED_DATA_BLOCK_INV, 0x9000, 512, 0x55))
     c = cmd_of(q, 3)
-    t._completion(q, wc_for(q, c.index))
+    deliver(t, q, wc_for(q, c.index))
     send = q.qp.sends[-1]
     assert send.opcode == pv.IBV_WR_SEND_WITH_INV and send.imm == 0x55
 
@@ -359,7 +369,7 @@ def test_send_credits_make_a_burst_wait(env):
     first, second = cmd_of(q, 1), cmd_of(q, 2)
     assert first.state is rdma.CmdState.TRANSFERRING_TARGET_TO_HOST
     assert second.state is rdma.CmdState.READY_TO_COMPLETE and list(q.wait_send) == [second]
-    t._completion(q, wc_for(q, first.index))
+    deliver(t, q, wc_for(q, first.index))
     assert second.state is rdma.CmdState.TRANSFERRING_TARGET_TO_HOST and not q.wait_send
 
 
@@ -371,7 +381,7 @@ def test_read_depth_limits_outstanding_rdma_reads(env):
     first, second = cmd_of(q, 1), cmd_of(q, 2)
     assert second.state is rdma.CmdState.DATA_TRANSFER_TO_TARGET_PENDING
     assert q.reads_in_flight == 1
-    t._completion(q, wc_for(q, first.index))
+    deliver(t, q, wc_for(q, first.index))
     assert second.state is rdma.CmdState.TRANSFERRING_HOST_TO_TARGET
 
 
@@ -385,7 +395,7 @@ def test_buffer_exhaustion_waits_then_proceeds(env):
     assert third.state is rdma.CmdState.NEED_BUFFER and t.stats["buffer_waits"] == 1
     first = cmd_of(q, 1)
     first.req.complete(0)  # the backend finishes the first read
-    t._completion(q, wc_for(q, first.index))
+    deliver(t, q, wc_for(q, first.index))
     assert third.state is rdma.CmdState.EXECUTING
 
 
@@ -417,7 +427,7 @@ def test_rdma_read_error_fails_the_command_and_the_queue(env):
     arrive(t, q, 0, IoOpcode.WRITE, 1, Sgl(KEYED, 0x9000, 512, 0xBAD))
     c = cmd_of(q, 1)
     req = c.req
-    t._completion(q, wc_for(q, c.index, status=10))  # IBV_WC_REM_ACCESS_ERR
+    deliver(t, q, wc_for(q, c.index, status=10))  # IBV_WC_REM_ACCESS_ERR
     assert req.cqe.status & 0x7FF == 0x004 and q.dead and not q.inflight
     assert not req.executed
 
@@ -437,6 +447,7 @@ class FakeCQ:
 
 def test_cq_event_rearms_first_then_drains_every_batch(env):
     t, _ = env
+    t.poll_budget = 0  # re-arm as soon as the CQ is empty
     q = make_queue(t, depth=4)
     order = []
     q.qp.take_event = lambda: order.append("take") or True
@@ -466,9 +477,62 @@ def test_cq_event_catches_a_completion_landing_before_the_arm(env):
             cq.pending.append(SimpleNamespace(wr_id=0, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
                                               byte_len=0))
 
+    t.poll_budget = 0
     q.qp.take_event, q.qp.arm = (lambda: True), arm
     t._cq_ready(q)
-    assert cq.pending == [] and t.stats["completions"] == 1 and len(arms) == 2
+    assert cq.pending == [] and t.stats["completions"] == 1 and len(arms) == 1
+    # it had work after the arm: it stays in the poll group for the next pass
+    assert q in t.polling and t._pass_handle is not None
+    t._pass_handle.cancel()
+    t._poll_pass()
+    assert len(arms) == 2 and q not in t.polling and t._pass_handle is None
+
+
+def test_poll_group_keeps_a_busy_queue_disarmed_for_the_budget(env):
+    t, _ = env
+    now = [100.0]
+    t._clock = lambda: now[0]
+    q = make_queue(t, sync=False)
+    arrive(t, q, 0, IoOpcode.READ, 1, Sgl(KEYED, 0x9000, 512, 0x31))  # in flight: executing
+    flushed = SimpleNamespace(wr_id=1, status=rdma.e.IBV_WC_WR_FLUSH_ERR, byte_len=0)
+    cq = q.qp.cq = FakeCQ([flushed])
+    arms = []
+    q.qp.take_event, q.qp.arm = (lambda: True), (lambda: arms.append(now[0]))
+    t._cq_ready(q)
+    assert t.stats["completions"] == 1 and not arms and q in t.polling
+    assert t._pass_handle is not None  # the next pass is scheduled on the loop
+    t._pass_handle.cancel()
+    now[0] += t.poll_budget / 2
+    cq.pending.append(flushed)
+    t._poll_pass()  # picked up by polling, no event, no arm
+    assert t.stats["completions"] == 2 and t.stats["cq_events"] == 1 and not arms
+    now[0] += t.poll_budget * 0.9  # within the budget of the last completion
+    t._pass_handle.cancel()
+    t._poll_pass()
+    assert not arms and q in t.polling
+    now[0] += t.poll_budget
+    t._pass_handle.cancel()
+    t._poll_pass()  # idle for the budget: armed, polled once more, out of the group
+    assert arms == [now[0]] and not t.polling and t._pass_handle is None
+    polls = cq.polls
+    t._poll_pass()
+    assert cq.polls == polls and t._pass_handle is None  # an idle target polls nothing
+
+
+def test_poll_group_rearms_a_queue_with_nothing_in_flight_at_once(env):
+    t, _ = env
+    q = make_queue(t)
+    q.qp.cq = FakeCQ([SimpleNamespace(wr_id=0, status=rdma.e.IBV_WC_WR_FLUSH_ERR,
+                                      byte_len=0)])
+    arms = []
+    q.qp.take_event, q.qp.arm = (lambda: True), (lambda: arms.append(1))
+    t._cq_ready(q)  # QD1: the next capsule is far away; the host side needs the CPU
+    assert not q.inflight and arms == [1] and not t.polling
+    # one pass follows work, to post what the backend completions queue meanwhile
+    assert t._pass_handle is not None
+    t._pass_handle.cancel()
+    t._poll_pass()
+    assert arms == [1] and t._pass_handle is None  # nothing more: an idle target sleeps
 
 
 def test_cq_event_on_a_dead_queue_does_nothing(env):
@@ -487,9 +551,70 @@ def test_work_requests_are_reused(env):
     for cid in (1, 2):  # the same chunk comes back from the pool for the second read
         arrive(t, q, 0, IoOpcode.READ, cid, Sgl(KEYED, 0x9000 + cid, 512, 0x40 + cid))
         c = cmd_of(q, cid)
-        t._completion(q, wc_for(q, c.index))
+        deliver(t, q, wc_for(q, c.index))
     assert q.recv_wrs == recv_wrs and len(q.data_wrs) == 1
     (wr,) = q.data_wrs.values()
     assert wr.opcode == pv.IBV_WR_RDMA_WRITE and wr.wr_id == 1 << 32 | c.index
     q.close_verbs()
     assert q.recv_wrs == [] and q.data_wrs == {} and all(c.send_wr is None for c in q.cmds)
+
+
+def test_the_work_requests_of_one_pass_go_out_in_one_post(env):
+    t, _ = env
+    q = make_queue(t, sync=False)
+    for slot, cid in enumerate((1, 2)):  # two capsules in one poll of the CQ
+        sqe = Sqe(opcode=IoOpcode.READ, flags=Psdt.SGL_MPTR_CONTIG << 6, cid=cid, nsid=1,
+                  dptr=Sgl(KEYED, 0x9000, 512, 0x30 + cid).encode())
+        q.ring.view[slot * q.slot_size:slot * q.slot_size + SQE_SIZE] = sqe.encode()
+        t._completion(q, SimpleNamespace(wr_id=slot, status=0, byte_len=SQE_SIZE))
+    for req in list(q.sq.pending):  # the backend finishes both before the next pass
+        req.complete(0)
+    assert q.qp.posts == [] and t._pass_handle is not None  # queued; a pass will post them
+    t._pass_handle.cancel()
+    t._poll_pass()
+    write, send = pv.IBV_WR_RDMA_WRITE, pv.IBV_WR_SEND
+    assert q.qp.posts == [[write, send, write, send]]
+    assert t.stats["posts"] == 1 and t.stats["posted_wrs"] == 4
+
+
+def test_a_torn_down_queue_posts_nothing_it_had_queued(env):
+    t, _ = env
+    q = make_queue(t)
+    sqe = Sqe(opcode=IoOpcode.READ, flags=Psdt.SGL_MPTR_CONTIG << 6, cid=1, nsid=1,
+              dptr=Sgl(KEYED, 0x9000, 512, 0x31).encode())
+    q.ring.view[:SQE_SIZE] = sqe.encode()
+    t._completion(q, SimpleNamespace(wr_id=0, status=0, byte_len=SQE_SIZE))
+    assert q.pending_wrs
+    t._teardown(q, "test")
+    t._flush_posts()
+    assert q.qp is None and not t.posting and not q.inflight
+
+
+def test_a_reused_work_request_is_unlinked_from_its_last_chain():
+    # pyverbs 44 links WRs but cannot unlink them; rdma_verbs clears the link itself
+    from nvmet_p2p.transports import rdma_verbs
+    assert rdma_verbs._LINK.ok  # the SendWR layout of the installed pyverbs was recognised
+    a = rdma_verbs.send_wr(1, pv.IBV_WR_RDMA_WRITE, 0x1000, 512, 1, signaled=False)
+    b = rdma_verbs.send_wr(2, pv.IBV_WR_SEND, 0x2000, 16, 1, signaled=True)
+    try:
+        a.next_wr = b  # (reading next_wr back while it is set fails inside pyverbs)
+        link = ctypes.c_void_p.from_address(id(a) + rdma_verbs._LINK.offset)
+        assert link.value is not None
+        rdma_verbs._LINK.unlink(a)
+        assert a.next_wr is None and a.wr_id == 1 and a.opcode == pv.IBV_WR_RDMA_WRITE
+    finally:
+        a.close()
+        b.close()
+
+
+def test_pyverbs_objects_get_their_loggers_from_a_cache():
+    import logging
+
+    import pyverbs.base
+    from pyverbs.cq import WC
+
+    from nvmet_p2p.transports import rdma_verbs  # noqa: F401  (installs the cache)
+    shim = pyverbs.base.logging
+    assert shim is not logging and shim.getLogger("WC") is logging.getLogger("WC")
+    assert shim.DEBUG == logging.DEBUG  # everything else is the logging module's
+    assert WC(wr_id=5).wr_id == 5

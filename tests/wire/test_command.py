@@ -160,6 +160,9 @@ def test_cqe_golden(cqe: Cqe, hx: str) -> None:
     assert len(raw) == 16
     assert cqe.encode() == raw
     assert Cqe.decode(raw) == cqe
+    slots = bytearray(b"\xee" * 48)  # written into the middle slot, neighbours untouched
+    cqe.encode_into(memoryview(slots), 16)
+    assert slots == b"\xee" * 16 + raw + b"\xee" * 16
 
 
 @given(result=u64, head=u16, sqid=u16, cid=u16, status=st.integers(0, 0x7FFF),
