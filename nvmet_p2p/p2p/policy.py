@@ -76,17 +76,17 @@ class P2PPolicy:
                 unusable = P2PMEM_ALLOCATE_MISSING
             elif info.available < PAGE_SIZE:
                 unusable = p2pmem_exhausted(info.bdf, info.available, info.size)
-            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov, unusable,
-                                 open=functools.partial(self._map_p2pmem, info)))
+            opener = (None if prov is not None or unusable
+                      else functools.partial(self._map_p2pmem, info))
+            out.append(Candidate(info.bdf, f"p2pmem {info.bdf}", prov, unusable, open=opener))
         return out
 
     def _map_p2pmem(self, info: P2pmemInfo) -> Provider:
-        """Map `p2pmem_pool_size` of a device's p2pmem (less if less is free), once."""
-        prov = self._kernel_providers.get(info.bdf)
-        if prov is None:
-            prov = KernelP2pmemProvider(self.sysfs_root, info.bdf,
-                                        size=min(self.p2pmem_pool_size, info.available))
-            self._kernel_providers[info.bdf] = prov
+        """Map `p2pmem_pool_size` of a device's p2pmem (less if less is free) and keep it:
+        the next candidates() offers it live."""
+        prov = KernelP2pmemProvider(self.sysfs_root, info.bdf,
+                                    size=min(self.p2pmem_pool_size, info.available))
+        self._kernel_providers[info.bdf] = prov
         return prov
 
     def decide_for(self, port: Port, ops: TransportOps | None, subsys: Subsys, ns: Ns,
