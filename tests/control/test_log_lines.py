@@ -37,6 +37,17 @@ def wait_for(daemon: RpcDaemon, needle: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def serve_a_memory_namespace(c, device_path: str, portid: int) -> None:
+    """A fresh tree: NQN with an enabled 1 MiB memory namespace, linked to a loop port."""
+    c.call("clear_config")
+    c.call("create", path="/subsystems", name=NQN, attrs={"attr": {"allow_any_host": 1}})
+    c.call("create", path=f"/subsystems/{NQN}/namespaces", name=1,
+           attrs={"device": {"path": device_path, "backend": "memory", "size": "1M"}})
+    c.call("enable", path=f"/subsystems/{NQN}/namespaces/1")
+    c.call("create", path="/ports", name=portid, attrs={"addr": {"trtype": "loop"}})
+    c.call("create", path=f"/ports/{portid}/subsystems", name=NQN)
+
+
 def test_a_line_round_trips() -> None:
     fields = {"cntlid": 3, "p2p": False, "reason": 'a "quoted" reason = odd', "none": None,
               "clients": ["0000:01:00.0", "0000:02:00.0"], "empty": "",
@@ -54,14 +65,8 @@ def test_a_line_round_trips() -> None:
 
 def test_every_change_and_event_is_a_key_value_line(daemon: RpcDaemon) -> None:
     with daemon.client() as c:
-        c.call("clear_config")
-        c.call("create", path="/subsystems", name=NQN, attrs={"attr": {"allow_any_host": 1}})
-        c.call("create", path=f"/subsystems/{NQN}/namespaces", name=1,
-               attrs={"device": {"path": "mem-logs", "backend": "memory", "size": "1M"}})
-        c.call("enable", path=f"/subsystems/{NQN}/namespaces/1")
+        serve_a_memory_namespace(c, "mem-logs", 9)
         c.call("set", path=f"/subsystems/{NQN}", attrs={"attr": {"model": "a model"}})
-        c.call("create", path="/ports", name=9, attrs={"addr": {"trtype": "loop"}})
-        c.call("create", path="/ports/9/subsystems", name=NQN)
         c.call("disable", path=f"/subsystems/{NQN}/namespaces/1")
         c.call("delete", path="/ports/9")
         c.call("clear_config")
@@ -93,13 +98,7 @@ def test_every_change_and_event_is_a_key_value_line(daemon: RpcDaemon) -> None:
 
 def test_sigusr1_dumps_the_status_as_key_value_lines(daemon: RpcDaemon) -> None:
     with daemon.client() as c:
-        c.call("clear_config")
-        c.call("create", path="/subsystems", name=NQN, attrs={"attr": {"allow_any_host": 1}})
-        c.call("create", path=f"/subsystems/{NQN}/namespaces", name=1,
-               attrs={"device": {"path": "mem-usr1", "backend": "memory", "size": "1M"}})
-        c.call("enable", path=f"/subsystems/{NQN}/namespaces/1")
-        c.call("create", path="/ports", name=8, attrs={"addr": {"trtype": "loop"}})
-        c.call("create", path="/ports/8/subsystems", name=NQN)
+        serve_a_memory_namespace(c, "mem-usr1", 8)
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(daemon, "event=status_transport")
     dump = [(level, logfmt.parse(msg)) for level, msg in messages(daemon)

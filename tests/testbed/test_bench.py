@@ -278,14 +278,22 @@ def test_cli_backing_defaults():
 
 # -- the block-device series ---------------------------------------------------------------------
 
+def _qd32_series(iops: list[tuple[int, int]], kernel_lat: float, ours_lat: float,
+                 **series: str) -> list[dict]:
+    """randread-4k-qd32 repeats of both targets, (kernel, ours) IOPS each, in one series
+    (`transport=`, `backing=`)."""
+    runs = []
+    for r, (k, o) in enumerate(iops):
+        runs.append({**_run("randread-4k-qd32", "kernel", r, k, kernel_lat), **series})
+        runs.append({**_run("randread-4k-qd32", "ours", r, o, ours_lat, cpu=90.0), **series})
+    return runs
+
+
 @pytest.fixture
 def with_bdev(results) -> dict:
     """`results` plus the QD32 job and the verify run on a block device over RDMA."""
-    bdev = []
-    for r, (k, o) in enumerate([(1500, 600), (1600, 800), (1400, 700)]):
-        bdev.append({**_run("randread-4k-qd32", "kernel", r, k, 20000), "backing": "bdev"})
-        bdev.append({**_run("randread-4k-qd32", "ours", r, o, 40000, cpu=90.0),
-                     "backing": "bdev"})
+    bdev = _qd32_series([(1500, 600), (1600, 800), (1400, 700)], 20000, 40000,
+                        backing="bdev")
     bdev.append({**_run("verify-512m", "kernel", 0, 1700, 9000), "backing": "bdev",
                  "runtime_s": None, "wall_s": 81.0})
     bdev.append({**_run("verify-512m", "ours", 0, 500, 30000), "backing": "bdev",
@@ -329,11 +337,8 @@ def test_our_config_serves_the_bdev_on_a_port_of_its_own(tmp_path: Path):
 @pytest.fixture
 def both(results) -> dict:
     """`results` plus the same jobs over TCP (records without a transport are RDMA)."""
-    tcp = []
-    for r, (k, o) in enumerate([(3000, 1500), (3300, 1650), (2700, 1350)]):
-        tcp.append({**_run("randread-4k-qd32", "kernel", r, k, 10000), "transport": "tcp"})
-        tcp.append({**_run("randread-4k-qd32", "ours", r, o, 20000, cpu=90.0),
-                    "transport": "tcp"})
+    tcp = _qd32_series([(3000, 1500), (3300, 1650), (2700, 1350)], 10000, 20000,
+                       transport="tcp")
     return {**results, "runs": results["runs"] + tcp}
 
 
